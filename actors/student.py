@@ -1,0 +1,84 @@
+"""The Ray Train loop: DDP student trained against the label store, a checkpoint per epoch.
+
+``config`` carries plain data only: the student spec (see orchestrator.models.build_student),
+the loss settings and the optimisation budget. Rank 0 writes the checkpoint (model, optimiser,
+epoch, history) and every rank reports, so a restarted or resumed run continues from the
+latest epoch with the same history.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+
+import torch
+
+import ray.train
+import ray.train.torch
+from orchestrator.losses import build_loss
+from orchestrator.models import build_student
+from orchestrator.store import SOFT_COLUMN
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
+
+
+def load_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def train_loop(config: dict) -> None:
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(max(1, int(config.get("threads", 1))))
+    ctx = ray.train.get_context()
+    model = build_student(config["student"])
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    start, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # restarted after a failure, or a re-run of the same run name: resume
+        state = load_state(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+    model = ray.train.torch.prepare_model(model)
+    loss_fn = build_loss(config["loss"], alpha=config["alpha"], beta=config["beta"], temperature=config["temperature"])
+    shard = ray.train.get_dataset_shard("train")
+
+    for epoch in range(start, config["epochs"]):
+        model.train()
+        t0, seen, total = time.perf_counter(), 0, 0.0
+        batches = shard.iter_torch_batches(
+            batch_size=config["batch_size"],
+            local_shuffle_buffer_size=config["shuffle_buffer"],
+            local_shuffle_seed=config["seed"] + epoch,
+        )
+        for batch in batches:
+            x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
+            loss = loss_fn(model(x), target, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            total += loss.item() * len(y)
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch,
+            "loss": total / max(seen, 1),
+            "samples": seen,
+            "samples_per_s": seen / max(elapsed, 1e-9),
+            "world_size": ctx.get_world_size(),
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if ctx.get_world_rank() == 0:
+                raw = model.module if hasattr(model, "module") else model
+                state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                         "history": history, "spec": config["student"]}
+                torch.save(state, os.path.join(d, STATE_FILE))
+                with open(os.path.join(d, HISTORY_FILE), "w") as f:
+                    json.dump(history, f)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=ckpt)

@@ -1,0 +1,75 @@
+"""Teachers as Ray Serve deployments: one application per teacher, dynamic batching by rows."""
+from __future__ import annotations
+
+import numpy as np
+from ray import serve
+
+from orchestrator.errors import DistillError
+
+
+def app_name(run: str, teacher: str) -> str:
+    return f"distill-{run}-{teacher}"
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
+class Teacher:
+    def __init__(self, cfg: dict):
+        import torch
+
+        from orchestrator.models import ClassifierTeacher
+
+        torch.set_num_threads(max(1, int(cfg.get("num_cpus") or 1)))
+        self.cfg = cfg
+        self.model = ClassifierTeacher(cfg)
+        self.probe: np.ndarray | None = None
+        # Batches are measured in rows (a request is a [rows, D] array), not in requests.
+        self.predict.set_max_batch_size(cfg["max_batch_size"])
+        self.predict.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
+
+    def info(self, sample: np.ndarray) -> dict:
+        """Output width on a real input row, so mismatched teachers are caught before labeling."""
+        self.probe = sample[:1]
+        logits = self.model(self.probe)
+        return {"name": self.cfg["name"], "num_classes": int(logits.shape[-1])}
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
+    async def predict(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        """[rows_i, D] arrays from many callers -> one forward pass -> [rows_i, C] each."""
+        logits = self.model(np.concatenate(batches))
+        return np.split(logits, np.cumsum([len(b) for b in batches])[:-1])
+
+    def check_health(self):
+        # Serve restarts a replica whose model no longer produces finite outputs.
+        if self.probe is not None and not np.isfinite(self.model(self.probe)).all():
+            raise RuntimeError(f"teacher '{self.cfg['name']}' produces non-finite outputs")
+
+
+def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
+    """Start one Serve application per teacher; return {teacher name: application name}."""
+    apps = {}
+    for cfg in teachers:
+        name = app_name(run, cfg["name"])
+        app = Teacher.options(
+            name=f"teacher-{cfg['name']}",
+            num_replicas=cfg["replicas"],
+            ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"]},
+        ).bind(cfg)
+        try:
+            serve.run(app, name=name, route_prefix=None)
+        except Exception as e:
+            last = [ln for ln in str(e).splitlines() if ln.strip()]
+            detail = next((ln for ln in reversed(last) if "DistillError" in ln), last[-1] if last else repr(e))
+            raise DistillError(f"teacher '{cfg['name']}': deployment failed: {detail.split('DistillError: ')[-1]}") from None
+        apps[cfg["name"]] = name
+    return apps
+
+
+def probe(apps: dict[str, str], sample: np.ndarray) -> dict[str, dict]:
+    handles = {n: serve.get_app_handle(a) for n, a in apps.items()}
+    responses = {n: h.info.remote(sample) for n, h in handles.items()}
+    return {n: r.result() for n, r in responses.items()}
+
+
+def shutdown(apps: dict[str, str]) -> None:
+    for name in apps.values():
+        serve.delete(name)

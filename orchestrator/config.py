@@ -1,0 +1,200 @@
+"""One YAML file describes a whole run; validated on load, unknown keys forbidden.
+
+``load_config(path, overrides)`` returns a ``DistillConfig`` or raises ``DistillError`` with
+one line naming every bad field path and what is allowed. Overrides are ``section.key=value``
+strings (value parsed as YAML, list items addressed by index: ``teachers.0.weight=2``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import DistillError
+
+EnsembleMode = Literal["mean_prob", "mean_logit", "entropy", "best_teacher", "ca_mkd"]
+LossName = Literal["kd", "forward_kl", "reverse_kl", "jsd"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+
+
+class DatasetConfig(_Strict):
+    source: str  # "sklearn:digits" or a local .parquet / .csv path
+    features: str | list[str] = "features"
+    label: str = "label"
+    id_column: Optional[str] = None
+    test_fraction: float = Field(0.3, gt=0, lt=1)
+    seed: int = 0
+    limit: Optional[int] = Field(None, gt=0)  # first N rows only (smoke tests)
+
+
+class TeacherConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    backend: Literal["torch", "hf"]
+    path: str  # TorchScript file, state_dict file (with `module`), or HF from_pretrained dir
+    module: Optional[str] = Field(None, pattern=r"^[\w.]+:\w+$")  # "pkg.mod:Class" for state_dict
+    kwargs: dict[str, Any] = {}
+    weight: float = Field(1.0, ge=0)
+    replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_batch_size: int = Field(256, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+
+
+class EnsembleConfig(_Strict):
+    mode: EnsembleMode = "mean_prob"
+    temperature: float = Field(4.0, gt=0)  # T of the soft targets, also used by the loss
+    tau: float = Field(1.0, gt=0)  # sharpness of the per-sample weights in `entropy` mode
+
+
+class StoreConfig(_Strict):
+    path: Optional[str] = None  # default: <output_dir>/<run.name>/store; may be a URI
+    shard_size: int = Field(256, ge=1)
+
+
+class LabelConfig(_Strict):
+    concurrency: int = Field(2, ge=1)  # Ray Data labeler actors
+    num_cpus: float = Field(0.25, ge=0)  # per labeler actor (they mostly wait on teachers)
+
+
+class StudentConfig(_Strict):
+    arch: Literal["mlp"] = "mlp"
+    hidden: list[int] = [32]
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if any(h <= 0 for h in self.hidden):
+            raise ValueError(f"hidden sizes must be > 0, got {self.hidden}")
+        return self
+
+
+class TrainConfig(_Strict):
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    loss: LossName = "kd"
+    alpha: float = Field(0.1, ge=0, le=1)  # kd: weight of the hard-label CE
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: mixture weight
+    max_failures: int = Field(0, ge=0)
+    max_samples: Optional[int] = Field(None, gt=0)  # train on the first N stored rows only
+    seed: int = 0
+
+
+class EvalConfig(_Strict):
+    baseline: bool = True  # also train the same student on hard labels only (`student_hard`)
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else an embedded local Ray
+    num_cpus: Optional[int] = Field(None, ge=1)  # embedded Ray only
+
+
+class DistillConfig(_Strict):
+    run: RunConfig = RunConfig()
+    output_dir: str = "runs"
+    dataset: DatasetConfig
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    ensemble: EnsembleConfig = EnsembleConfig()
+    store: StoreConfig = StoreConfig()
+    label: LabelConfig = LabelConfig()
+    student: StudentConfig = StudentConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _unique_teachers(self):
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique, repeated: {', '.join(dup)}")
+        if self.teachers and sum(t.weight for t in self.teachers) <= 0:
+            raise ValueError("at least one teacher needs weight > 0")
+        return self
+
+    # Derived locations: one folder per run.
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run.name
+
+    @property
+    def store_path(self) -> str:
+        return self.store.path or str(self.run_dir / "store")
+
+
+def _format_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif "input" in e and e["type"] not in ("model_type", "dict_type"):
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node: Any = tree
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise DistillError(f"override '{dotted}': no item {key} in {'.'.join(keys[:i])}")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise DistillError(f"override '{dotted}': {'.'.join(keys[: i + 1])} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise DistillError(f"override '{dotted}': no item {last}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise DistillError(f"override '{item}': expected section.key=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> DistillConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise DistillError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DistillError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(tree, dict):
+        raise DistillError(f"{path}: expected a mapping of sections at the top level")
+    return config_from_dict(apply_overrides(tree, list(overrides)), source=str(path))
+
+
+def config_from_dict(tree: dict, source: str = "config") -> DistillConfig:
+    try:
+        return DistillConfig.model_validate(tree)
+    except ValidationError as e:
+        raise DistillError(f"{source}: {_format_errors(e)}") from None

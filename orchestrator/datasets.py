@@ -1,0 +1,152 @@
+"""Load a labelled feature dataset into one canonical Arrow table, and split it.
+
+Canonical columns: ``sample_id`` (string), ``features`` (fixed_size_list<float32>[D]),
+``label`` (int64). Sources: ``sklearn:NAME`` (datasets bundled with scikit-learn, no
+download) or a local ``.parquet`` / ``.csv`` file. Pure pyarrow / numpy: no Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import DistillError
+
+SKLEARN_BUNDLED = ("digits", "iris", "wine", "breast_cancer")
+
+
+def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
+    if name not in SKLEARN_BUNDLED:
+        raise DistillError(
+            f"dataset.source: unknown bundled dataset 'sklearn:{name}'; "
+            f"use one of {', '.join('sklearn:' + n for n in SKLEARN_BUNDLED)} or a .parquet/.csv path"
+        )
+    import sklearn.datasets as skd
+
+    bunch = getattr(skd, f"load_{name}")()
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64)
+
+
+def _read_file(path: Path) -> pa.Table:
+    if not path.exists():
+        raise DistillError(f"dataset.source: file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path)
+    if path.suffix == ".csv":
+        import pyarrow.csv as pcsv
+
+        return pcsv.read_csv(path)
+    raise DistillError(f"dataset.source: unsupported file type '{path.suffix}' for {path}; use .parquet or .csv")
+
+
+def _column(table: pa.Table, name: str, field: str, source: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise DistillError(
+            f"dataset.{field}: column '{name}' not found in {source}; "
+            f"available columns: {', '.join(table.column_names)}"
+        )
+    return table.column(name)
+
+
+def _features_from_table(table: pa.Table, features: str | list[str], source: str) -> np.ndarray:
+    names = [features] if isinstance(features, str) else list(features)
+    cols = [_column(table, n, "features", source) for n in names]
+    try:
+        if len(cols) == 1 and (pa.types.is_list(cols[0].type) or pa.types.is_fixed_size_list(cols[0].type)):
+            x = np.asarray(cols[0].to_pylist(), dtype=np.float32)
+        else:
+            x = np.stack([c.to_numpy(zero_copy_only=False).astype(np.float32) for c in cols], axis=1)
+    except (ValueError, TypeError, pa.ArrowInvalid) as e:
+        raise DistillError(
+            f"dataset.features: columns {names} in {source} are not numeric "
+            f"(or lists of unequal length): {str(e).splitlines()[0]}"
+        ) from None
+    if x.ndim != 2:
+        raise DistillError(f"dataset.features: expected one vector per row in {source}, got shape {x.shape}")
+    return x
+
+
+def load_dataset(
+    source: str,
+    features: str | list[str] = "features",
+    label: str = "label",
+    id_column: str | None = None,
+    limit: int | None = None,
+) -> pa.Table:
+    """Read ``source`` into the canonical table, validating it (one-line DistillError)."""
+    ids = None
+    if source.startswith("sklearn:"):
+        x, y = _sklearn(source.split(":", 1)[1])
+    else:
+        table = _read_file(Path(source))
+        if table.num_rows == 0:
+            raise DistillError(f"dataset.source: {source} has no rows")
+        x = _features_from_table(table, features, source)
+        ycol = _column(table, label, "label", source)
+        if ycol.null_count:
+            raise DistillError(f"dataset.label: column '{label}' in {source} has {ycol.null_count} missing values")
+        try:
+            y = ycol.to_numpy(zero_copy_only=False).astype(np.int64)
+        except (ValueError, TypeError):
+            raise DistillError(f"dataset.label: column '{label}' in {source} must hold integer class ids") from None
+        if id_column:
+            ids = [str(v) for v in _column(table, id_column, "id_column", source).to_pylist()]
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+        ids = ids[:limit] if ids is not None else None
+    if len(x) == 0:
+        raise DistillError(f"dataset.source: {source} has no rows")
+    if not np.isfinite(x).all():
+        bad = int(np.argwhere(~np.isfinite(x))[0][0])
+        raise DistillError(f"dataset.features: row {bad} of {source} holds NaN or Inf; clean the data first")
+    if (y < 0).any():
+        raise DistillError(f"dataset.label: class ids must be >= 0 (found {int(y.min())}) in {source}")
+    if ids is None:
+        ids = content_ids(x)
+    elif len(set(ids)) != len(ids):
+        raise DistillError(f"dataset.id_column: '{id_column}' in {source} is not unique")
+    return make_table(ids, x, y)
+
+
+def make_table(ids: list[str], x: np.ndarray, y: np.ndarray) -> pa.Table:
+    d = x.shape[1]
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), d)
+    return pa.table({"sample_id": pa.array(ids, pa.string()), "features": feats, "label": pa.array(y, pa.int64())})
+
+
+def content_ids(x: np.ndarray) -> list[str]:
+    """Stable ids from the input bytes; a repeated input gets '#n' so ids stay unique."""
+    seen: dict[str, int] = {}
+    out = []
+    for row in np.ascontiguousarray(x, dtype=np.float32):
+        h = hashlib.sha1(row.tobytes()).hexdigest()[:16]
+        n = seen.get(h, 0)
+        seen[h] = n + 1
+        out.append(h if n == 0 else f"{h}#{n}")
+    return out
+
+
+def split_indices(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, test) row indices, each sorted. Teachers' jobs must use this too."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(n * test_fraction))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def features_of(table: pa.Table) -> np.ndarray:
+    col = table.column("features").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+
+
+def fingerprint(table: pa.Table) -> str:
+    """Content hash of a canonical table (ids, features, labels)."""
+    h = hashlib.sha256()
+    for name in ("sample_id", "label"):
+        h.update(pc.cast(table.column(name), pa.string()).to_pylist().__repr__().encode())
+    h.update(np.ascontiguousarray(features_of(table)).tobytes())
+    return h.hexdigest()[:16]

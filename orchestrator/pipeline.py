@@ -1,0 +1,347 @@
+"""The whole data path, top-down: deploy -> label -> train -> evaluate -> report.
+
+    run(cfg)
+      prepare   load the dataset, split it, fingerprint data and teachers (no Ray)
+      label     Serve teachers -> Ray Data map_batches(Labeler) -> store shards (skips finished)
+      train     Ray Train TorchTrainer(student.train_loop) on the store, KD and hard baseline
+      evaluate  held-out scores of teachers, ensemble, students -> report.json/.md + plots
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .config import DistillConfig
+from .datasets import features_of, fingerprint, load_dataset, split_indices
+from .ensemble import ensemble_dense
+from .errors import DistillError
+from .models import teacher_fingerprint
+from .report import table, write_report
+from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, decode_teachers, fixed_list
+
+log = logging.getLogger("distill")
+
+
+# ---- prepare (no Ray) ---------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    train: pa.Table  # canonical rows + `row`, the split that is labeled and trained on
+    test: pa.Table  # held out for evaluation only
+    identity: dict  # what the store must have been built from
+    ensemble: dict  # mode, temperature, tau, weights per teacher
+
+
+def prepare(cfg: DistillConfig) -> Prepared:
+    d = cfg.dataset
+    table = load_dataset(d.source, d.features, d.label, d.id_column, d.limit)
+    train_idx, test_idx = split_indices(table.num_rows, d.test_fraction, d.seed)
+    if len(train_idx) == 0 or len(test_idx) == 0:
+        raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {table.num_rows} rows")
+    train = table.take(train_idx)
+    train = train.append_column("row", pa.array(np.arange(train.num_rows), pa.int64()))
+    teachers = [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump())}
+                for t in cfg.teachers]
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": {"source": d.source, "fingerprint": fingerprint(train), "rows": train.num_rows,
+                    "feature_dim": features_of(train).shape[1]},
+        "teachers": teachers,
+        "label_kind": "dense",
+        "k": None,
+        "shard_size": cfg.store.shard_size,
+    }
+    ensemble = {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
+    return Prepared(train, table.take(test_idx), identity, ensemble)
+
+
+# ---- Ray session ----------------------------------------------------------------------------
+
+
+@contextmanager
+def ray_session(cfg: DistillConfig):
+    """Attach to RAY_ADDRESS / ray.address when given, else start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    log.info("ray: %s", f"connecting to {address}" if address else "starting an embedded local Ray")
+    ray.init(address=address, num_cpus=None if address else cfg.ray.num_cpus,
+             logging_level=logging.WARNING, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _user_error(e: BaseException) -> DistillError | None:
+    """Find the DistillError a Ray worker raised, through Ray's exception wrappers."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, DistillError):
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+    return None
+
+
+def _reraise_user_error(e: BaseException):
+    found = _user_error(e)
+    if found is None:
+        for line in str(e).splitlines()[::-1]:
+            if "DistillError: " in line:
+                found = DistillError(line.split("DistillError: ", 1)[1])
+                break
+    if found is not None:
+        raise found from None
+    raise e
+
+
+# ---- label ----------------------------------------------------------------------------------
+
+
+def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> LabelStore:
+    store = LabelStore(cfg.store_path)
+    if store.exists():
+        store.check_identity(prep.identity)
+        if reensemble:
+            return reensemble_store(store, prep.ensemble)
+        if store.manifest.get("ensemble") != prep.ensemble:
+            raise DistillError(
+                f"store {store.uri}: ensemble settings differ from the store's "
+                f"({_dict_diff(store.manifest.get('ensemble', {}), prep.ensemble)}); "
+                "run `distill label --reensemble` to recompute the soft labels without the teachers"
+            )
+        missing = store.record_finished()
+        if not missing:
+            log.info("label: store %s is complete (%d shards): no teacher work", store.uri, store.num_shards)
+            return store
+    elif reensemble:
+        raise DistillError(f"store {store.uri} does not exist: run `distill label` first")
+    else:
+        missing = None
+
+    from actors import teacher as serve_teachers
+
+    teachers = [t.model_dump() for t in cfg.teachers]
+    apps = serve_teachers.deploy(cfg.run.name, teachers)
+    try:
+        num_classes = _check_teachers(serve_teachers.probe(apps, features_of(prep.train)[:1]), prep.train)
+        if missing is None:  # a new store: written only once the teachers are known to be sound
+            store.create({**prep.identity, "ensemble": prep.ensemble, "num_classes": num_classes}, prep.train)
+            missing = list(range(store.num_shards))
+        _label_shards(cfg, store, apps, missing)
+    finally:
+        serve_teachers.shutdown(apps)
+    missing = store.record_finished()
+    if missing:
+        raise DistillError(f"labeling finished with {len(missing)} shards missing ({missing[:5]}...); re-run to resume")
+    return store
+
+
+def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
+    widths = {n: i["num_classes"] for n, i in infos.items()}
+    if len(set(widths.values())) != 1:
+        raise DistillError("teachers disagree on the number of classes: "
+                           + ", ".join(f"'{n}' has {w}" for n, w in widths.items()))
+    num_classes = next(iter(widths.values()))
+    top = int(np.max(train.column("label").to_numpy()))
+    if top >= num_classes:
+        raise DistillError(f"dataset.label: class id {top} found, but the teachers output only {num_classes} classes")
+    return num_classes
+
+
+def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], shards: list[int]) -> None:
+    import ray.data
+
+    from actors.labeler import Labeler
+
+    chunk = {t.name: t.max_batch_size for t in cfg.teachers}
+    ds = ray.data.from_items([{"shard": s} for s in shards]).map_batches(
+        Labeler,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.label.concurrency, len(shards))),
+        fn_constructor_kwargs={"store_uri": store.uri, "apps": apps, "chunk": chunk,
+                               "ensemble": store.manifest["ensemble"]},
+        num_cpus=cfg.label.num_cpus,
+    )
+    t0, rows = time.perf_counter(), 0
+    try:
+        for out in ds.iter_rows():
+            rows += int(out["rows"])
+    except Exception as e:  # a teacher returning NaN, a wrong shape...: the user's problem, one line
+        _reraise_user_error(e)
+    log.info("label: %d rows in %d shards, %.1f rows/s", rows, len(shards), rows / (time.perf_counter() - t0))
+
+
+def reensemble_store(store: LabelStore, ensemble: dict) -> LabelStore:
+    """Recompute the soft column of every shard from the stored teacher logits (no teacher)."""
+    if not store.complete:
+        raise DistillError(f"store {store.uri} is not fully labeled: run `distill label` before --reensemble")
+    names = [t["name"] for t in store.manifest["teachers"]]
+    for i in sorted(int(s) for s in store.manifest["shards"]):
+        shard = store.read_shard(i)
+        soft = ensemble_dense(
+            decode_teachers(shard, names), mode=ensemble["mode"], temperature=ensemble["temperature"],
+            weights=[ensemble["weights"][n] for n in names], tau=ensemble["tau"],
+            labels=shard.column("label").to_numpy(),
+        )
+        store.write_shard(i, shard.set_column(shard.schema.get_field_index(SOFT_COLUMN), SOFT_COLUMN, fixed_list(soft)))
+    store.manifest["ensemble"] = ensemble
+    store.record_finished()
+    log.info("label: re-ensembled %d shards as %s", store.num_shards, ensemble)
+    return store
+
+
+def _dict_diff(have: dict, want: dict) -> str:
+    return ", ".join(f"{k}: store {have.get(k)!r} vs config {want.get(k)!r}"
+                     for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+
+
+# ---- train ----------------------------------------------------------------------------------
+
+
+def _open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
+    store = LabelStore(cfg.store_path)
+    if not store.exists():
+        raise DistillError(f"no label store at {store.uri}: run `distill label` first")
+    store.check_identity(prep.identity)
+    if store.record_finished() or not store.complete:
+        raise DistillError(f"store {store.uri} is not fully labeled: run `distill label` to finish it")
+    return store
+
+
+def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss: str, alpha: float) -> dict:
+    """Train one student with Ray Train; return its final state (also saved in the run folder).
+
+    The Ray Train run is named after the settings that shape the result, so re-running the
+    same settings resumes from the latest checkpoint and changed settings start afresh.
+    """
+    import ray.data
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.student import load_state, train_loop
+
+    t = cfg.train
+    rows = min(t.max_samples or prep.train.num_rows, prep.train.num_rows)
+    x = features_of(prep.train.slice(0, rows))
+    spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": store.manifest["num_classes"],
+            "hidden": cfg.student.hidden, "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}
+    loop_cfg = {
+        "student": spec, "loss": loss, "alpha": alpha, "beta": t.beta, "temperature": cfg.ensemble.temperature,
+        "lr": t.lr, "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
+        "seed": t.seed, "shuffle_buffer": max(t.batch_size * 4, 256), "threads": 1,
+    }
+    key = {"loop": loop_cfg, "workers": t.workers, "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
+    run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
+
+    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs, columns=["row", "features", "label", SOFT_COLUMN])
+    if rows < prep.train.num_rows:
+        ds = ds.filter(expr=f"row < {rows}")
+    storage = str((cfg.run_dir / "train").resolve()) if "://" not in cfg.output_dir else f"{cfg.output_dir}/{cfg.run.name}/train"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds},
+    )
+    log.info("train: %s (loss=%s, alpha=%s) on %d rows, %d workers, run %s", name, loss, alpha, rows, t.workers, run_name)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        _reraise_user_error_or(e, f"training '{name}' failed (train.max_failures={t.max_failures}); "
+                                  f"checkpoints kept in {storage}/{run_name}: {_last_line(e)}")
+    if result.checkpoint is None:
+        raise DistillError(f"training '{name}' produced no checkpoint (see {storage}/{run_name})")
+    state = load_state(result.checkpoint)
+    state["loss"] = loss
+    out = cfg.run_dir / "students"
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.save(state, out / f"{name}.pt")
+    return state
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
+def _reraise_user_error_or(e: BaseException, message: str):
+    if _user_error(e) is not None:
+        _reraise_user_error(e)
+    raise DistillError(message) from None
+
+
+def train_students(cfg: DistillConfig, prep: Prepared) -> dict[str, dict]:
+    store = _open_complete_store(cfg, prep)
+    states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha)}
+    if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
+        states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)
+    return states
+
+
+# ---- evaluate + report ----------------------------------------------------------------------
+
+
+def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, dict] | None = None) -> dict:
+    from .evaluate import evaluate
+
+    if states is None:
+        states = _load_students(cfg)
+    results = evaluate(prep.test, [t.model_dump() for t in cfg.teachers], prep.ensemble, states)
+    curves = {name: s["history"] for name, s in states.items()}
+    store = LabelStore(cfg.store_path)
+    extra = {"config": cfg.model_dump(mode="json"), "store": store.summary() if store.exists() else None}
+    path = write_report(cfg.run_dir, cfg.run.name, results, curves, extra)
+    return {"report": str(path), "table": table(results["models"]), **results}
+
+
+def _load_students(cfg: DistillConfig) -> dict[str, dict]:
+    import torch
+
+    names = ["student", "student_hard"] if cfg.eval.baseline else ["student"]
+    states = {}
+    for n in names:
+        p = cfg.run_dir / "students" / f"{n}.pt"
+        if not p.exists():
+            raise DistillError(f"no trained '{n}' at {p}: run `distill train` first")
+        states[n] = torch.load(p, map_location="cpu", weights_only=False)
+    return states
+
+
+# ---- the whole run --------------------------------------------------------------------------
+
+
+def run(cfg: DistillConfig) -> dict:
+    timings = {}
+    t0 = time.perf_counter()
+    prep = prepare(cfg)
+    with ray_session(cfg):
+        label(cfg, prep)
+        timings["label_s"] = time.perf_counter() - t0
+        states = train_students(cfg, prep)
+        timings["train_s"] = time.perf_counter() - t0 - timings["label_s"]
+    out = evaluate_and_report(cfg, prep, states)
+    timings["total_s"] = time.perf_counter() - t0
+    log.info("run: done in %.0fs (%s)", timings["total_s"], ", ".join(f"{k}={v:.0f}" for k, v in timings.items()))
+    return out

@@ -1,0 +1,70 @@
+"""The run report: report.json (read by tools), report.md (read by people), PNG plots."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+COLUMNS = ("accuracy", "nll", "params", "latency_ms", "agreement_with_ensemble")
+
+
+def table(models: dict) -> str:
+    """The report table as GitHub markdown (also what the CLI prints)."""
+    lines = ["| model | kind | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    for name, m in models.items():
+        cells = []
+        for c in COLUMNS:
+            v = m.get(c)
+            cells.append("" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
+        lines.append(f"| {name} | {m.get('kind', '')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plots(run_dir: Path, models: dict, curves: dict[str, list[dict]]) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in models.items():
+        ax.scatter(m["params"], m["accuracy"], s=40, label=name)
+        ax.annotate(name, (m["params"], m["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xscale="log", xlabel="parameters (log)", ylabel="held-out accuracy", title="Accuracy vs size")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "accuracy_vs_params.png", dpi=120)
+    plt.close(fig)
+    out = ["accuracy_vs_params.png"]
+
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, hist in curves.items():
+            ax.plot([h["epoch"] + 1 for h in hist], [h["loss"] for h in hist], marker=".", label=name)
+        ax.set(xlabel="epoch", ylabel="training loss (own objective)", title="Training curves")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(run_dir / "training_curves.png", dpi=120)
+        plt.close(fig)
+        out.append("training_curves.png")
+    return out
+
+
+def write_report(run_dir: Path, run: str, results: dict, curves: dict, extra: dict) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plots = _plots(run_dir, results["models"], curves)
+    report = {"run": run, "task": "classification", **results, "curves": curves, "plots": plots, **extra}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
+    md = [
+        f"# Distillation report: {run}",
+        "",
+        f"Held-out rows: {results['test_rows']}. Ensemble scored as `{results['ensemble_eval_mode']}` at T=1; "
+        "latency is the median of single-sample calls on one thread (the ensemble's is the sum of its teachers').",
+        "",
+        table(results["models"]),
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+    ]
+    (run_dir / "report.md").write_text("\n".join(md))
+    return run_dir / "report.json"

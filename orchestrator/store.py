@@ -1,0 +1,251 @@
+"""The label store: a folder of ``manifest.json`` + Parquet shards, through ``pyarrow.fs``.
+
+Layout (local path or URI such as ``s3://bucket/run/store``)::
+
+    manifest.json            identity (dataset, teachers, kind, k, ensemble) + finished shards
+    inputs.parquet           the labelled split, one row group per shard (what labelers read)
+    shards/shard-00003.parquet   rows [3*S, 4*S) of the inputs, with teacher + soft columns
+    shards/shard-00003.json      sidecar written after the shard: rows, bytes, sha256
+
+Shards are keyed by deterministic row ranges (not Ray block boundaries), written to a
+temporary name and moved into place, then their sidecar likewise: a shard counts as finished
+only when its sidecar exists and its bytes match the sidecar's checksum. So a crashed run
+leaves nothing half-written that could be read, and a re-run labels only missing shards.
+Pure pyarrow / numpy: no Ray.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .errors import DistillError
+
+SCHEMA_VERSION = 1
+# Manifest keys that define what the store holds; any difference on re-open is refused.
+IDENTITY_KEYS = ("schema_version", "dataset", "teachers", "label_kind", "k", "shard_size")
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path) for a local path or a URI that pyarrow.fs understands."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+# ---- codec: numpy <-> Arrow columns --------------------------------------------------------
+
+
+def fixed_list(x: np.ndarray, dtype=pa.float32()) -> pa.FixedSizeListArray:
+    x = np.ascontiguousarray(x)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), dtype), x.shape[1])
+
+
+def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A fixed_size_list column as a [rows, width] array (zero-copy when possible)."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    width = arr.type.list_size
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), width)
+
+
+def teacher_column(name: str) -> str:
+    return f"teacher.{name}.logits"
+
+
+SOFT_COLUMN = "soft.probs"
+
+
+def encode_dense(inputs: pa.Table, teacher_logits: dict[str, np.ndarray], soft: np.ndarray) -> pa.Table:
+    """Inputs rows + one logits column per teacher + the ensembled distribution."""
+    table = inputs
+    for name, logits in teacher_logits.items():
+        table = table.append_column(teacher_column(name), fixed_list(logits.astype(np.float32)))
+    return table.append_column(SOFT_COLUMN, fixed_list(soft.astype(np.float32)))
+
+
+def decode_teachers(table: pa.Table, names: list[str]) -> np.ndarray:
+    """Per-teacher logits [M, B, C] from a dense shard."""
+    return np.stack([to_numpy(table.column(teacher_column(n))) for n in names])
+
+
+# ---- the store ------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardInfo:
+    rows: int
+    bytes: int
+    sha256: str
+
+
+def _table_bytes(table: pa.Table, **kw) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **kw)
+    return sink.getvalue().to_pybytes()
+
+
+class LabelStore:
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = resolve(uri)
+        self.manifest: dict | None = None
+
+    # paths ---------------------------------------------------------------------------------
+    def _p(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def shard_path(self, i: int) -> str:
+        return self._p("shards", f"shard-{i:05d}.parquet")
+
+    def _sidecar(self, i: int) -> str:
+        return self._p("shards", f"shard-{i:05d}.json")
+
+    @property
+    def inputs_path(self) -> str:
+        return self._p("inputs.parquet")
+
+    # atomic I/O ------------------------------------------------------------------------------
+    def _write_atomic(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with self.fs.open_output_stream(tmp) as f:
+            f.write(data)
+        self.fs.move(tmp, path)
+
+    def _read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(path) as f:
+            return f.read()
+
+    def _exists(self, path: str) -> bool:
+        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
+
+    # manifest --------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self._exists(self._p("manifest.json"))
+
+    def load_manifest(self) -> dict:
+        try:
+            self.manifest = json.loads(self._read(self._p("manifest.json")))
+        except (OSError, json.JSONDecodeError) as e:
+            raise DistillError(f"store {self.uri}: manifest.json unreadable ({e}); delete the store to relabel") from None
+        return self.manifest
+
+    def save_manifest(self) -> None:
+        assert self.manifest is not None
+        self.manifest["updated"] = time.time()
+        self._write_atomic(self._p("manifest.json"), json.dumps(self.manifest, indent=2, sort_keys=True).encode())
+
+    def check_identity(self, expected: dict) -> None:
+        """Refuse a store whose manifest disagrees with the config, saying what differs."""
+        have = self.manifest or self.load_manifest()
+        diffs = [_describe_diff(k, have.get(k), expected.get(k)) for k in IDENTITY_KEYS if have.get(k) != expected.get(k)]
+        if diffs:
+            raise DistillError(
+                f"store {self.uri} was labeled with a different setup: {'; '.join(diffs)}. "
+                "Use another store.path (or run.name), or delete the store to relabel"
+            )
+
+    def create(self, identity: dict, inputs: pa.Table) -> None:
+        """Start a new store: inputs first (one row group per shard), manifest last."""
+        self._write_atomic(self.inputs_path, _table_bytes(inputs, row_group_size=identity["shard_size"]))
+        self.manifest = {**identity, "shards": {}, "created": time.time()}
+        self.save_manifest()
+
+    # shards ----------------------------------------------------------------------------------
+    @property
+    def num_shards(self) -> int:
+        m = self.manifest
+        return -(-m["dataset"]["rows"] // m["shard_size"])
+
+    def read_inputs(self, i: int) -> pa.Table:
+        with self.fs.open_input_file(self.inputs_path) as f:
+            return pq.ParquetFile(f).read_row_group(i)
+
+    def write_shard(self, i: int, table: pa.Table) -> ShardInfo:
+        data = _table_bytes(table)
+        info = ShardInfo(rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        self._write_atomic(self.shard_path(i), data)
+        self._write_atomic(self._sidecar(i), json.dumps(info.__dict__).encode())
+        return info
+
+    def read_shard(self, i: int) -> pa.Table:
+        data = self._read(self.shard_path(i))
+        want = self.manifest["shards"].get(str(i), {}).get("sha256") if self.manifest else None
+        if want and hashlib.sha256(data).hexdigest() != want:
+            raise DistillError(f"store {self.uri}: shard {i} does not match its checksum; re-run `distill label`")
+        return pq.read_table(pa.BufferReader(data))
+
+    def finished_shards(self, verify: bool = True) -> dict[int, ShardInfo]:
+        """Shards whose sidecar exists and (with verify) whose bytes match it."""
+        found = {}
+        for i in range(self.num_shards):
+            if not self._exists(self._sidecar(i)):
+                continue
+            info = ShardInfo(**json.loads(self._read(self._sidecar(i))))
+            if verify:
+                try:
+                    ok = hashlib.sha256(self._read(self.shard_path(i))).hexdigest() == info.sha256
+                except OSError:
+                    ok = False
+                if not ok:
+                    continue  # corrupt or missing: it will be relabeled
+            found[i] = info
+        return found
+
+    def record_finished(self, verify: bool = True) -> list[int]:
+        """Sync the manifest's shard list with the sidecars; return the missing shard ids."""
+        done = self.finished_shards(verify)
+        self.manifest["shards"] = {str(i): info.__dict__ for i, info in sorted(done.items())}
+        self.save_manifest()
+        return [i for i in range(self.num_shards) if i not in done]
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None and len(self.manifest["shards"]) == self.num_shards
+
+    def shard_paths(self) -> list[str]:
+        return [self.shard_path(int(i)) for i in sorted(self.manifest["shards"], key=int)]
+
+    def summary(self) -> dict:
+        m = self.manifest or self.load_manifest()
+        shards = m["shards"].values()
+        schema = None
+        if m["shards"]:
+            first = int(min(m["shards"], key=int))
+            with self.fs.open_input_file(self.shard_path(first)) as f:
+                schema = pq.read_schema(f)
+        return {
+            "store": self.uri,
+            "rows": sum(s["rows"] for s in shards),
+            "expected_rows": m["dataset"]["rows"],
+            "shards": f"{len(m['shards'])}/{self.num_shards}",
+            "bytes": sum(s["bytes"] for s in shards),
+            "label_kind": m["label_kind"],
+            "num_classes": m.get("num_classes"),
+            "teachers": m["teachers"],
+            "ensemble": m.get("ensemble"),
+            "columns": [f"{f.name}: {f.type}" for f in schema] if schema else [],
+        }
+
+
+def _describe_diff(key: str, have, want) -> str:
+    if key == "teachers":
+        h = {t["name"]: t["fingerprint"] for t in have or []}
+        w = {t["name"]: t["fingerprint"] for t in want or []}
+        bits = []
+        if set(h) != set(w):
+            bits.append(f"store has teachers {sorted(h)}, config has {sorted(w)}")
+        bits += [f"teacher '{n}' weights/config changed" for n in sorted(set(h) & set(w)) if h[n] != w[n]]
+        return ", ".join(bits)
+    if key == "dataset" and isinstance(have, dict) and isinstance(want, dict):
+        return ", ".join(f"dataset.{k}: store {have.get(k)!r} vs config {want.get(k)!r}"
+                         for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k))
+    return f"{key}: store {have!r} vs config {want!r}"
