@@ -24,6 +24,18 @@ STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 
 
+class EpochLog(ray.train.UserCallback):
+    """Runs in the Train controller: one progress line per epoch, throughput summed over workers."""
+
+    def __init__(self, name: str, epochs: int):
+        self.name, self.epochs = name, epochs
+
+    def after_report(self, run_context, metrics, checkpoint):
+        m, rate = metrics[0], sum(w["samples_per_s"] for w in metrics)
+        print(f"train: {self.name} epoch {m['epoch'] + 1}/{self.epochs} loss {m['loss']:.4f} {rate:,.0f} samples/s",
+              flush=True)
+
+
 def load_state(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)

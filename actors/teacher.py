@@ -1,6 +1,8 @@
 """Teachers as Ray Serve deployments: one application per teacher, dynamic batching by rows."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from ray import serve
 
@@ -61,6 +63,7 @@ def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
             detail = next((ln for ln in reversed(last) if "DistillError" in ln), last[-1] if last else repr(e))
             raise DistillError(f"teacher '{cfg['name']}': deployment failed: {detail.split('DistillError: ')[-1]}") from None
         apps[cfg["name"]] = name
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # serve.run re-arms it at INFO
     return apps
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import DistillError
 
@@ -115,15 +115,16 @@ class DistillConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
 
-    @model_validator(mode="after")
-    def _unique_teachers(self):
-        names = [t.name for t in self.teachers]
+    @field_validator("teachers")
+    @classmethod
+    def _unique_teachers(cls, teachers: list[TeacherConfig]) -> list[TeacherConfig]:
+        names = [t.name for t in teachers]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"teacher names must be unique, repeated: {', '.join(dup)}")
-        if self.teachers and sum(t.weight for t in self.teachers) <= 0:
+        if teachers and sum(t.weight for t in teachers) <= 0:
             raise ValueError("at least one teacher needs weight > 0")
-        return self
+        return teachers
 
     # Derived locations: one folder per run.
     @property
@@ -144,7 +145,7 @@ def _format_errors(err: ValidationError) -> str:
             msg = "unknown key (check the spelling)"
         elif e["type"] == "missing":
             msg = "required field is missing"
-        elif "input" in e and e["type"] not in ("model_type", "dict_type"):
+        elif "input" in e and e["type"] not in ("model_type", "dict_type", "value_error"):  # our own say it
             msg += f" (got {e['input']!r})"
         parts.append(f"{loc}: {msg}")
     return "; ".join(parts)

@@ -91,9 +91,14 @@ def load_dataset(
         if ycol.null_count:
             raise DistillError(f"dataset.label: column '{label}' in {source} has {ycol.null_count} missing values")
         try:
-            y = ycol.to_numpy(zero_copy_only=False).astype(np.int64)
+            if pa.types.is_boolean(ycol.type):
+                raise TypeError("boolean")
+            yf = ycol.to_numpy(zero_copy_only=False).astype(np.float64)
+            if not np.all(np.isfinite(yf)) or np.any(yf != np.floor(yf)):
+                raise ValueError("fractional")
         except (ValueError, TypeError):
             raise DistillError(f"dataset.label: column '{label}' in {source} must hold integer class ids") from None
+        y = yf.astype(np.int64)
         if id_column:
             ids = [str(v) for v in _column(table, id_column, "id_column", source).to_pylist()]
     if limit is not None:

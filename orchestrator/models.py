@@ -67,7 +67,7 @@ class ClassifierTeacher:
 
     @torch.inference_mode()
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+        x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: Arrow buffers are read-only
         if self.backend == "hf":
             # Sequence classifiers read integer token ids: feature values are used as ids.
             ids = x.round().long()

@@ -73,17 +73,30 @@ def ray_session(cfg: DistillConfig):
     """Attach to RAY_ADDRESS / ray.address when given, else start an embedded local Ray."""
     import ray
 
+    quiet_ray_loggers()
     if ray.is_initialized():
         yield
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     log.info("ray: %s", f"connecting to {address}" if address else "starting an embedded local Ray")
+    # Ray Data's per-operator progress bars drown our own progress lines; keep them off.
+    quiet_env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    os.environ.update(quiet_env)
     ray.init(address=address, num_cpus=None if address else cfg.ray.num_cpus,
-             logging_level=logging.WARNING, include_dashboard=False)
+             logging_level=logging.WARNING, include_dashboard=False, runtime_env={"env_vars": quiet_env})
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def quiet_ray_loggers() -> None:
+    """Ray Serve/Data/Train narrate every step at INFO on the driver; our own lines say enough."""
+    import ray.data  # noqa: F401  (these configure their loggers on import: quiet them afterwards)
+    import ray.serve  # noqa: F401
+
+    for name in ("ray.serve", "ray.data", "ray.train"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _user_error(e: BaseException) -> DistillError | None:
@@ -177,13 +190,20 @@ def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], s
                                "ensemble": store.manifest["ensemble"]},
         num_cpus=cfg.label.num_cpus,
     )
-    t0, rows = time.perf_counter(), 0
+    t0, rows, total = time.perf_counter(), 0, store.manifest["dataset"]["rows"]
+    todo = sum(min(store.manifest["shard_size"], total - s * store.manifest["shard_size"]) for s in shards)
+    # A failing shard is re-raised below as one line; Ray Data's own ERROR narration would repeat it.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     try:
-        for out in ds.iter_rows():
+        for n, out in enumerate(ds.iter_rows(), 1):
             rows += int(out["rows"])
+            rate = rows / (time.perf_counter() - t0)
+            log.info("label: shard %d/%d, %d/%d rows, %.0f rows/s, ETA %.0fs, teacher disagreement %.3f",
+                     n, len(shards), rows, todo, rate, (todo - rows) / rate, out["disagreement"])
     except Exception as e:  # a teacher returning NaN, a wrong shape...: the user's problem, one line
         _reraise_user_error(e)
-    log.info("label: %d rows in %d shards, %.1f rows/s", rows, len(shards), rows / (time.perf_counter() - t0))
+    finally:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def reensemble_store(store: LabelStore, ensemble: dict) -> LabelStore:
@@ -230,10 +250,10 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     same settings resumes from the latest checkpoint and changed settings start afresh.
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from actors.student import load_state, train_loop
+    from actors.student import EpochLog, load_state, train_loop
 
     t = cfg.train
     rows = min(t.max_samples or prep.train.num_rows, prep.train.num_rows)
@@ -245,10 +265,12 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         "lr": t.lr, "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
         "seed": t.seed, "shuffle_buffer": max(t.batch_size * 4, 256), "threads": 1,
     }
-    key = {"loop": loop_cfg, "workers": t.workers, "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
+    # `epochs` is left out: raising it resumes the same run and trains the extra epochs.
+    key = {"loop": {k: v for k, v in loop_cfg.items() if k != "epochs"}, "workers": t.workers, "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
     run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
-    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs, columns=["row", "features", "label", SOFT_COLUMN])
+    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(
+        ["row", "features", "label", SOFT_COLUMN])
     if rows < prep.train.num_rows:
         ds = ds.filter(expr=f"row < {rows}")
     storage = str((cfg.run_dir / "train").resolve()) if "://" not in cfg.output_dir else f"{cfg.output_dir}/{cfg.run.name}/train"
@@ -260,7 +282,9 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             callbacks=[EpochLog(name, t.epochs)]),
         datasets={"train": ds},
     )
     log.info("train: %s (loss=%s, alpha=%s) on %d rows, %d workers, run %s", name, loss, alpha, rows, t.workers, run_name)

@@ -146,7 +146,10 @@ class LabelStore:
     def check_identity(self, expected: dict) -> None:
         """Refuse a store whose manifest disagrees with the config, saying what differs."""
         have = self.manifest or self.load_manifest()
-        diffs = [_describe_diff(k, have.get(k), expected.get(k)) for k in IDENTITY_KEYS if have.get(k) != expected.get(k)]
+        # Teachers are matched by name (columns and weights are looked up by name): order is free.
+        by_name = lambda m: {**m, "teachers": sorted(m.get("teachers") or [], key=lambda t: t["name"])}  # noqa: E731
+        have_n, want_n = by_name(have), by_name(expected)
+        diffs = [_describe_diff(k, have_n.get(k), want_n.get(k)) for k in IDENTITY_KEYS if have_n.get(k) != want_n.get(k)]
         if diffs:
             raise DistillError(
                 f"store {self.uri} was labeled with a different setup: {'; '.join(diffs)}. "
@@ -187,9 +190,10 @@ class LabelStore:
         """Shards whose sidecar exists and (with verify) whose bytes match it."""
         found = {}
         for i in range(self.num_shards):
-            if not self._exists(self._sidecar(i)):
-                continue
-            info = ShardInfo(**json.loads(self._read(self._sidecar(i))))
+            try:
+                info = ShardInfo(**json.loads(self._read(self._sidecar(i))))
+            except (OSError, ValueError, TypeError):
+                continue  # no sidecar, or a torn one: the shard is not finished
             if verify:
                 try:
                     ok = hashlib.sha256(self._read(self.shard_path(i))).hexdigest() == info.sha256

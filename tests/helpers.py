@@ -20,7 +20,7 @@ class _Scaled(nn.Module):
 
 
 class NaNTeacher(nn.Module):
-    """Returns NaN for rows whose first pixel is > 0 (a teacher gone wrong on part of the data)."""
+    """Returns NaN for rows whose pixel 5 is > 12 (a teacher gone wrong on part of the data)."""
 
     def __init__(self, num_classes: int = 10):
         super().__init__()
@@ -28,7 +28,7 @@ class NaNTeacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(x.shape[0], self.num_classes)
-        out[x[:, 0] > 0] = float("nan")
+        out[x[:, 5] > 12] = float("nan")
         return out
 
 

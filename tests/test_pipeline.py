@@ -1,0 +1,108 @@
+"""End to end on real Ray (local cluster), Serve, Data and Train, with tiny real teachers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator import pipeline
+from orchestrator.config import config_from_dict
+from orchestrator.ensemble import ensemble_dense
+from orchestrator.errors import DistillError
+from orchestrator.store import SOFT_COLUMN, LabelStore, decode_teachers, to_numpy
+from tests.helpers import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, teachers, tmp_path_factory):
+    """One full run (label, train KD + hard baseline, eval) that several tests inspect."""
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = config_from_dict(tiny_config(tmp, teachers, eval={"baseline": True}, train={"epochs": 3}))
+    return cfg, pipeline.run(cfg)
+
+
+def _store_table(cfg):
+    store = LabelStore(cfg.store_path)
+    store.load_manifest()
+    return store, pq.ParquetDataset(store.shard_paths()).read()
+
+
+def test_store_has_every_sample_once_with_all_columns(finished_run):
+    cfg, _ = finished_run
+    prep = pipeline.prepare(cfg)
+    store, table = _store_table(cfg)
+    ids = table.column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == prep.train.num_rows
+    assert set(ids) == set(prep.train.column("sample_id").to_pylist())
+    assert sorted(table.column("row").to_pylist()) == list(range(prep.train.num_rows))
+    for col in ("teacher.linear.logits", "teacher.mlp.logits", SOFT_COLUMN, "features", "label"):
+        assert col in table.column_names
+    soft = to_numpy(table.column(SOFT_COLUMN))
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
+    # The soft column is exactly the configured ensemble of the stored teacher logits.
+    expect = ensemble_dense(decode_teachers(table, ["linear", "mlp"]), mode="mean_prob", temperature=2.0)
+    np.testing.assert_allclose(soft, expect, rtol=1e-5)
+    assert store.manifest["num_classes"] == 10 and store.complete
+
+
+def test_report_shape_and_student_quality(finished_run):
+    cfg, out = finished_run
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    assert report["run"] == "tiny" and report["task"] == "classification"
+    assert set(report["models"]) == {"linear", "mlp", "ensemble", "student", "student_hard"}
+    for m in report["models"].values():
+        assert isinstance(m["accuracy"], float) and isinstance(m["nll"], float) and isinstance(m["params"], int)
+    assert report["models"]["student"]["accuracy"] > 0.6  # chance is 0.1
+    assert report["models"]["ensemble"]["params"] == report["models"]["linear"]["params"] + report["models"]["mlp"]["params"]
+    for png in report["plots"]:
+        assert (cfg.run_dir / png).stat().st_size > 1000
+    assert "| student |" in (cfg.run_dir / "report.md").read_text()
+    assert len(report["curves"]["student"]) == 3
+
+
+def test_relabel_of_finished_store_calls_no_teacher(finished_run, monkeypatch):
+    cfg, _ = finished_run
+    import actors.teacher
+
+    def no_deploy(*a, **k):
+        raise AssertionError("a finished store must not deploy teachers")
+
+    monkeypatch.setattr(actors.teacher, "deploy", no_deploy)  # a spy: fails the test if called
+    store, _ = _store_table(cfg)
+    before = {p: open(p, "rb").read() for p in store.shard_paths()}
+    pipeline.label(cfg, pipeline.prepare(cfg))
+    assert {p: open(p, "rb").read() for p in before} == before
+
+
+def test_changed_ensemble_is_refused_then_reensembled_without_teachers(finished_run, monkeypatch):
+    cfg, _ = finished_run
+    import actors.teacher
+
+    monkeypatch.setattr(actors.teacher, "deploy", lambda *a, **k: (_ for _ in ()).throw(AssertionError("deployed")))
+    changed = cfg.model_copy(deep=True)
+    changed.ensemble.mode = "best_teacher"
+    prep = pipeline.prepare(changed)
+    with pytest.raises(DistillError, match=r"ensemble settings differ.*mode: store 'mean_prob' vs config 'best_teacher'.*--reensemble"):
+        pipeline.label(changed, prep)
+    pipeline.label(changed, prep, reensemble=True)
+    _, table = _store_table(changed)
+    logits = decode_teachers(table, ["linear", "mlp"])
+    expect = ensemble_dense(logits, mode="best_teacher", temperature=2.0, labels=table.column("label").to_numpy())
+    np.testing.assert_allclose(to_numpy(table.column(SOFT_COLUMN)), expect, rtol=1e-5)
+    # Back to the original so the other tests see the store they expect.
+    pipeline.label(cfg, pipeline.prepare(cfg), reensemble=True)
+
+
+def test_training_resumes_from_latest_checkpoint(ray_local, teachers, tmp_path):
+    cfg = config_from_dict(tiny_config(tmp_path, teachers, train={"epochs": 2}))
+    prep = pipeline.prepare(cfg)
+    pipeline.label(cfg, prep)
+    first = pipeline.train_students(cfg, prep)["student"]
+    cfg.train.epochs = 3  # same run name: resumes after epoch 2 instead of starting over
+    resumed = pipeline.train_students(cfg, prep)["student"]
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
+    assert resumed["history"][:2] == first["history"]
