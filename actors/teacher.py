@@ -47,23 +47,33 @@ class Teacher:
 
 
 def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
-    """Start one Serve application per teacher; return {teacher name: application name}."""
-    apps = {}
-    for cfg in teachers:
-        name = app_name(run, cfg["name"])
-        app = Teacher.options(
-            name=f"teacher-{cfg['name']}",
-            num_replicas=cfg["replicas"],
-            ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"]},
-        ).bind(cfg)
-        try:
-            serve.run(app, name=name, route_prefix=None)
-        except Exception as e:
-            last = [ln for ln in str(e).splitlines() if ln.strip()]
-            detail = next((ln for ln in reversed(last) if "DistillError" in ln), last[-1] if last else repr(e))
-            raise DistillError(f"teacher '{cfg['name']}': deployment failed: {detail.split('DistillError: ')[-1]}") from None
-        apps[cfg["name"]] = name
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # serve.run re-arms it at INFO
+    """Start one Serve application per teacher, all at once; return {teacher: application}."""
+    apps = {cfg["name"]: app_name(run, cfg["name"]) for cfg in teachers}
+    targets = [
+        serve.RunTarget(
+            Teacher.options(
+                name=f"teacher-{cfg['name']}",
+                num_replicas=cfg["replicas"],
+                ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"]},
+            ).bind(cfg),
+            name=apps[cfg["name"]],
+            route_prefix=None,
+        )
+        for cfg in teachers
+    ]
+    try:
+        # Replicas and the controller log at WARNING: our own progress lines tell the story.
+        serve.start(logging_config={"log_level": "WARNING"})
+        serve.run_many(targets)
+    except Exception as e:
+        text = str(e)
+        culprit = next((t for t, a in apps.items() if a in text), ", ".join(apps))
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        detail = next((ln for ln in reversed(lines) if "DistillError" in ln), lines[-1] if lines else repr(e))
+        shutdown(apps)
+        raise DistillError(f"teacher '{culprit}': deployment failed: {detail.split('DistillError: ')[-1]}") from None
+    finally:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # serve.run re-arms it at INFO
     return apps
 
 

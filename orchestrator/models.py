@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,26 @@ def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
+def check_teacher_files(cfg: dict) -> None:
+    """Cheap driver-side checks, so a wrong path or file fails in one line before any deploy."""
+    path, who = Path(cfg["path"]), f"teacher '{cfg['name']}'"
+    if not path.exists():
+        raise DistillError(f"{who}: path not found: {path}")
+    if cfg["backend"] == "hf":
+        try:
+            json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise DistillError(f"{who}: {path} is not a from_pretrained directory (config.json: {e})") from None
+        return
+    if path.is_dir() or not zipfile.is_zipfile(path):
+        raise DistillError(f"{who}: {path} is not a TorchScript or torch.save file; "
+                           "save it with torch.jit.save, or torch.save(state_dict) plus `module`")
+
+
 def teacher_fingerprint(cfg: dict) -> str:
     """Hash of the teacher's config (what shapes its outputs) and every weights/tokenizer file."""
+    check_teacher_files(cfg)
     path = Path(cfg["path"])
-    if not path.exists():
-        raise DistillError(f"teacher '{cfg['name']}': path not found: {path}")
     h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in ("backend", "module", "kwargs")}, sort_keys=True).encode())
     for f in _files(path):
         h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
