@@ -8,6 +8,7 @@ latest epoch with the same history.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -41,7 +42,42 @@ def load_state(checkpoint) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+class EpochBatches:
+    """A worker's batches for each epoch.
+
+    The first epoch streams the shard from Ray Data. If the whole shard fits in ``max_rows``,
+    it is kept and later epochs replay it from memory, reshuffled with the epoch's seed: on
+    small stores a new streaming execution per epoch costs more than the epoch itself.
+    """
+
+    def __init__(self, shard, batch_size: int, seed: int, shuffle_buffer: int, max_rows: int):
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+        self.shuffle_buffer, self.max_rows = shuffle_buffer, max_rows
+        self.cache: dict[str, torch.Tensor] | None = None
+
+    def __call__(self, epoch: int):
+        if self.cache is not None:
+            n = len(self.cache["label"])
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            for i in range(0, n, self.batch_size):
+                yield {k: v[order[i : i + self.batch_size]] for k, v in self.cache.items()}
+            return
+        kept, rows = [], 0
+        stream = self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=self.shuffle_buffer,
+                                               local_shuffle_seed=self.seed + epoch)
+        for batch in stream:
+            rows += len(batch["label"])
+            kept = kept if kept is not None and rows <= self.max_rows else None
+            if kept is not None:
+                kept.append(batch)
+            yield batch
+        if kept:
+            self.cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
+
+
 def train_loop(config: dict) -> None:
+    # Ray Train's worker narrates every report at INFO through loggers we cannot name: warn only.
+    logging.getLogger().setLevel(logging.WARNING)
     torch.manual_seed(config["seed"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
@@ -56,17 +92,13 @@ def train_loop(config: dict) -> None:
         start, history = state["epoch"] + 1, state["history"]
     model = ray.train.torch.prepare_model(model)
     loss_fn = build_loss(config["loss"], alpha=config["alpha"], beta=config["beta"], temperature=config["temperature"])
-    shard = ray.train.get_dataset_shard("train")
 
+    epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
+                                 config["shuffle_buffer"], config["cache_rows"])
     for epoch in range(start, config["epochs"]):
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0
-        batches = shard.iter_torch_batches(
-            batch_size=config["batch_size"],
-            local_shuffle_buffer_size=config["shuffle_buffer"],
-            local_shuffle_seed=config["seed"] + epoch,
-        )
-        for batch in batches:
+        for batch in epoch_batches(epoch):
             x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
             loss = loss_fn(model(x), target, y)
             opt.zero_grad(set_to_none=True)

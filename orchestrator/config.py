@@ -90,6 +90,7 @@ class TrainConfig(_Strict):
     beta: float = Field(0.5, ge=0, le=1)  # jsd: mixture weight
     max_failures: int = Field(0, ge=0)
     max_samples: Optional[int] = Field(None, gt=0)  # train on the first N stored rows only
+    cache_rows: int = Field(200_000, ge=0)  # a worker shard up to this many rows is kept in memory
     seed: int = 0
 
 

@@ -40,7 +40,7 @@ def _plots(run_dir: Path, models: dict, curves: dict[str, list[dict]]) -> list[s
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, hist in curves.items():
             ax.plot([h["epoch"] + 1 for h in hist], [h["loss"] for h in hist], marker=".", label=name)
-        ax.set(xlabel="epoch", ylabel="training loss (own objective)", title="Training curves")
+        ax.set(xlabel="epoch", ylabel="training loss (own objective, log)", yscale="log", title="Training curves")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -6,8 +6,13 @@ from tests.helpers import make_teachers
 @pytest.fixture(scope="session")
 def ray_local():
     """One real local Ray for the whole session; the pipeline reuses an initialised Ray."""
+    import os
+
     import ray
 
+    from orchestrator.pipeline import RAY_ENV
+
+    os.environ.update(RAY_ENV)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     from ray import serve
