@@ -15,6 +15,7 @@ import time
 
 import torch
 
+import ray
 import ray.train
 import ray.train.torch
 from orchestrator.losses import build_loss
@@ -91,6 +92,9 @@ def train_loop(config: dict) -> None:
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
     model = ray.train.torch.prepare_model(model)
+    # Where every worker runs (rank order): kept in the checkpoint so placement can be checked.
+    nodes = [None] * ctx.get_world_size()
+    torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     loss_fn = build_loss(config["loss"], alpha=config["alpha"], beta=config["beta"], temperature=config["temperature"])
 
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
@@ -120,7 +124,7 @@ def train_loop(config: dict) -> None:
             if ctx.get_world_rank() == 0:
                 raw = model.module if hasattr(model, "module") else model
                 state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "history": history, "spec": config["student"]}
+                         "history": history, "spec": config["student"], "worker_nodes": nodes}
                 torch.save(state, os.path.join(d, STATE_FILE))
                 with open(os.path.join(d, HISTORY_FILE), "w") as f:
                     json.dump(history, f)

@@ -29,10 +29,16 @@ class Teacher:
         self.predict.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
 
     def info(self, sample: np.ndarray) -> dict:
-        """Output width on a real input row, so mismatched teachers are caught before labeling."""
+        """Output width on a real input row (mismatched teachers are caught before labeling),
+        the fingerprint of the weights this replica serves, and where it runs."""
+        import ray
+
+        from orchestrator.models import teacher_fingerprint
+
         self.probe = sample[:1]
         logits = self.model(self.probe)
-        return {"name": self.cfg["name"], "num_classes": int(logits.shape[-1])}
+        return {"name": self.cfg["name"], "num_classes": int(logits.shape[-1]),
+                "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id()}
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
     async def predict(self, batches: list[np.ndarray]) -> list[np.ndarray]:
@@ -46,21 +52,26 @@ class Teacher:
             raise RuntimeError(f"teacher '{self.cfg['name']}' produces non-finite outputs")
 
 
+def build_app(args: dict):
+    """Serve config entrypoint (`import_path: actors.teacher:build_app`), e.g. for a RayService.
+
+    ``args`` is one teacher's config as in the run YAML (name, backend, path, ...). Labeling
+    jobs attach to such an application with ``teachers[].serve_app`` instead of deploying.
+    """
+    from orchestrator.config import TeacherConfig
+
+    cfg = TeacherConfig.model_validate(args).model_dump()
+    return Teacher.options(
+        name=f"teacher-{cfg['name']}",
+        num_replicas=cfg["replicas"],
+        ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]},
+    ).bind(cfg)
+
+
 def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
     """Start one Serve application per teacher, all at once; return {teacher: application}."""
     apps = {cfg["name"]: app_name(run, cfg["name"]) for cfg in teachers}
-    targets = [
-        serve.RunTarget(
-            Teacher.options(
-                name=f"teacher-{cfg['name']}",
-                num_replicas=cfg["replicas"],
-                ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"]},
-            ).bind(cfg),
-            name=apps[cfg["name"]],
-            route_prefix=None,
-        )
-        for cfg in teachers
-    ]
+    targets = [serve.RunTarget(build_app(cfg), name=apps[cfg["name"]], route_prefix=None) for cfg in teachers]
     try:
         # Replicas and the controller log at WARNING: our own progress lines tell the story.
         serve.start(logging_config={"log_level": "WARNING"})
@@ -74,6 +85,18 @@ def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
         raise DistillError(f"teacher '{culprit}': deployment failed: {detail.split('DistillError: ')[-1]}") from None
     finally:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)  # serve.run re-arms it at INFO
+    return apps
+
+
+def attach(teachers: list[dict]) -> dict[str, str]:
+    """{teacher: application} for teachers served by an already-running Serve application."""
+    running = set(serve.status().applications)
+    apps = {}
+    for cfg in teachers:
+        if cfg["serve_app"] not in running:
+            raise DistillError(f"teacher '{cfg['name']}': no running Serve application '{cfg['serve_app']}' "
+                               f"(running: {', '.join(sorted(running)) or 'none'})")
+        apps[cfg["name"]] = cfg["serve_app"]
     return apps
 
 

@@ -48,6 +48,12 @@ class TeacherConfig(_Strict):
     num_gpus: float = Field(0, ge=0)
     max_batch_size: int = Field(256, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # Placement: custom resources each replica needs, e.g. {teacher_node: 1} to pin replicas
+    # to the node type that declares that resource.
+    resources: dict[str, float] = {}
+    # Attach to this already-running Serve application (e.g. a RayService) instead of
+    # deploying one; it is left running. `path` must still name the same weights.
+    serve_app: Optional[str] = None
 
 
 class EnsembleConfig(_Strict):
@@ -80,6 +86,7 @@ class StudentConfig(_Strict):
 class TrainConfig(_Strict):
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
+    worker_resources: dict[str, float] = {}  # placement: custom resources per train worker
     use_gpu: bool = False
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(64, ge=1)

@@ -8,6 +8,10 @@ way, ``p_s = softmax(student_logits / T)``, and every soft term is multiplied by
 
 Losses are computed in at least float32, so bf16/fp16 student logits do not underflow
 the small probabilities.
+
+The ``TopK*`` losses take a sparse target instead (causal-LM teachers, see
+``ensemble.ensemble_topk``): per token position the target's top-k ids + log-probs, the
+unlisted mass kept as one tail bucket; they mask padding and prompt positions.
 """
 from __future__ import annotations
 
@@ -151,3 +155,133 @@ def build_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5, temperature:
     if name == "reverse_kl":
         return ReverseKL(temperature=temperature)
     return JSD(beta=beta, temperature=temperature)
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse (top-k) targets: KL over the k listed tokens + one tail bucket.
+# ---------------------------------------------------------------------------------------
+
+
+def _topk_buckets(student_logits, target_ids, target_logprobs, temperature: float):
+    """Flatten positions and build both sides' (k+1)-bucket distributions.
+
+    Returns (logits [N, V] upcast, p_s, log p_s, p_t, log p_t), the last four [N, k+1] with
+    the tail bucket last. Padded target slots (id < 0) are 0 on both sides.
+    """
+    if student_logits.dim() < 2 or target_ids.dim() < 2 \
+            or student_logits.shape[:-1] != target_ids.shape[:-1] \
+            or target_logprobs.shape != target_ids.shape:
+        raise ValueError(
+            f"student_logits {tuple(student_logits.shape)}, target_ids {tuple(target_ids.shape)} and "
+            f"target_logprobs {tuple(target_logprobs.shape)} must be [..., V], [..., k], [..., k] "
+            f"with the same leading positions"
+        )
+    dtype = _compute_dtype(student_logits)
+    logits = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
+    ids = target_ids.reshape(-1, target_ids.shape[-1]).long()
+    listed = ids >= 0
+    log_s = F.log_softmax(logits / temperature, dim=-1).gather(-1, ids.clamp_min(0))
+    p_s = torch.where(listed, log_s.exp(), 0.0)
+    tail_s = (1.0 - p_s.sum(-1, keepdim=True)).clamp_min(PROB_FLOOR)
+    p_s = torch.cat([p_s, tail_s], dim=-1)
+    log_p_s = torch.cat([log_s, tail_s.log()], dim=-1)  # finite; weighted by 0 where padded
+    p_t = torch.where(listed, target_logprobs.reshape(ids.shape).to(dtype).exp(), 0.0)
+    p_t = torch.cat([p_t, (1.0 - p_t.sum(-1, keepdim=True)).clamp_min(0.0)], dim=-1)
+    return logits, p_s, log_p_s, p_t, safe_log(p_t)
+
+
+class _TopKLoss(nn.Module):
+    """Shared forward of the top-k losses; subclasses give the per-position loss.
+
+    Shapes: student_logits [N, V] (or [B, L, V]), target_ids [N, k] long (padding id -1),
+    target_logprobs [N, k] (softened at T, as ``ensemble_topk`` writes them), labels [N]
+    long, mask [N] bool (default all True); [B, L, ...] inputs are flattened to N = B * L.
+    Returns the mean over positions where mask is True (0 when none is): a scalar.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+
+    def forward(self, student_logits, target_ids, target_logprobs, labels=None, mask=None):
+        logits, p_s, log_p_s, p_t, log_p_t = _topk_buckets(
+            student_logits, target_ids, target_logprobs, self.temperature)
+        if mask is None:
+            mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        elif mask.shape != target_ids.shape[:-1]:
+            raise ValueError(f"mask {tuple(mask.shape)} must be {tuple(target_ids.shape[:-1])}, "
+                             f"one flag per position")
+        mask = mask.reshape(-1).bool()
+        per_position = self._per_position(logits, p_s, log_p_s, p_t, log_p_t, labels, mask)
+        per_position = torch.where(mask, per_position, 0.0)  # masked junk (even NaN) never leaks
+        return per_position.sum() / mask.sum().clamp_min(1)
+
+    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
+        raise NotImplementedError
+
+
+class TopKForwardKL(_TopKLoss):
+    """T^2 * KL(p_t || p_s) over the target's k listed tokens + the tail bucket."""
+
+    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
+        return self.temperature**2 * kl_div(p_t, log_p_t, log_p_s)
+
+
+class TopKReverseKL(_TopKLoss):
+    """T^2 * KL(p_s || p_t) over the target's k listed tokens + the tail bucket."""
+
+    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
+        return self.temperature**2 * kl_div(p_s, log_p_s, log_p_t)
+
+
+class TopKJSD(_TopKLoss):
+    """T^2 * generalised JSD (see ``JSD``) over the k listed tokens + the tail bucket."""
+
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0):
+        super().__init__(temperature)
+        _check_unit("beta", beta)
+        self.beta = beta
+
+    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
+        b = self.beta
+        log_m = safe_log(b * p_t + (1.0 - b) * p_s)
+        jsd = b * kl_div(p_t, log_p_t, log_m) + (1.0 - b) * kl_div(p_s, log_p_s, log_m)
+        return self.temperature**2 * jsd
+
+
+class TopKKDLoss(_TopKLoss):
+    """alpha * CE(student at T=1, labels) + (1 - alpha) * T^2 * KL(p_t || p_s) over k+1 buckets.
+
+    labels are required; a masked position's label is never read (it may be -100).
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0):
+        super().__init__(temperature)
+        _check_unit("alpha", alpha)
+        self.alpha = alpha
+
+    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
+        if labels is None or labels.numel() != logits.shape[0]:
+            raise ValueError(f"kd needs one label per position ({logits.shape[0]}), got "
+                             f"{None if labels is None else tuple(labels.shape)}")
+        hard = F.cross_entropy(logits, torch.where(mask, labels.reshape(-1), 0), reduction="none")
+        soft = self.temperature**2 * kl_div(p_t, log_p_t, log_p_s)
+        return self.alpha * hard + (1.0 - self.alpha) * soft
+
+
+def build_topk_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5,
+                    temperature: float = 1.0) -> nn.Module:
+    """Top-k (sparse target) loss module by name (one of ``LOSSES``); alpha for "kd", beta for "jsd"."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
+    _check_unit("alpha", alpha)
+    _check_unit("beta", beta)
+    _check_temperature(temperature)
+    if name == "kd":
+        return TopKKDLoss(alpha=alpha, temperature=temperature)
+    if name == "forward_kl":
+        return TopKForwardKL(temperature=temperature)
+    if name == "reverse_kl":
+        return TopKReverseKL(temperature=temperature)
+    return TopKJSD(beta=beta, temperature=temperature)

@@ -89,9 +89,12 @@ def ray_session(cfg: DistillConfig):
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     log.info("ray: %s", f"connecting to {address}" if address else "starting an embedded local Ray")
-    os.environ.update(RAY_ENV)  # local workers inherit it; the runtime env carries it to a cluster
-    ray.init(address=address, num_cpus=None if address else cfg.ray.num_cpus,
-             logging_level=logging.WARNING, runtime_env={"env_vars": RAY_ENV})
+    os.environ.update(RAY_ENV)  # workers of an embedded Ray inherit the driver's environment
+    # Inside a submitted job the job's runtime env (jobs/runtime_env.yaml, the RayJob's
+    # runtimeEnvYAML) already carries RAY_ENV: passing another one here would replace it.
+    in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by the job supervisor
+    ray.init(address=address, num_cpus=None if address else cfg.ray.num_cpus, logging_level=logging.WARNING,
+             runtime_env=None if in_job else {"env_vars": RAY_ENV})
     try:
         yield
     finally:
@@ -159,19 +162,34 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
     from actors import teacher as serve_teachers
 
     teachers = [t.model_dump() for t in cfg.teachers]
-    apps = serve_teachers.deploy(cfg.run.name, teachers)
+    # Teachers with `serve_app` are already running (a RayService, say): use them, leave them up.
+    apps = serve_teachers.attach([t for t in teachers if t["serve_app"]])
+    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers if not t["serve_app"]])
+    apps.update(owned)
+    apps = {t["name"]: apps[t["name"]] for t in teachers}  # config order
     try:
-        num_classes = _check_teachers(serve_teachers.probe(apps, features_of(prep.train)[:1]), prep.train)
+        infos = serve_teachers.probe(apps, features_of(prep.train)[:1])
+        _check_fingerprints(infos, prep.identity["teachers"], apps)
+        num_classes = _check_teachers(infos, prep.train)
         if missing is None:  # a new store: written only once the teachers are known to be sound
             store.create({**prep.identity, "ensemble": prep.ensemble, "num_classes": num_classes}, prep.train)
             missing = list(range(store.num_shards))
         _label_shards(cfg, store, apps, missing)
     finally:
-        serve_teachers.shutdown(apps)
+        serve_teachers.shutdown(owned)
     missing = store.record_finished()
     if missing:
         raise DistillError(f"labeling finished with {len(missing)} shards missing ({missing[:5]}...); re-run to resume")
     return store
+
+
+def _check_fingerprints(infos: dict[str, dict], expected: list[dict], apps: dict[str, str]) -> None:
+    """What is served must be what the config names: labels are only as good as that link."""
+    for t in expected:
+        served = infos[t["name"]]["fingerprint"]
+        if served != t["fingerprint"]:
+            raise DistillError(f"teacher '{t['name']}': Serve application '{apps[t['name']]}' serves other weights "
+                               f"(fingerprint {served}) than teachers[].path ({t['fingerprint']})")
 
 
 def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
@@ -291,7 +309,8 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         train_loop,
         train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources,
+                                                           **({"GPU": 1} if t.use_gpu else {})}),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              failure_config=FailureConfig(max_failures=t.max_failures),

@@ -3,9 +3,10 @@ import pytest
 from tests.helpers import make_teachers
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One real local Ray for the whole session; the pipeline reuses an initialised Ray."""
+    """A real local Ray per test module (a process joins one cluster at a time, and the
+    multi-node tests bring their own); the pipeline reuses an initialised Ray."""
     import os
 
     import ray

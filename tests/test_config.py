@@ -54,6 +54,7 @@ def test_minimal_config_gets_documented_defaults():
     assert (t.name, t.backend, t.path, t.module, t.kwargs) == ("a", "torch", "x.pt", None, {})
     assert (t.weight, t.replicas, t.num_cpus, t.num_gpus) == (1.0, 1, 0.5, 0)
     assert (t.max_batch_size, t.batch_wait_timeout_s) == (256, 0.005)
+    assert (t.resources, t.serve_app) == ({}, None)
     assert cfg.ensemble.model_dump() == {"mode": "mean_prob", "temperature": 4.0, "tau": 1.0}
     assert cfg.store.model_dump() == {"path": None, "shard_size": 256}
     assert cfg.label.model_dump() == {"concurrency": 2, "num_cpus": 0.25}
@@ -61,7 +62,7 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.train.model_dump() == {
         "workers": 2, "cpus_per_worker": 1, "use_gpu": False, "epochs": 20, "batch_size": 64,
         "lr": 3e-3, "weight_decay": 0.0, "loss": "kd", "alpha": 0.1, "beta": 0.5,
-        "max_failures": 0, "max_samples": None, "seed": 0,
+        "max_failures": 0, "max_samples": None, "seed": 0, "cache_rows": 200_000, "worker_resources": {},
     }
     assert cfg.eval.baseline is True
     assert cfg.ray.model_dump() == {"address": None, "num_cpus": None}

@@ -40,13 +40,20 @@ def inputs_table(n: int = N, d: int = D, seed: int = 0) -> pa.Table:
     return table.append_column("row", pa.array(np.arange(n), pa.int64()))
 
 
+def write_weights(path: Path, tag: str) -> None:
+    """A real (zip-format) torch.save file whose content depends on `tag`."""
+    import torch
+
+    torch.save({"w": torch.tensor(list(tag.encode()), dtype=torch.float32)}, path)
+
+
 @pytest.fixture
 def teacher_files(tmp_path) -> dict[str, Path]:
     files = {}
     for name in ("a", "b"):
         files[name] = tmp_path / "teachers" / f"{name}.pt"
         files[name].parent.mkdir(exist_ok=True)
-        files[name].write_bytes(f"weights of {name}".encode())
+        write_weights(files[name], f"weights of {name}")
     return files
 
 
@@ -335,7 +342,7 @@ def test_identity_refuses_other_row_count(store, identity):
 
 def test_identity_refuses_other_teacher_set(store, identity, teacher_files, tmp_path):
     c = tmp_path / "teachers" / "c.pt"
-    c.write_bytes(b"weights of c")
+    write_weights(c, "weights of c")
     other = teacher_entries({"a": teacher_files["a"], "c": c})
     msg = identity_error(store, {**identity, "teachers": other})
     assert "store has teachers ['a', 'b'], config has ['a', 'c']" in msg
@@ -343,7 +350,7 @@ def test_identity_refuses_other_teacher_set(store, identity, teacher_files, tmp_
 
 
 def test_identity_refuses_changed_teacher_weights(store, identity, teacher_files):
-    teacher_files["b"].write_bytes(b"retrained b")
+    write_weights(teacher_files["b"], "retrained b")
     changed = teacher_entries(teacher_files)
     assert changed[0] == identity["teachers"][0] and changed[1] != identity["teachers"][1]
     msg = identity_error(store, {**identity, "teachers": changed})
