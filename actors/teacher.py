@@ -71,6 +71,8 @@ def build_app(args: dict):
 def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
     """Start one Serve application per teacher, all at once; return {teacher: application}."""
     apps = {cfg["name"]: app_name(run, cfg["name"]) for cfg in teachers}
+    if not apps:  # every teacher is attached to a running application
+        return apps
     targets = [serve.RunTarget(build_app(cfg), name=apps[cfg["name"]], route_prefix=None) for cfg in teachers]
     try:
         # Replicas and the controller log at WARNING: our own progress lines tell the story.

@@ -229,7 +229,7 @@ CASES = [(k, n, *v) for k in KUBERAY for n, v in {**BREAKAGES, **KIND_BREAKAGES.
 def test_kuberay_crd_rejects_a_broken_copy(kind, name, mutate, where):
     doc = copy.deepcopy(manifest(kind))
     mutate(doc)
-    errors = crd_errors(kind, doc)
+    errors = set(crd_errors(kind, doc)) - set(crd_errors(kind, manifest(kind)))
     assert errors, f"{kind} with {name} passed the CRD schema: the validator checks nothing"
     assert all(where in e for e in errors), errors  # that breakage, nothing else
 

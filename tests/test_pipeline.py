@@ -106,3 +106,35 @@ def test_training_resumes_from_latest_checkpoint(ray_local, teachers, tmp_path):
     resumed = pipeline.train_students(cfg, prep)["student"]
     assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2]
     assert resumed["history"][:2] == first["history"]
+
+
+def test_label_attaches_to_running_teachers_and_leaves_them_up(ray_local, teachers, tmp_path):
+    """The RayService case: teachers already served (via build_app, as a serve config would)."""
+    from ray import serve
+
+    from actors.teacher import build_app
+
+    raw = tiny_config(tmp_path, teachers)
+    for t in raw["teachers"]:
+        serve.run(build_app(t), name=f"longlived-{t['name']}", route_prefix=None)
+        t["serve_app"] = f"longlived-{t['name']}"
+    cfg = config_from_dict(raw)
+    try:
+        store = pipeline.label(cfg, pipeline.prepare(cfg))
+        assert store.complete
+        assert {"longlived-linear", "longlived-mlp"} <= set(serve.status().applications)  # still up
+
+        # An app serving other weights than `path` names is refused before any labeling.
+        wrong = cfg.model_copy(deep=True)
+        wrong.run.name, wrong.teachers[0].path = "wrong", str(teachers["mlp"])
+        with pytest.raises(DistillError, match=r"teacher 'linear': Serve application 'longlived-linear' serves other weights"):
+            pipeline.label(wrong, pipeline.prepare(wrong))
+        assert not LabelStore(wrong.store_path).exists()
+
+        gone = cfg.model_copy(deep=True)
+        gone.run.name, gone.teachers[1].serve_app = "gone", "no-such-app"
+        with pytest.raises(DistillError, match=r"teacher 'mlp': no running Serve application 'no-such-app'"):
+            pipeline.label(gone, pipeline.prepare(gone))
+    finally:
+        for t in raw["teachers"]:
+            serve.delete(t["serve_app"])
