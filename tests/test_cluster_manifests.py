@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import os
 import re
 import shlex
 from pathlib import Path
@@ -39,6 +38,10 @@ def load(rel: str) -> dict:
 
 def manifest(kind: str) -> dict:
     return load(KUBERAY[kind][0])
+
+
+def manifest_text(kind: str) -> str:
+    return (CLUSTER / KUBERAY[kind][0]).read_text()
 
 
 @functools.lru_cache(maxsize=None)
@@ -407,6 +410,14 @@ def test_rayservice_serves_each_quickstart_teacher_under_the_name_labeling_jobs_
         assert _fits({**t.resources, "GPU": t.num_gpus}, t.replicas, spec, "replicas"), t.name
     needs = sum(TeacherConfig.model_validate(a["args"]).replicas for a in apps)
     assert _fits({"teacher_node": 1, "GPU": 1}, needs, spec, "replicas")  # all at once
+    # ...and a labeling job attaches with the overrides rayservice.yaml's header shows
+    from orchestrator.config import load_config
+
+    attach = [f"teachers.{i}.serve_app={a['name']}" for i, a in enumerate(apps)]
+    text = manifest_text("RayService")
+    assert all(o in text for o in attach)
+    cfg = load_config(REPO / "examples" / "quickstart.yaml", attach)
+    assert [t.serve_app for t in cfg.teachers] == [a["name"] for a in apps]
 
 
 # ---- `ray up` config -------------------------------------------------------------------------
