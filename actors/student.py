@@ -18,7 +18,7 @@ import torch
 import ray
 import ray.train
 import ray.train.torch
-from orchestrator.losses import build_loss
+from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student
 from orchestrator.store import SOFT_COLUMN
 
@@ -34,7 +34,7 @@ class EpochLog(ray.train.UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         m, rate = metrics[0], sum(w["samples_per_s"] for w in metrics)
-        print(f"train: {self.name} epoch {m['epoch'] + 1}/{self.epochs} loss {m['loss']:.4f} {rate:,.0f} samples/s",
+        print(f"train: {self.name} epoch {m['epoch'] + 1}/{self.epochs} loss {m['loss']:.4f} {rate:,.0f} {m.get('unit', 'samples')}/s",
               flush=True)
 
 
@@ -58,7 +58,7 @@ class EpochBatches:
 
     def __call__(self, epoch: int):
         if self.cache is not None:
-            n = len(self.cache["label"])
+            n = len(next(iter(self.cache.values())))
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
             for i in range(0, n, self.batch_size):
                 yield {k: v[order[i : i + self.batch_size]] for k, v in self.cache.items()}
@@ -67,13 +67,29 @@ class EpochBatches:
         stream = self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=self.shuffle_buffer,
                                                local_shuffle_seed=self.seed + epoch)
         for batch in stream:
-            rows += len(batch["label"])
+            rows += len(next(iter(batch.values())))
             kept = kept if kept is not None and rows <= self.max_rows else None
             if kept is not None:
                 kept.append(batch)
             yield batch
         if kept:
             self.cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
+
+
+def _classifier_step(model, loss_fn, batch: dict, config: dict):
+    x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
+    return loss_fn(model(x), target, y), len(y)
+
+
+def _lm_step(model, loss_fn, batch: dict, config: dict):
+    """Packed windows [B, L]: position t's logits vs the top-k target for token t+1."""
+    _, ids_col, lps_col = config["columns"]
+    x = batch["input_ids"].long()
+    b, k = x.shape[0], config["k"]
+    target_ids = batch[ids_col].long().view(b, -1, k)
+    target_lps = batch[lps_col].float().view(b, -1, k)
+    logits = model(input_ids=x).logits[:, :-1]
+    return loss_fn(logits, target_ids, target_lps, x[:, 1:]), b * (x.shape[1] - 1)
 
 
 def train_loop(config: dict) -> None:
@@ -95,7 +111,9 @@ def train_loop(config: dict) -> None:
     # Where every worker runs (rank order): kept in the checkpoint so placement can be checked.
     nodes = [None] * ctx.get_world_size()
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    loss_fn = build_loss(config["loss"], alpha=config["alpha"], beta=config["beta"], temperature=config["temperature"])
+    lm = config["task"] == "lm"
+    make_loss = build_topk_loss if lm else build_loss
+    loss_fn = make_loss(config["loss"], alpha=config["alpha"], beta=config["beta"], temperature=config["temperature"])
 
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
                                  config["shuffle_buffer"], config["cache_rows"])
@@ -103,19 +121,19 @@ def train_loop(config: dict) -> None:
         model.train()
         t0, seen, total = time.perf_counter(), 0, 0.0
         for batch in epoch_batches(epoch):
-            x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
-            loss = loss_fn(model(x), target, y)
+            loss, n = (_lm_step if lm else _classifier_step)(model, loss_fn, batch, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            seen += len(y)
-            total += loss.item() * len(y)
+            seen += n
+            total += loss.item() * n
         elapsed = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
             "loss": total / max(seen, 1),
-            "samples": seen,
+            "samples": seen,  # tokens for a causal LM
             "samples_per_s": seen / max(elapsed, 1e-9),
+            "unit": "tokens" if lm else "samples",
             "world_size": ctx.get_world_size(),
         }
         history.append(metrics)

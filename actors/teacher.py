@@ -15,14 +15,14 @@ def app_name(run: str, teacher: str) -> str:
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Teacher:
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, task: str = "classification", k: int = 8):
         import torch
 
-        from orchestrator.models import ClassifierTeacher
+        from orchestrator.models import load_teacher
 
         torch.set_num_threads(max(1, int(cfg.get("num_cpus") or 1)))
         self.cfg = cfg
-        self.model = ClassifierTeacher(cfg)
+        self.model = load_teacher(cfg, task, k)
         self.probe: np.ndarray | None = None
         # Batches are measured in rows (a request is a [rows, D] array), not in requests.
         self.predict.set_max_batch_size(cfg["max_batch_size"])
@@ -36,19 +36,27 @@ class Teacher:
         from orchestrator.models import teacher_fingerprint
 
         self.probe = sample[:1]
-        logits = self.model(self.probe)
-        return {"name": self.cfg["name"], "num_classes": int(logits.shape[-1]),
+        out = self.model(self.probe)
+        width = getattr(self.model, "vocab_size", None) if isinstance(out, tuple) else out.shape[-1]
+        return {"name": self.cfg["name"], "num_classes": int(width),
                 "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id()}
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
-    async def predict(self, batches: list[np.ndarray]) -> list[np.ndarray]:
-        """[rows_i, D] arrays from many callers -> one forward pass -> [rows_i, C] each."""
-        logits = self.model(np.concatenate(batches))
-        return np.split(logits, np.cumsum([len(b) for b in batches])[:-1])
+    async def predict(self, batches: list[np.ndarray]) -> list:
+        """[rows_i, ...] arrays from many callers -> one forward pass -> each caller's rows.
+
+        Classifiers return logits [rows, C]; causal LMs a tuple (top-k ids, logprobs).
+        """
+        out = self.model(np.concatenate(batches))
+        cuts = np.cumsum([len(b) for b in batches])[:-1]
+        if isinstance(out, tuple):
+            return list(zip(*(np.split(o, cuts) for o in out)))
+        return np.split(out, cuts)
 
     def check_health(self):
         # Serve restarts a replica whose model no longer produces finite outputs.
-        if self.probe is not None and not np.isfinite(self.model(self.probe)).all():
+        out = self.model(self.probe) if self.probe is not None else None
+        if out is not None and not all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,))):
             raise RuntimeError(f"teacher '{self.cfg['name']}' produces non-finite outputs")
 
 
@@ -60,20 +68,23 @@ def build_app(args: dict):
     """
     from orchestrator.config import TeacherConfig
 
+    args = dict(args)
+    task, k = args.pop("task", "classification"), args.pop("k", 8)  # task lm: top-k per position
     cfg = TeacherConfig.model_validate(args).model_dump()
     return Teacher.options(
         name=f"teacher-{cfg['name']}",
         num_replicas=cfg["replicas"],
         ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]},
-    ).bind(cfg)
+    ).bind(cfg, task, k)
 
 
-def deploy(run: str, teachers: list[dict]) -> dict[str, str]:
+def deploy(run: str, teachers: list[dict], task: str = "classification", k: int = 8) -> dict[str, str]:
     """Start one Serve application per teacher, all at once; return {teacher: application}."""
     apps = {cfg["name"]: app_name(run, cfg["name"]) for cfg in teachers}
     if not apps:  # every teacher is attached to a running application
         return apps
-    targets = [serve.RunTarget(build_app(cfg), name=apps[cfg["name"]], route_prefix=None) for cfg in teachers]
+    targets = [serve.RunTarget(build_app({**cfg, "task": task, "k": k}), name=apps[cfg["name"]], route_prefix=None)
+               for cfg in teachers]
     try:
         # Replicas and the controller log at WARNING: our own progress lines tell the story.
         serve.start(logging_config={"log_level": "WARNING"})

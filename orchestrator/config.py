@@ -30,6 +30,8 @@ class DatasetConfig(_Strict):
     source: str  # "sklearn:digits" or a local .parquet / .csv path
     features: str | list[str] = "features"
     label: str = "label"
+    text: str = "text"  # task lm: the text column
+    test_source: Optional[str] = None  # a separate held-out file instead of test_fraction
     id_column: Optional[str] = None
     test_fraction: float = Field(0.3, gt=0, lt=1)
     seed: int = 0
@@ -38,7 +40,7 @@ class DatasetConfig(_Strict):
 
 class TeacherConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    backend: Literal["torch", "hf"]
+    backend: Literal["torch", "hf", "vllm"]
     path: str  # TorchScript file, state_dict file (with `module`), or HF from_pretrained dir
     module: Optional[str] = Field(None, pattern=r"^[\w.]+:\w+$")  # "pkg.mod:Class" for state_dict
     kwargs: dict[str, Any] = {}
@@ -54,6 +56,16 @@ class TeacherConfig(_Strict):
     # Attach to this already-running Serve application (e.g. a RayService) instead of
     # deploying one; it is left running. `path` must still name the same weights.
     serve_app: Optional[str] = None
+
+
+class LMConfig(_Strict):
+    """task: lm. Text is tokenized once (one tokenizer for the ensemble) and packed into
+    windows of max_len tokens; teachers return the top-k next-token log-probs per position."""
+
+    tokenizer: Optional[str] = None  # local tokenizer dir; default: the first teacher's dir
+    max_len: int = Field(128, ge=2)
+    k: int = Field(8, ge=1)
+    student_config: Optional[str] = None  # HF config.json: a causal LM trained from scratch
 
 
 class EnsembleConfig(_Strict):
@@ -112,6 +124,7 @@ class RayConfig(_Strict):
 
 class DistillConfig(_Strict):
     run: RunConfig = RunConfig()
+    task: Literal["classification", "lm"] = "classification"
     output_dir: str = "runs"
     dataset: DatasetConfig
     teachers: list[TeacherConfig] = Field(min_length=1)
@@ -122,6 +135,18 @@ class DistillConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
+    lm: LMConfig = LMConfig()
+
+    @model_validator(mode="after")
+    def _lm_needs(self):
+        if self.task == "lm":
+            if self.lm.student_config is None:
+                raise ValueError("lm.student_config: required for task lm (an HF config.json for the student)")
+            if any(t.backend == "torch" for t in self.teachers):
+                raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
+        elif any(t.backend == "vllm" for t in self.teachers):
+            raise ValueError("teachers: backend vllm serves causal LMs: set task: lm")
+        return self
 
     @field_validator("teachers")
     @classmethod

@@ -149,9 +149,52 @@ def features_of(table: pa.Table) -> np.ndarray:
 
 
 def fingerprint(table: pa.Table) -> str:
-    """Content hash of a canonical table (ids, features, labels)."""
+    """Content hash of a canonical table (every column: ids, features or input_ids, labels)."""
     h = hashlib.sha256()
-    for name in ("sample_id", "label"):
-        h.update(pc.cast(table.column(name), pa.string()).to_pylist().__repr__().encode())
-    h.update(np.ascontiguousarray(features_of(table)).tobytes())
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        h.update(name.encode())
+        if pa.types.is_fixed_size_list(col.type):
+            h.update(np.ascontiguousarray(col.flatten().to_numpy(zero_copy_only=False)).tobytes())
+        else:
+            h.update(pc.cast(col, pa.string()).to_pylist().__repr__().encode())
     return h.hexdigest()[:16]
+
+
+# ---- text (task: lm) --------------------------------------------------------------------------
+
+
+def load_text(source: str, text: str = "text", limit: int | None = None) -> list[str]:
+    """The text column of a local .parquet / .csv file, validated."""
+    table = _read_file(Path(source))
+    col = _column(table, text, "text", source)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DistillError(f"dataset.text: column '{text}' in {source} must hold strings, not {col.type}")
+    texts = col.to_pylist()[:limit]
+    if not texts:
+        raise DistillError(f"dataset.source: {source} has no rows")
+    for i, t in enumerate(texts):
+        if t is None or not t.strip():
+            raise DistillError(f"dataset.text: row {i} of {source} is empty; drop empty texts first")
+    return texts
+
+
+def pack(token_ids: list[list[int]], max_len: int, eos_id: int) -> np.ndarray:
+    """Concatenate the documents (each followed by EOS) and cut into [windows, max_len].
+
+    The remainder shorter than max_len is dropped: every row then has the same shape, so the
+    store, Ray Data and the train loop all see fixed-size tensors and no padding.
+    """
+    flat = np.fromiter((t for doc in token_ids for t in (*doc, eos_id)), dtype=np.int64)
+    n = len(flat) // max_len
+    if n == 0:
+        raise DistillError(f"lm.max_len: {max_len} tokens is longer than the whole text ({len(flat)} tokens)")
+    return flat[: n * max_len].reshape(n, max_len)
+
+
+def token_table(windows: np.ndarray) -> pa.Table:
+    """Canonical LM rows: a content-hash sample_id and the window's input_ids."""
+    ids = content_ids(windows.astype(np.float32))
+    return pa.table({"sample_id": pa.array(ids, pa.string()),
+                     "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(windows.reshape(-1), pa.int32()),
+                                                                    windows.shape[1])})

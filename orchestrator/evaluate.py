@@ -79,3 +79,60 @@ def evaluate(test: pa.Table, teachers: list[dict], ensemble: dict, students: dic
             "agreement_with_ensemble": float((lp.argmax(1) == ens_lp.argmax(1)).mean()),
         }
     return {"models": models, "test_rows": int(len(y)), "ensemble_eval_mode": mode}
+
+
+def _lm_scores(nll: np.ndarray, top1: np.ndarray, labels: np.ndarray) -> dict:
+    return {"perplexity": float(np.exp(nll.mean())), "nll": float(nll.mean()),
+            "accuracy": float((top1 == labels).mean())}  # top-1 next-token accuracy
+
+
+def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: dict[str, dict], k: int,
+                vocab_size: int) -> dict:
+    """Held-out perplexity of every teacher, the top-k ensemble and the students.
+
+    The ensemble's perplexity is approximate: its distribution is known only through the top-k
+    union plus a tail bucket, and a true token outside the kept k gets tail / (V - k) (the
+    uniform-tail assumption the sparse ensembling uses).
+    """
+    from .ensemble import NEEDS_LABELS, ensemble_topk
+    from .models import CausalLMTeacher
+    from .store import to_numpy
+
+    torch.set_num_threads(1)
+    windows = to_numpy(test.column("input_ids")).astype(np.int64)
+    labels = windows[:, 1:].reshape(-1)
+    models, t_ids, t_lps = {}, [], []
+    for cfg in teachers:
+        teacher = CausalLMTeacher(cfg, k)
+        ids, lps = teacher(windows)
+        t_ids.append(ids.reshape(-1, k))
+        t_lps.append(lps.reshape(-1, k))
+        models[cfg["name"]] = {"kind": "teacher", "backend": cfg["backend"],
+                               **_lm_scores(teacher.nll(windows).reshape(-1), t_ids[-1][:, 0], labels),
+                               "params": count_params(teacher.model), "latency_ms": _latency_ms(teacher, windows)}
+    mode = ensemble["mode"] if ensemble["mode"] not in NEEDS_LABELS else "mean_prob"
+    e_ids, e_lps, tail = ensemble_topk(np.stack(t_ids), np.stack(t_lps), k_out=k, vocab_size=vocab_size, mode=mode,
+                                       temperature=1.0, weights=[ensemble["weights"][c["name"]] for c in teachers],
+                                       tau=ensemble["tau"])
+    hit = e_ids == labels[:, None]
+    p_true = np.where(hit.any(1), np.exp((e_lps * hit).sum(1)), tail / (vocab_size - k))
+    rows = [models[c["name"]] for c in teachers]
+    models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(-np.log(np.clip(p_true, 1e-30, None)), e_ids[:, 0], labels),
+                          "params": sum(m["params"] for m in rows), "latency_ms": sum(m["latency_ms"] for m in rows),
+                          "approximation": f"top-{k} union + tail bucket, uniform tail over the other V-k tokens"}
+    for name, state in students.items():
+        model = build_student(state["spec"])
+        model.load_state_dict(state["model"])
+        model.eval()
+
+        @torch.inference_mode()
+        def logits_of(w: np.ndarray, model=model) -> np.ndarray:
+            return model(input_ids=torch.from_numpy(w)).logits[:, :-1].float()
+
+        lg = logits_of(windows)
+        nll = torch.nn.functional.cross_entropy(lg.transpose(1, 2), torch.from_numpy(windows[:, 1:]), reduction="none")
+        top1 = lg.argmax(-1).reshape(-1).numpy()
+        models[name] = {"kind": "student", "loss": state.get("loss"), **_lm_scores(nll.reshape(-1).numpy(), top1, labels),
+                        "params": count_params(model), "latency_ms": _latency_ms(logits_of, windows),
+                        "agreement_with_ensemble": float((top1 == e_ids[:, 0]).mean())}
+    return {"models": models, "test_rows": int(len(windows)), "test_tokens": int(labels.size), "ensemble_eval_mode": mode}

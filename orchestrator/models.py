@@ -97,6 +97,78 @@ class ClassifierTeacher:
         return out.float().numpy()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json")
+
+
+def tokenizer_hash(path: str | Path) -> str | None:
+    """Hash of the vocabulary files in a from_pretrained dir (None if it has none)."""
+    found = [Path(path) / f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+    if not found:
+        return None
+    h = hashlib.sha256()
+    for f in found:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:
+        raise DistillError(f"lm.tokenizer: cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
+
+
+class CausalLMTeacher:
+    """Causal LM -> per position t, the top-k log-probs (T=1) of token t+1.
+
+    ``windows`` [B, L] int token ids -> (ids [B, L-1, k] int32, logprobs [B, L-1, k] float32).
+    The last position (which predicts past the window) is dropped, matching vLLM's
+    prompt_logprobs, which starts at the second token.
+    """
+
+    def __init__(self, cfg: dict, k: int):
+        self.name, self.k = cfg["name"], k
+        path = Path(cfg["path"])
+        if not path.exists():
+            raise DistillError(f"teacher '{self.name}': path not found: {path}")
+        from transformers import AutoModelForCausalLM
+
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+        except Exception as e:
+            raise DistillError(f"teacher '{self.name}': cannot load {path}: {type(e).__name__}: {e}") from None
+        self.vocab_size = self.model.config.vocab_size
+        if k > self.vocab_size:
+            raise DistillError(f"lm.k: {k} is larger than teacher '{self.name}' vocabulary ({self.vocab_size})")
+
+    @torch.inference_mode()
+    def __call__(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.array(windows, dtype=np.int64))
+        logp = torch.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
+        top = logp.topk(self.k, dim=-1)
+        return top.indices.int().numpy(), top.values.numpy()
+
+    @torch.inference_mode()
+    def nll(self, windows: np.ndarray) -> np.ndarray:
+        """Per-position negative log-likelihood of the true next token, [B, L-1]."""
+        x = torch.from_numpy(np.array(windows, dtype=np.int64))
+        logits = self.model(input_ids=x).logits[:, :-1].float()
+        return nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").numpy()
+
+
+def load_teacher(cfg: dict, task: str = "classification", k: int = 8):
+    """The callable a teacher deployment serves, by task and backend."""
+    if task == "lm":
+        if cfg["backend"] == "vllm":
+            from .vllm_teacher import VLLMTeacher
+
+            return VLLMTeacher(cfg, k)
+        return CausalLMTeacher(cfg, k)
+    return ClassifierTeacher(cfg)
+
+
 class MLPStudent(nn.Module):
     """features [B, D] -> logits [B, C]; inputs standardised by stats fixed at build time."""
 
@@ -116,7 +188,13 @@ class MLPStudent(nn.Module):
 
 
 def build_student(spec: dict) -> nn.Module:
-    """spec: {arch, in_dim, num_classes, hidden, mean, std} (all plain data, so it pickles)."""
+    """spec: {arch, in_dim, num_classes, hidden, mean, std} (all plain data, so it pickles),
+    or {arch: "causal_lm", config: HF config dict} for a causal LM trained from scratch."""
+    if spec["arch"] == "causal_lm":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = dict(spec["config"])
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
     if spec["arch"] != "mlp":
         raise DistillError(f"student.arch: unknown '{spec['arch']}' (allowed: mlp)")
     return MLPStudent(spec["in_dim"], spec["num_classes"], spec["hidden"], spec.get("mean"), spec.get("std"))

@@ -21,12 +21,12 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DistillConfig
-from .datasets import features_of, fingerprint, load_dataset, split_indices
+from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
 from .ensemble import ensemble_dense
 from .errors import DistillError
-from .models import teacher_fingerprint
+from .models import load_tokenizer, teacher_fingerprint, tokenizer_hash
 from .report import table, write_report
-from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, decode_teachers, fixed_list
+from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, decode_teachers, fixed_list, topk_columns
 
 log = logging.getLogger("distill")
 
@@ -43,6 +43,8 @@ class Prepared:
 
 
 def prepare(cfg: DistillConfig) -> Prepared:
+    if cfg.task == "lm":
+        return _prepare_lm(cfg)
     d = cfg.dataset
     table = load_dataset(d.source, d.features, d.label, d.id_column, d.limit)
     train_idx, test_idx = split_indices(table.num_rows, d.test_fraction, d.seed)
@@ -50,8 +52,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
         raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {table.num_rows} rows")
     train = table.take(train_idx)
     train = train.append_column("row", pa.array(np.arange(train.num_rows), pa.int64()))
-    teachers = [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump())}
-                for t in cfg.teachers]
+    teachers = _teacher_identities(cfg)
     identity = {
         "schema_version": SCHEMA_VERSION,
         "dataset": {"source": d.source, "fingerprint": fingerprint(train), "rows": train.num_rows,
@@ -63,6 +64,70 @@ def prepare(cfg: DistillConfig) -> Prepared:
     }
     ensemble = {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
     return Prepared(train, table.take(test_idx), identity, ensemble)
+
+
+def _teacher_identities(cfg: DistillConfig) -> list[dict]:
+    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump())}
+            for t in cfg.teachers]
+
+
+def check_vocabulary(cfg: DistillConfig) -> str:
+    """One tokenizer per ensemble: every teacher's tokenizer files must hash the same.
+
+    Returns the tokenizer directory the pipeline tokenizes with.
+    """
+    hashes = {t.name: tokenizer_hash(t.path) for t in cfg.teachers}
+    missing = [n for n, h in hashes.items() if h is None]
+    if missing and not cfg.lm.tokenizer:
+        raise DistillError(f"teacher '{missing[0]}': no tokenizer files in its dir; set lm.tokenizer")
+    tok_dir = cfg.lm.tokenizer or cfg.teachers[0].path
+    ref = tokenizer_hash(tok_dir)
+    if ref is None:
+        raise DistillError(f"lm.tokenizer: no tokenizer files in {tok_dir}")
+    names = [n for n, h in hashes.items() if h is not None]
+    for a, b in zip(names, names[1:]):
+        if hashes[a] != hashes[b]:
+            raise DistillError(f"teachers '{a}' and '{b}' use different vocabularies (tokenizer files differ); "
+                               "one ensemble needs one tokenizer")
+    if names and hashes[names[0]] != ref:
+        raise DistillError(f"lm.tokenizer {tok_dir} differs from teacher '{names[0]}' tokenizer")
+    return tok_dir
+
+
+def _prepare_lm(cfg: DistillConfig) -> Prepared:
+    """Tokenize once with the ensemble's one tokenizer; pack into windows of lm.max_len."""
+    d = cfg.dataset
+    tok_dir = check_vocabulary(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    texts = load_text(d.source, d.text, d.limit)
+    if d.test_source:
+        test_texts = load_text(d.test_source, d.text)
+    else:
+        tr, te = split_indices(len(texts), d.test_fraction, d.seed)
+        texts, test_texts = [texts[i] for i in tr], [texts[i] for i in te]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    if eos is None:
+        raise DistillError(f"lm.tokenizer: {tok_dir} defines no eos (or pad) token to separate documents")
+
+    def windows(batch: list[str]) -> pa.Table:
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        return token_table(pack(ids, cfg.lm.max_len, eos))
+
+    train, test = windows(texts), windows(test_texts)
+    train = train.append_column("row", pa.array(np.arange(train.num_rows), pa.int64()))
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": {"source": d.source, "fingerprint": fingerprint(train), "rows": train.num_rows,
+                    "max_len": cfg.lm.max_len, "tokenizer": tokenizer_hash(tok_dir)},
+        "teachers": _teacher_identities(cfg),
+        "label_kind": "topk",
+        "k": cfg.lm.k,
+        "shard_size": cfg.store.shard_size,
+    }
+    ensemble = {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
+    log.info("prepare: %d train / %d held-out windows of %d tokens (tokenizer %s)",
+             train.num_rows, test.num_rows, cfg.lm.max_len, tok_dir)
+    return Prepared(train, test, identity, ensemble)
 
 
 # ---- Ray session ----------------------------------------------------------------------------
@@ -164,15 +229,16 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
     teachers = [t.model_dump() for t in cfg.teachers]
     # Teachers with `serve_app` are already running (a RayService, say): use them, leave them up.
     apps = serve_teachers.attach([t for t in teachers if t["serve_app"]])
-    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers if not t["serve_app"]])
+    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers if not t["serve_app"]], cfg.task, cfg.lm.k)
     apps.update(owned)
     apps = {t["name"]: apps[t["name"]] for t in teachers}  # config order
     try:
-        infos = serve_teachers.probe(apps, features_of(prep.train)[:1])
+        infos = serve_teachers.probe(apps, _first_input(prep.train))
         _check_fingerprints(infos, prep.identity["teachers"], apps)
         num_classes = _check_teachers(infos, prep.train)
         if missing is None:  # a new store: written only once the teachers are known to be sound
-            store.create({**prep.identity, "ensemble": prep.ensemble, "num_classes": num_classes}, prep.train)
+            extra = {"lm": {"vocab_size": num_classes, "max_len": cfg.lm.max_len}} if cfg.task == "lm" else {}
+            store.create({**prep.identity, "ensemble": prep.ensemble, "num_classes": num_classes, **extra}, prep.train)
             missing = list(range(store.num_shards))
         _label_shards(cfg, store, apps, missing)
     finally:
@@ -192,16 +258,29 @@ def _check_fingerprints(infos: dict[str, dict], expected: list[dict], apps: dict
                                f"(fingerprint {served}) than teachers[].path ({t['fingerprint']})")
 
 
+def _first_input(train: pa.Table) -> np.ndarray:
+    from .store import to_numpy
+
+    return to_numpy(train.column("input_ids").slice(0, 1)) if "input_ids" in train.column_names else features_of(train)[:1]
+
+
 def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
+    """Teachers must agree on their output width (classes, or vocabulary size for LMs)."""
+    lm = "input_ids" in train.column_names
+    what = "vocabulary size" if lm else "number of classes"
     widths = {n: i["num_classes"] for n, i in infos.items()}
     if len(set(widths.values())) != 1:
-        raise DistillError("teachers disagree on the number of classes: "
-                           + ", ".join(f"'{n}' has {w}" for n, w in widths.items()))
-    num_classes = next(iter(widths.values()))
-    top = int(np.max(train.column("label").to_numpy()))
-    if top >= num_classes:
-        raise DistillError(f"dataset.label: class id {top} found, but the teachers output only {num_classes} classes")
-    return num_classes
+        raise DistillError(f"teachers disagree on the {what}: " + ", ".join(f"'{n}' has {w}" for n, w in widths.items()))
+    width = next(iter(widths.values()))
+    top = int(np.max(features_of_ids(train) if lm else train.column("label").to_numpy()))
+    if top >= width:
+        field = "token id" if lm else "dataset.label: class id"
+        raise DistillError(f"{field} {top} found, but the teachers' {what} is {width}")
+    return width
+
+
+def features_of_ids(train: pa.Table) -> np.ndarray:
+    return train.column("input_ids").combine_chunks().flatten().to_numpy()
 
 
 def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], shards: list[int]) -> None:
@@ -285,10 +364,9 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
 
     t = cfg.train
     rows = min(t.max_samples or prep.train.num_rows, prep.train.num_rows)
-    x = features_of(prep.train.slice(0, rows))
-    spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": store.manifest["num_classes"],
-            "hidden": cfg.student.hidden, "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}
+    spec, columns = _student_spec(cfg, prep.train.slice(0, rows), store.manifest["num_classes"])
     loop_cfg = {
+        "task": cfg.task, "k": cfg.lm.k, "columns": columns,
         "student": spec, "loss": loss, "alpha": alpha, "beta": t.beta, "temperature": cfg.ensemble.temperature,
         "lr": t.lr, "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
         "seed": t.seed, "shuffle_buffer": max(t.batch_size * 4, 256), "threads": 1,
@@ -300,8 +378,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     key = {"loop": {k: v for k, v in loop_cfg.items() if k != "epochs"}, "workers": t.workers, "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
     run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
-    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(
-        ["row", "features", "label", SOFT_COLUMN])
+    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(["row", *columns])
     if rows < prep.train.num_rows:
         ds = ds.filter(expr=f"row < {rows}")
     storage = str((cfg.run_dir / "train").resolve()) if "://" not in cfg.output_dir else f"{cfg.output_dir}/{cfg.run.name}/train"
@@ -337,6 +414,25 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     return state
 
 
+def _student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, list[str]]:
+    """The student's build spec (plain data) and the store columns its loop reads."""
+    if cfg.task == "lm":
+        path = Path(cfg.lm.student_config)
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DistillError(f"lm.student_config: cannot read {path}: {e}") from None
+        if hf.get("vocab_size") != width:
+            raise DistillError(f"lm.student_config: vocab_size {hf.get('vocab_size')} in {path} "
+                               f"differs from the teachers' {width}")
+        ids, lps = topk_columns("soft")
+        return {"arch": "causal_lm", "config": hf}, ["input_ids", ids, lps]
+    x = features_of(rows)
+    spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": width, "hidden": cfg.student.hidden,
+            "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}
+    return spec, ["features", "label", SOFT_COLUMN]
+
+
 def _last_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return lines[-1] if lines else type(e).__name__
@@ -360,16 +456,21 @@ def train_students(cfg: DistillConfig, prep: Prepared) -> dict[str, dict]:
 
 
 def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, dict] | None = None) -> dict:
-    from .evaluate import evaluate
+    from .evaluate import evaluate, evaluate_lm
 
     if states is None:
         states = _load_students(cfg)
-    results = evaluate(prep.test, [t.model_dump() for t in cfg.teachers], prep.ensemble, states)
-    curves = {name: s["history"] for name, s in states.items()}
+    teachers = [t.model_dump() for t in cfg.teachers]
     store = LabelStore(cfg.store_path)
+    if cfg.task == "lm":
+        vocab = store.load_manifest()["lm"]["vocab_size"]
+        results = evaluate_lm(prep.test, teachers, prep.ensemble, states, cfg.lm.k, vocab)
+    else:
+        results = evaluate(prep.test, teachers, prep.ensemble, states)
+    curves = {name: s["history"] for name, s in states.items()}
     extra = {"config": cfg.model_dump(mode="json"), "store": store.summary() if store.exists() else None}
-    path = write_report(cfg.run_dir, cfg.run.name, results, curves, extra)
-    return {"report": str(path), "table": table(results["models"]), **results}
+    path = write_report(cfg.run_dir, cfg.run.name, cfg.task, results, curves, extra)
+    return {"report": str(path), "table": table(results["models"], cfg.task), **results}
 
 
 def _load_students(cfg: DistillConfig) -> dict[str, dict]:

@@ -4,22 +4,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-COLUMNS = ("accuracy", "nll", "params", "latency_ms", "agreement_with_ensemble")
+COLUMNS = {
+    "classification": ("accuracy", "nll", "params", "latency_ms", "agreement_with_ensemble"),
+    "lm": ("perplexity", "nll", "accuracy", "params", "latency_ms", "agreement_with_ensemble"),
+}
+HEADLINE = {"classification": "accuracy", "lm": "perplexity"}
 
 
-def table(models: dict) -> str:
+def table(models: dict, task: str = "classification") -> str:
     """The report table as GitHub markdown (also what the CLI prints)."""
-    lines = ["| model | kind | " + " | ".join(COLUMNS) + " |", "|---|---|" + "---:|" * len(COLUMNS)]
+    cols = COLUMNS[task]
+    lines = ["| model | kind | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for name, m in models.items():
         cells = []
-        for c in COLUMNS:
+        for c in cols:
             v = m.get(c)
             cells.append("" if v is None else f"{v:,}" if isinstance(v, int) else f"{v:.4f}")
         lines.append(f"| {name} | {m.get('kind', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _plots(run_dir: Path, models: dict, curves: dict[str, list[dict]]) -> list[str]:
+def _plots(run_dir: Path, models: dict, curves: dict[str, list[dict]], metric: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,14 +32,14 @@ def _plots(run_dir: Path, models: dict, curves: dict[str, list[dict]]) -> list[s
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, m in models.items():
-        ax.scatter(m["params"], m["accuracy"], s=40, label=name)
-        ax.annotate(name, (m["params"], m["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set(xscale="log", xlabel="parameters (log)", ylabel="held-out accuracy", title="Accuracy vs size")
+        ax.scatter(m["params"], m[metric], s=40, label=name)
+        ax.annotate(name, (m["params"], m[metric]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xscale="log", xlabel="parameters (log)", ylabel=f"held-out {metric}", title=f"{metric.capitalize()} vs size")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "accuracy_vs_params.png", dpi=120)
+    fig.savefig(run_dir / f"{metric}_vs_params.png", dpi=120)
     plt.close(fig)
-    out = ["accuracy_vs_params.png"]
+    out = [f"{metric}_vs_params.png"]
 
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -50,18 +55,21 @@ def _plots(run_dir: Path, models: dict, curves: dict[str, list[dict]]) -> list[s
     return out
 
 
-def write_report(run_dir: Path, run: str, results: dict, curves: dict, extra: dict) -> Path:
+def write_report(run_dir: Path, run: str, task: str, results: dict, curves: dict, extra: dict) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
-    plots = _plots(run_dir, results["models"], curves)
-    report = {"run": run, "task": "classification", **results, "curves": curves, "plots": plots, **extra}
+    plots = _plots(run_dir, results["models"], curves, HEADLINE[task])
+    report = {"run": run, "task": task, **results, "curves": curves, "plots": plots, **extra}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, sort_keys=False))
     md = [
         f"# Distillation report: {run}",
         "",
         f"Held-out rows: {results['test_rows']}. Ensemble scored as `{results['ensemble_eval_mode']}` at T=1; "
         "latency is the median of single-sample calls on one thread (the ensemble's is the sum of its teachers').",
+        *([f"LM: perplexity over {results['test_tokens']} held-out next tokens; `accuracy` is top-1 next-token "
+           f"accuracy. The ensemble's perplexity is approximate: {results['models']['ensemble']['approximation']}."]
+          if task == "lm" else []),
         "",
-        table(results["models"]),
+        table(results["models"], task),
         "",
         *[f"![{p}]({p})" for p in plots],
         "",

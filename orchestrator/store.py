@@ -76,6 +76,40 @@ def decode_teachers(table: pa.Table, names: list[str]) -> np.ndarray:
     return np.stack([to_numpy(table.column(teacher_column(n))) for n in names])
 
 
+# Top-k labels (task lm): per window of L tokens, P = L-1 positions x k entries, flattened
+# into one fixed-size list per row. Ids take the narrowest signed type the vocabulary allows
+# (signed: the ensemble pads a short union with id -1), log-probs float16.
+SOFT_TOPK = "soft"
+
+
+def topk_columns(name: str) -> tuple[str, str]:
+    """Column names of a teacher's (or, with name 'soft', the ensemble's) top-k labels."""
+    prefix = SOFT_TOPK if name == SOFT_TOPK else f"teacher.{name}"
+    return f"{prefix}.topk_ids", f"{prefix}.topk_logprobs"
+
+
+def id_type(vocab_size: int) -> pa.DataType:
+    return pa.int16() if vocab_size <= np.iinfo(np.int16).max else pa.int32()
+
+
+def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray]], vocab_size: int) -> pa.Table:
+    """Inputs rows + (ids, logprobs) [B, P, k] per teacher and for 'soft' (the ensemble)."""
+    table, itype = inputs, id_type(vocab_size)
+    for name, (ids, logprobs) in labels.items():
+        ic, lc = topk_columns(name)
+        b = len(ids)
+        table = table.append_column(ic, fixed_list(ids.reshape(b, -1).astype(itype.to_pandas_dtype()), itype))
+        table = table.append_column(lc, fixed_list(logprobs.reshape(b, -1).astype(np.float16), pa.float16()))
+    return table
+
+
+def decode_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int64, logprobs float32), each [B, P, k]."""
+    ic, lc = topk_columns(name)
+    ids, lps = to_numpy(table.column(ic)), to_numpy(table.column(lc))
+    return ids.astype(np.int64).reshape(len(ids), -1, k), lps.astype(np.float32).reshape(len(lps), -1, k)
+
+
 # ---- the store ------------------------------------------------------------------------------
 
 
@@ -218,6 +252,26 @@ class LabelStore:
     def shard_paths(self) -> list[str]:
         return [self.shard_path(int(i)) for i in sorted(self.manifest["shards"], key=int)]
 
+    def bytes_per_token(self) -> dict[str, float] | None:
+        """Stored label bytes per labeled token position, per teacher and for the ensemble."""
+        m = self.manifest or self.load_manifest()
+        if m["label_kind"] != "topk" or not m["shards"]:
+            return None
+        first = int(min(m["shards"], key=int))
+        with self.fs.open_input_file(self.shard_path(first)) as f:
+            meta = pq.ParquetFile(f).metadata
+        sizes: dict[str, int] = {}
+        for rg in range(meta.num_row_groups):
+            for c in range(meta.num_columns):
+                col = meta.row_group(rg).column(c)
+                name = col.path_in_schema.split(".list.")[0].split(".element")[0]
+                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+        positions = meta.num_rows * (m["lm"]["max_len"] - 1)
+        out = {}
+        for who in [t["name"] for t in m["teachers"]] + [SOFT_TOPK]:
+            out[who] = sum(sizes.get(c, 0) for c in topk_columns(who)) / positions
+        return out
+
     def summary(self) -> dict:
         m = self.manifest or self.load_manifest()
         shards = m["shards"].values()
@@ -237,6 +291,8 @@ class LabelStore:
             "teachers": m["teachers"],
             "ensemble": m.get("ensemble"),
             "columns": [f"{f.name}: {f.type}" for f in schema] if schema else [],
+            "k": m.get("k"),
+            "bytes_per_token": self.bytes_per_token(),
         }
 
 

@@ -30,7 +30,7 @@ def _no_store(cfg: dict) -> bool:
         (lambda c: c["teachers"][0].update(path="/nonexistent/teacher.pt"), r"teacher 'linear': path not found: /nonexistent"),
         (lambda c: c["ensemble"].update(mode="median"), r"ensemble.mode: Input should be 'mean_prob', .*'ca_mkd' \(got 'median'\)"),
         (lambda c: c["train"].update(epohcs=3), r"train.epohcs: unknown key"),
-        (lambda c: c["teachers"][1].update(backend="onnx"), r"teachers.1.backend: Input should be 'torch' or 'hf'"),
+        (lambda c: c["teachers"][1].update(backend="onnx"), r"teachers.1.backend: Input should be 'torch', 'hf' or 'vllm' \(got 'onnx'\)"),
         (lambda c: c["store"].update(shard_size=-5), r"store.shard_size: Input should be greater than or equal to 1"),
     ],
     ids=["missing-teacher-path", "unknown-mode", "mistyped-key", "unknown-backend", "negative-size"],

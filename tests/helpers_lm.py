@@ -1,0 +1,85 @@
+"""Tiny causal-LM teachers for tests: a local BPE tokenizer and two small Llamas, in seconds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+
+def corpus(n_topics: int = 12) -> list[str]:
+    from pydoc_data.topics import topics
+
+    return [" ".join(topics[k].split())[:1500] for k in sorted(topics)[:n_topics]]
+
+
+def make_tokenizer(out: Path, texts: list[str], vocab: int = 300):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def make_lm(out: Path, tokenizer, texts: list[str], hidden: int, layers: int, seed: int, steps: int = 40) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = LlamaForCausalLM(cfg)
+    ids = torch.tensor([t for doc in tokenizer(texts)["input_ids"] for t in doc])
+    windows = ids[: len(ids) // 32 * 32].view(-1, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        batch = windows[torch.randint(len(windows), (16,))]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def make_lm_setup(root: Path) -> dict:
+    """Tokenizer, two teachers of different sizes, a student config and train/test text files."""
+    texts = corpus()
+    tok = make_tokenizer(root / "tokenizer", texts)
+    teachers = {"small": make_lm(root / "small", tok, texts, 32, 1, seed=1),
+                "large": make_lm(root / "large", tok, texts, 48, 2, seed=2)}
+    student = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
+               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    (root / "student.json").write_text(json.dumps(student))
+    pq.write_table(pa.table({"text": texts[:10]}), root / "train.parquet")
+    pq.write_table(pa.table({"text": texts[10:]}), root / "test.parquet")
+    return {"teachers": teachers, "student_config": root / "student.json", "tokenizer": root / "tokenizer",
+            "train": root / "train.parquet", "test": root / "test.parquet"}
+
+
+def lm_config(tmp: Path, setup: dict, **sections) -> dict:
+    cfg = {
+        "run": {"name": "tinylm"},
+        "task": "lm",
+        "output_dir": str(tmp / "runs"),
+        "dataset": {"source": str(setup["train"]), "test_source": str(setup["test"])},
+        "teachers": [{"name": n, "backend": "hf", "path": str(p), "num_cpus": 0.25, "max_batch_size": 16}
+                     for n, p in setup["teachers"].items()],
+        "lm": {"max_len": 32, "k": 8, "student_config": str(setup["student_config"])},
+        "ensemble": {"mode": "mean_prob", "temperature": 2.0},
+        "store": {"shard_size": 64},
+        "train": {"workers": 2, "cpus_per_worker": 0.5, "epochs": 2, "batch_size": 8, "lr": 0.003},
+        "eval": {"baseline": True},
+    }
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
