@@ -28,7 +28,7 @@ def check_teacher_files(cfg: dict) -> None:
     path, who = Path(cfg["path"]), f"teacher '{cfg['name']}'"
     if not path.exists():
         raise DistillError(f"{who}: path not found: {path}")
-    if cfg["backend"] == "hf":
+    if cfg["backend"] in ("hf", "vllm"):  # both load a from_pretrained directory
         try:
             json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as e:
