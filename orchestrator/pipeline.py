@@ -163,6 +163,11 @@ def ray_session(cfg: DistillConfig):
     try:
         yield
     finally:
+        # Serve caches its controller client in this process: drop it with the session we own,
+        # or a second run in the same process talks to the dead controller.
+        from ray import serve
+
+        serve.shutdown()
         ray.shutdown()
 
 
