@@ -141,20 +141,21 @@ class KDLoss(nn.Module):
         return self.alpha * hard + (1.0 - self.alpha) * self.soft(student_logits, target_probs)
 
 
-def build_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0) -> nn.Module:
-    """Loss module by name (one of ``LOSSES``); alpha is used by "kd", beta by "jsd"."""
+def _build(family: dict, name: str, alpha: float, beta: float, temperature: float) -> nn.Module:
+    """Validate the settings once, for dense and top-k families alike, and build by name."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
     _check_unit("alpha", alpha)
     _check_unit("beta", beta)
     _check_temperature(temperature)
-    if name == "kd":
-        return KDLoss(alpha=alpha, temperature=temperature)
-    if name == "forward_kl":
-        return ForwardKL(temperature=temperature)
-    if name == "reverse_kl":
-        return ReverseKL(temperature=temperature)
-    return JSD(beta=beta, temperature=temperature)
+    extra = {"kd": {"alpha": alpha}, "jsd": {"beta": beta}}.get(name, {})
+    return family[name](temperature=temperature, **extra)
+
+
+def build_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0) -> nn.Module:
+    """Loss module by name (one of ``LOSSES``); alpha is used by "kd", beta by "jsd"."""
+    family = {"kd": KDLoss, "forward_kl": ForwardKL, "reverse_kl": ReverseKL, "jsd": JSD}
+    return _build(family, name, alpha, beta, temperature)
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,15 +274,5 @@ class TopKKDLoss(_TopKLoss):
 def build_topk_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5,
                     temperature: float = 1.0) -> nn.Module:
     """Top-k (sparse target) loss module by name (one of ``LOSSES``); alpha for "kd", beta for "jsd"."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss '{name}'; use one of {', '.join(LOSSES)}")
-    _check_unit("alpha", alpha)
-    _check_unit("beta", beta)
-    _check_temperature(temperature)
-    if name == "kd":
-        return TopKKDLoss(alpha=alpha, temperature=temperature)
-    if name == "forward_kl":
-        return TopKForwardKL(temperature=temperature)
-    if name == "reverse_kl":
-        return TopKReverseKL(temperature=temperature)
-    return TopKJSD(beta=beta, temperature=temperature)
+    family = {"kd": TopKKDLoss, "forward_kl": TopKForwardKL, "reverse_kl": TopKReverseKL, "jsd": TopKJSD}
+    return _build(family, name, alpha, beta, temperature)
