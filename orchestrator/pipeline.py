@@ -26,7 +26,7 @@ from .ensemble import ensemble_dense
 from .errors import DistillError
 from .models import load_tokenizer, teacher_fingerprint, tokenizer_hash
 from .report import table, write_report
-from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, decode_teachers, fixed_list, topk_columns
+from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, decode_teachers, fixed_list, to_numpy, topk_columns
 
 log = logging.getLogger("distill")
 
@@ -62,8 +62,13 @@ def prepare(cfg: DistillConfig) -> Prepared:
         "k": None,
         "shard_size": cfg.store.shard_size,
     }
-    ensemble = {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
+    ensemble = _ensemble_record(cfg)
     return Prepared(train, table.take(test_idx), identity, ensemble)
+
+
+def _ensemble_record(cfg: DistillConfig) -> dict:
+    """The ensemble settings as the manifest records them (weights keyed by teacher)."""
+    return {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
 
 
 def _teacher_identities(cfg: DistillConfig) -> list[dict]:
@@ -124,7 +129,7 @@ def _prepare_lm(cfg: DistillConfig) -> Prepared:
         "k": cfg.lm.k,
         "shard_size": cfg.store.shard_size,
     }
-    ensemble = {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
+    ensemble = _ensemble_record(cfg)
     log.info("prepare: %d train / %d held-out windows of %d tokens (tokenizer %s)",
              train.num_rows, test.num_rows, cfg.lm.max_len, tok_dir)
     return Prepared(train, test, identity, ensemble)
@@ -264,8 +269,6 @@ def _check_fingerprints(infos: dict[str, dict], expected: list[dict], apps: dict
 
 
 def _first_input(train: pa.Table) -> np.ndarray:
-    from .store import to_numpy
-
     return to_numpy(train.column("input_ids").slice(0, 1)) if "input_ids" in train.column_names else features_of(train)[:1]
 
 
@@ -277,15 +280,12 @@ def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
     if len(set(widths.values())) != 1:
         raise DistillError(f"teachers disagree on the {what}: " + ", ".join(f"'{n}' has {w}" for n, w in widths.items()))
     width = next(iter(widths.values()))
-    top = int(np.max(features_of_ids(train) if lm else train.column("label").to_numpy()))
+    top = int(np.max(to_numpy(train.column("input_ids")) if lm else train.column("label").to_numpy()))
     if top >= width:
         field = "token id" if lm else "dataset.label: class id"
         raise DistillError(f"{field} {top} found, but the teachers' {what} is {width}")
     return width
 
-
-def features_of_ids(train: pa.Table) -> np.ndarray:
-    return train.column("input_ids").combine_chunks().flatten().to_numpy()
 
 
 def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], shards: list[int]) -> None:
