@@ -7,35 +7,62 @@ shard (atomically) through the store.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
-from ray import serve
+from ray import exceptions, serve
 
 from orchestrator.datasets import features_of
-from orchestrator.ensemble import ensemble_dense, ensemble_topk, teacher_disagreement, teacher_disagreement_topk
 from orchestrator.errors import DistillError
-from orchestrator.store import LabelStore, encode_dense, encode_topk, to_numpy
+from orchestrator.soft_labels import build_shard
+from orchestrator.store import LabelStore, to_numpy
+
+log = logging.getLogger("distill")
+
+# What a replica's death looks like to a caller: its actor died (process killed, node lost) or
+# was unreachable for a while. Anything else (a teacher's own exception) is not retried.
+REPLICA_LOST = (exceptions.RayActorError,)  # ActorDiedError, ActorUnavailableError
+RETRIES = 8  # backoff 1, 2, 4, 8, 10... s: about a minute for Serve to bring up a new replica
 
 
 class Labeler:
-    def __init__(self, store_uri: str, apps: dict[str, str], chunk: dict[str, int], ensemble: dict):
+    def __init__(self, store_uri: str, apps: dict[str, str], chunk: dict[str, int]):
         self.store = LabelStore(store_uri)
         self.store.load_manifest()
         self.lm = self.store.manifest["label_kind"] == "topk"
         self.handles = {name: serve.get_app_handle(app) for name, app in apps.items()}
         self.chunk = chunk
-        self.ensemble = ensemble
 
     def _ask_all(self, x: np.ndarray) -> dict:
         # Fire every request first, then wait: teachers (and their replicas) work in parallel.
         pending = {
-            name: [h.predict.remote(x[i : i + self.chunk[name]]) for i in range(0, len(x), self.chunk[name])]
+            name: [(i, h.predict.remote(x[i : i + self.chunk[name]])) for i in range(0, len(x), self.chunk[name])]
             for name, h in self.handles.items()
         }
         out = {}
         for name, rs in pending.items():
-            parts = [r.result() for r in rs]
+            parts = [self._result(name, r, x[i : i + self.chunk[name]]) for i, r in rs]
             out[name] = tuple(np.concatenate(p) for p in zip(*parts)) if self.lm else np.concatenate(parts)
         return out
+
+    def _result(self, name: str, response, rows: np.ndarray):
+        """A teacher's answer; a request lost with its replica (killed, node gone) is sent again.
+
+        Teachers are pure functions of their input, so a retry gives the same labels. Serve
+        replaces a dead replica; the handle routes the retry to a live one once it is up.
+        """
+        for attempt in range(RETRIES + 1):
+            try:
+                return response.result()
+            except REPLICA_LOST as e:
+                if attempt == RETRIES:
+                    raise DistillError(f"teacher '{name}': no live replica answered after {RETRIES} retries "
+                                       f"({type(e).__name__}); re-run to resume from the finished shards") from None
+                log.warning("teacher '%s': request lost with its replica (%s); retry %d/%d",
+                            name, type(e).__name__, attempt + 1, RETRIES)
+                time.sleep(min(2 ** attempt, 10))
+                response = self.handles[name].predict.remote(rows)
 
     def _check(self, outputs: dict, inputs, shard: int) -> None:
         rows = inputs.num_rows
@@ -55,42 +82,12 @@ class Labeler:
             widths = {n: o.shape[-1] for n, o in outputs.items()}
             raise DistillError(f"teachers returned different class counts in shard {shard}: {widths}")
 
-    def _weights(self) -> list[float]:
-        return [self.ensemble["weights"][n] for n in self.handles]
-
-    def _dense(self, inputs, logits: dict) -> tuple:
-        stacked = np.stack([logits[n] for n in self.handles])
-        soft = ensemble_dense(
-            stacked, mode=self.ensemble["mode"], temperature=self.ensemble["temperature"],
-            weights=self._weights(), tau=self.ensemble["tau"], labels=inputs.column("label").to_numpy(),
-        )
-        stats = {"disagreement": float(teacher_disagreement(stacked, self.ensemble["temperature"]).mean()),
-                 "tail_mass": 0.0, "tokens": 0}
-        return encode_dense(inputs, logits, soft), stats
-
-    def _topk(self, inputs, topk: dict) -> tuple:
-        windows = to_numpy(inputs.column("input_ids"))
-        b, k = len(windows), self.store.manifest["k"]
-        ids = np.stack([topk[n][0].reshape(-1, k) for n in self.handles])  # [M, B*P, k]
-        lps = np.stack([topk[n][1].reshape(-1, k) for n in self.handles])
-        vocab = self.store.manifest["lm"]["vocab_size"]
-        s_ids, s_lps, tail = ensemble_topk(
-            ids, lps, k_out=k, vocab_size=vocab, mode=self.ensemble["mode"],
-            temperature=self.ensemble["temperature"], weights=self._weights(), tau=self.ensemble["tau"],
-            labels=windows[:, 1:].reshape(-1),  # position t predicts token t+1
-        )
-        labels = {n: topk[n] for n in self.handles}
-        labels["soft"] = (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))
-        stats = {"disagreement": float(teacher_disagreement_topk(ids, lps, self.ensemble["temperature"]).mean()),
-                 "tail_mass": float(tail.mean()), "tokens": int(ids.shape[1])}
-        return encode_topk(inputs, labels, vocab), stats
-
     def label_shard(self, shard: int) -> dict:
         inputs = self.store.read_inputs(shard)
         x = to_numpy(inputs.column("input_ids")) if self.lm else features_of(inputs)
         outputs = self._ask_all(x)
         self._check(outputs, inputs, shard)
-        table, stats = (self._topk if self.lm else self._dense)(inputs, outputs)
+        table, stats = build_shard(inputs, {n: outputs[n] for n in self.handles}, self.store.manifest)
         info = self.store.write_shard(shard, table)
         return {"shard": shard, "rows": info.rows, "bytes": info.bytes, **stats}
 

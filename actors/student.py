@@ -100,13 +100,16 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     model = build_student(config["student"])
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    start, history = 0, []
+    start, history, resumes = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # restarted after a failure, or a re-run of the same run name: resume
         state = load_state(checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]
+        resumes = state.get("resumed_after_epoch", []) + [state["epoch"]]
+        if ctx.get_world_rank() == 0:
+            print(f"train: resuming after epoch {state['epoch'] + 1} from its checkpoint", flush=True)
     model = ray.train.torch.prepare_model(model)
     # Where every worker runs (rank order): kept in the checkpoint so placement can be checked.
     nodes = [None] * ctx.get_world_size()
@@ -142,7 +145,8 @@ def train_loop(config: dict) -> None:
             if ctx.get_world_rank() == 0:
                 raw = model.module if hasattr(model, "module") else model
                 state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                         "history": history, "spec": config["student"], "worker_nodes": nodes}
+                         "history": history, "spec": config["student"], "worker_nodes": nodes,
+                         "resumed_after_epoch": resumes}
                 torch.save(state, os.path.join(d, STATE_FILE))
                 with open(os.path.join(d, HISTORY_FILE), "w") as f:
                     json.dump(history, f)

@@ -63,15 +63,17 @@ def _run(args) -> None:
         out = pipeline.evaluate_and_report(cfg, prep)
     elif args.command == "run":
         out = pipeline.run(cfg)
-    else:
+    elif args.command == "label":
         with pipeline.ray_session(cfg):
-            if args.command == "label":
-                store = pipeline.label(cfg, prep, reensemble=args.reensemble)
-                _inspect(store.uri, as_json=False)
-                return
-            pipeline.train_students(cfg, prep)
-            print(f"trained students in {cfg.run_dir / 'students'}")
-            return
+            store = pipeline.label(cfg, prep, reensemble=args.reensemble)
+        _inspect(store.uri, as_json=False)
+        return
+    else:  # train: a missing or damaged store is refused before Ray starts
+        store = pipeline.open_complete_store(cfg, prep)
+        with pipeline.ray_session(cfg):
+            pipeline.train_students(cfg, prep, store)
+        print(f"trained students in {cfg.run_dir / 'students'}")
+        return
     print(out["table"])
     print(f"report: {out['report']}")
 

@@ -22,11 +22,11 @@ import pyarrow as pa
 
 from .config import DistillConfig
 from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
-from .ensemble import ensemble_dense
 from .errors import DistillError
 from .models import load_tokenizer, teacher_fingerprint, tokenizer_hash
 from .report import table, write_report
-from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, decode_teachers, fixed_list, to_numpy, topk_columns
+from .soft_labels import build_shard, stored_outputs
+from .store import SCHEMA_VERSION, SOFT_COLUMN, LabelStore, to_numpy, topk_columns
 
 log = logging.getLogger("distill")
 
@@ -101,7 +101,10 @@ def check_vocabulary(cfg: DistillConfig) -> str:
 
 def _prepare_lm(cfg: DistillConfig) -> Prepared:
     """Tokenize once with the ensemble's one tokenizer; pack into windows of lm.max_len."""
+    from .models import check_lm_limits
+
     d = cfg.dataset
+    check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, cfg.lm.student_config)
     tok_dir = check_vocabulary(cfg)
     tokenizer = load_tokenizer(tok_dir)
     texts = load_text(d.source, d.text, d.limit)
@@ -255,7 +258,7 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
         serve_teachers.shutdown(owned)
     missing = store.record_finished()
     if missing:
-        raise DistillError(f"labeling finished with {len(missing)} shards missing ({missing[:5]}...); re-run to resume")
+        raise DistillError(f"store {store.uri}: labeling ended with {store.describe_missing(missing)}; re-run to resume")
     return store
 
 
@@ -294,12 +297,15 @@ def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], s
     from actors.labeler import Labeler
 
     chunk = {t.name: t.max_batch_size for t in cfg.teachers}
+    # A shard that fails must fail the run loudly, never be skipped: Ray Data may drop up to
+    # max_errored_blocks failing blocks and carry on. Lost replicas are retried in the labeler,
+    # and a Labeler actor lost with its node is restarted by Ray Data (its tasks are retried).
+    ray.data.DataContext.get_current().max_errored_blocks = 0
     ds = ray.data.from_items([{"shard": s} for s in shards]).map_batches(
         Labeler,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.label.concurrency, len(shards))),
-        fn_constructor_kwargs={"store_uri": store.uri, "apps": apps, "chunk": chunk,
-                               "ensemble": store.manifest["ensemble"]},
+        fn_constructor_kwargs={"store_uri": store.uri, "apps": apps, "chunk": chunk},
         num_cpus=cfg.label.num_cpus,
     )
     t0, rows, total = time.perf_counter(), 0, store.manifest["dataset"]["rows"]
@@ -319,18 +325,14 @@ def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], s
 
 
 def reensemble_store(store: LabelStore, ensemble: dict) -> LabelStore:
-    """Recompute the soft column of every shard from the stored teacher logits (no teacher)."""
-    if not store.complete:
-        raise DistillError(f"store {store.uri} is not fully labeled: run `distill label` before --reensemble")
-    names = [t["name"] for t in store.manifest["teachers"]]
+    """Recompute the soft labels of every shard from the stored teacher outputs (no teacher)."""
+    if missing := store.record_finished():
+        raise DistillError(f"store {store.uri} is not fully labeled: {store.describe_missing(missing)}; "
+                           "run `distill label` before --reensemble")
+    manifest = {**store.manifest, "ensemble": ensemble}
     for i in sorted(int(s) for s in store.manifest["shards"]):
-        shard = store.read_shard(i)
-        soft = ensemble_dense(
-            decode_teachers(shard, names), mode=ensemble["mode"], temperature=ensemble["temperature"],
-            weights=[ensemble["weights"][n] for n in names], tau=ensemble["tau"],
-            labels=shard.column("label").to_numpy(),
-        )
-        store.write_shard(i, shard.set_column(shard.schema.get_field_index(SOFT_COLUMN), SOFT_COLUMN, fixed_list(soft)))
+        inputs, outputs = stored_outputs(store.read_shard(i), manifest)
+        store.write_shard(i, build_shard(inputs, outputs, manifest)[0])
     store.manifest["ensemble"] = ensemble
     store.record_finished()
     log.info("label: re-ensembled %d shards as %s", store.num_shards, ensemble)
@@ -345,13 +347,15 @@ def _dict_diff(have: dict, want: dict) -> str:
 # ---- train ----------------------------------------------------------------------------------
 
 
-def _open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
+def open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
+    """The store training reads, checked first: same setup, every shard present and intact."""
     store = LabelStore(cfg.store_path)
     if not store.exists():
         raise DistillError(f"no label store at {store.uri}: run `distill label` first")
     store.check_identity(prep.identity)
-    if store.record_finished() or not store.complete:
-        raise DistillError(f"store {store.uri} is not fully labeled: run `distill label` to finish it")
+    if missing := store.record_finished():
+        raise DistillError(f"store {store.uri} is not fully labeled: {store.describe_missing(missing)}; "
+                           "run `distill label` to label what is missing")
     return store
 
 
@@ -362,7 +366,8 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     same settings resumes from the latest checkpoint and changed settings start afresh.
     """
     import ray.data
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from actors.student import EpochLog, load_state, train_loop
@@ -400,6 +405,11 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
                              logging_config=LoggingConfig(log_level="WARNING"),
                              callbacks=[EpochLog(name, t.epochs)]),
         datasets={"train": ds},
+        # Same seed, same student: blocks reach the split in store order and are dealt to the
+        # workers by row count alone (not by node locality), so each worker's rows and their
+        # shuffled order are a function of the seed.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True),
+                                  enable_shard_locality=False),
     )
     log.info("train: %s (loss=%s, alpha=%s) on %d rows, %d workers, run %s", name, loss, alpha, rows, t.workers, run_name)
     try:
@@ -449,8 +459,8 @@ def _reraise_user_error_or(e: BaseException, message: str):
     raise DistillError(message) from None
 
 
-def train_students(cfg: DistillConfig, prep: Prepared) -> dict[str, dict]:
-    store = _open_complete_store(cfg, prep)
+def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None = None) -> dict[str, dict]:
+    store = store or open_complete_store(cfg, prep)
     states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha)}
     if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
         states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
@@ -28,6 +29,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from .errors import DistillError
+
+log = logging.getLogger("distill")
 
 SCHEMA_VERSION = 1
 # Manifest keys that define what the store holds; any difference on re-open is refused.
@@ -131,6 +134,7 @@ class LabelStore:
         self.uri = uri
         self.fs, self.root = resolve(uri)
         self.manifest: dict | None = None
+        self.damaged: dict[int, str] = {}
 
     # paths ---------------------------------------------------------------------------------
     def _p(self, *parts: str) -> str:
@@ -221,8 +225,12 @@ class LabelStore:
         return pq.read_table(pa.BufferReader(data))
 
     def finished_shards(self, verify: bool = True) -> dict[int, ShardInfo]:
-        """Shards whose sidecar exists and (with verify) whose bytes match it."""
-        found = {}
+        """Shards whose sidecar exists and (with verify) whose bytes match it.
+
+        Shards with a sidecar whose bytes do not match (truncated, altered, deleted) are kept
+        in ``self.damaged`` (shard id -> what is wrong): they count as unfinished, never as data.
+        """
+        found, self.damaged = {}, {}
         for i in range(self.num_shards):
             try:
                 info = ShardInfo(**json.loads(self._read(self._sidecar(i))))
@@ -230,20 +238,31 @@ class LabelStore:
                 continue  # no sidecar, or a torn one: the shard is not finished
             if verify:
                 try:
-                    ok = hashlib.sha256(self._read(self.shard_path(i))).hexdigest() == info.sha256
+                    data = self._read(self.shard_path(i))
                 except OSError:
-                    ok = False
-                if not ok:
-                    continue  # corrupt or missing: it will be relabeled
+                    self.damaged[i] = "file missing"
+                    continue
+                if hashlib.sha256(data).hexdigest() != info.sha256:
+                    self.damaged[i] = ("truncated" if len(data) < info.bytes else "altered") + " (sha256 mismatch)"
+                    continue
             found[i] = info
         return found
 
     def record_finished(self, verify: bool = True) -> list[int]:
         """Sync the manifest's shard list with the sidecars; return the missing shard ids."""
         done = self.finished_shards(verify)
+        for i, what in self.damaged.items():
+            log.warning("store %s: shard %d (%s) is %s: treated as unfinished, never read",
+                        self.uri, i, self.shard_path(i), what)
         self.manifest["shards"] = {str(i): info.__dict__ for i, info in sorted(done.items())}
         self.save_manifest()
         return [i for i in range(self.num_shards) if i not in done]
+
+    def describe_missing(self, missing: list[int]) -> str:
+        """'3 of 12 shards missing (first: 4); shard 7 is truncated (sha256 mismatch)' for messages."""
+        parts = [f"{len(missing)} of {self.num_shards} shards unfinished (first: {missing[0]})"] if missing else []
+        parts += [f"shard {i} ({self.shard_path(i).rsplit('/', 1)[-1]}) is {what}" for i, what in sorted(self.damaged.items())]
+        return "; ".join(parts)
 
     @property
     def complete(self) -> bool:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import make_teachers
@@ -14,6 +16,9 @@ def ray_local():
     from orchestrator.pipeline import RAY_ENV
 
     os.environ.update(RAY_ENV)
+    # Workers inherit the driver's environment: teachers given as `module: tests....` import.
+    root = str(Path(__file__).resolve().parents[1])
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     from ray import serve
