@@ -122,6 +122,11 @@ class RayConfig(_Strict):
     num_cpus: Optional[int] = Field(None, ge=1)  # embedded Ray only
 
 
+class MetricsConfig(_Strict):
+    port: Optional[int] = Field(None, ge=1, le=65535)  # driver's /metrics (prometheus_client); None: off
+    linger_s: float = Field(0.0, ge=0)  # keep the endpoint up after the command, for a last scrape
+
+
 class DistillConfig(_Strict):
     run: RunConfig = RunConfig()
     task: Literal["classification", "lm"] = "classification"
@@ -135,6 +140,7 @@ class DistillConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     ray: RayConfig = RayConfig()
+    metrics: MetricsConfig = MetricsConfig()
     lm: LMConfig = LMConfig()
 
     @model_validator(mode="after")
@@ -178,6 +184,8 @@ def _format_errors(err: ValidationError) -> str:
             msg = "unknown key (check the spelling)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "model_type":  # pydantic would name our internal class (TrainConfig...)
+            msg = f"expected a section of key: value pairs (got {e['input']!r})"
         elif "input" in e and e["type"] not in ("model_type", "dict_type", "value_error"):  # our own say it
             msg += f" (got {e['input']!r})"
         parts.append(f"{loc}: {msg}")
@@ -214,6 +222,18 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, without PyYAML's multi-line source excerpt and '^' marker."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(e).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None:
+        where += f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})"
+    return where + "; fix the syntax there"
+
+
 def load_config(path: str | Path, overrides: list[str] = ()) -> DistillConfig:
     path = Path(path)
     if not path.is_file():
@@ -221,7 +241,7 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DistillConfig:
     try:
         tree = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise DistillError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise DistillError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     if not isinstance(tree, dict):
         raise DistillError(f"{path}: expected a mapping of sections at the top level")
     return config_from_dict(apply_overrides(tree, list(overrides)), source=str(path))

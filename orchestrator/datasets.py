@@ -33,15 +33,15 @@ def _sklearn(name: str) -> tuple[np.ndarray, np.ndarray]:
 def _read_file(path: Path) -> pa.Table:
     if not path.exists():
         raise DistillError(f"dataset.source: file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    if path.suffix not in (".parquet", ".csv"):
+        raise DistillError(f"dataset.source: unsupported file type '{path.suffix}' for {path}; use .parquet or .csv")
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
 
-        return pq.read_table(path)
-    if path.suffix == ".csv":
-        import pyarrow.csv as pcsv
-
-        return pcsv.read_csv(path)
-    raise DistillError(f"dataset.source: unsupported file type '{path.suffix}' for {path}; use .parquet or .csv")
+    try:
+        return pq.read_table(path) if path.suffix == ".parquet" else pcsv.read_csv(path)
+    except (pa.ArrowException, OSError) as e:  # truncated, empty or mislabeled file: say which
+        raise DistillError(f"dataset.source: cannot read {path} as {path.suffix[1:]}: {str(e).splitlines()[0]}") from None
 
 
 def _column(table: pa.Table, name: str, field: str, source: str) -> pa.ChunkedArray:
@@ -188,7 +188,8 @@ def pack(token_ids: list[list[int]], max_len: int, eos_id: int) -> np.ndarray:
     flat = np.fromiter((t for doc in token_ids for t in (*doc, eos_id)), dtype=np.int64)
     n = len(flat) // max_len
     if n == 0:
-        raise DistillError(f"lm.max_len: {max_len} tokens is longer than the whole text ({len(flat)} tokens)")
+        raise DistillError(f"lm.max_len: {max_len} tokens is longer than the whole text ({len(flat)} tokens); "
+                           "give more text or a smaller lm.max_len")
     return flat[: n * max_len].reshape(n, max_len)
 
 

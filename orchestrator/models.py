@@ -39,6 +39,38 @@ def check_teacher_files(cfg: dict) -> None:
                            "save it with torch.jit.save, or torch.save(state_dict) plus `module`")
 
 
+# Where HF configs keep the longest sequence a model takes (llama/bert, gpt2, others).
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_lm_limits(teachers: list[dict], k: int, max_len: int, student_config: str | None) -> None:
+    """task lm, before tokenizing or deploying anything: lm.k must fit every teacher's
+    vocabulary, and a window of lm.max_len tokens every model's positions, as their config.json
+    say (too long a window would fail, or silently degrade, deep inside a Serve replica)."""
+    for t in teachers:
+        check_teacher_files(t)  # path exists, config.json parses
+        who, path = f"teacher '{t['name']}'", Path(t["path"]) / "config.json"
+        hf = json.loads(path.read_text())
+        vocab = hf.get("vocab_size")
+        if isinstance(vocab, int) and k > vocab:
+            raise DistillError(f"lm.k: {k} is larger than {who} vocabulary ({vocab} tokens); set lm.k <= {vocab}")
+        _check_positions(who, path, hf, max_len)
+    if student_config:
+        path = Path(student_config)
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DistillError(f"lm.student_config: cannot read {path}: {e}") from None
+        _check_positions("the student (lm.student_config)", path, hf, max_len)
+
+
+def _check_positions(who: str, path: Path, hf: dict, max_len: int) -> None:
+    limit = next((int(hf[key]) for key in POSITION_KEYS if isinstance(hf.get(key), int)), None)
+    if limit is not None and max_len > limit:
+        raise DistillError(f"lm.max_len: {max_len} tokens is longer than {who} takes ({limit} positions in {path}); "
+                           f"set lm.max_len <= {limit}")
+
+
 def teacher_fingerprint(cfg: dict) -> str:
     """Hash of the teacher's config (what shapes its outputs) and every weights/tokenizer file."""
     check_teacher_files(cfg)
@@ -93,7 +125,12 @@ class ClassifierTeacher:
                 )
             out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         else:
-            out = self.model(x)
+            try:
+                out = self.model(x)
+            except RuntimeError as e:  # most often a feature width the teacher was not built for
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+                raise DistillError(f"teacher '{self.name}': fails on rows of {x.shape[-1]} features ({lines[-1]}); "
+                                   "check that dataset.features matches what the teacher was trained on") from None
         return out.float().numpy()
 
 

@@ -1,6 +1,18 @@
-"""Bad input: one line `error: ...`, exit code 2, and nothing half-written in the store."""
+"""Bad input, a catalogue (docs/bad_input.md lists every case).
+
+Every case runs the real CLI (`distill label`) and must end with exit status 2 and exactly one
+stderr line `error: ...` naming the field, file, column or teacher at fault. Every case points at
+the run dir of one store labeled once per module (same output_dir and run.name), and that store
+must come out byte-for-byte intact: config, dataset and LM errors are found before the store
+opens. Teachers' outputs are only known once they run: those cases are refused at the good store
+(other teachers built it) and, at a new store, write no shard the bad teacher touched.
+"""
 from __future__ import annotations
 
+import copy
+import re
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -8,93 +20,273 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.cli import main
+from orchestrator.datasets import features_of
 from orchestrator.store import LabelStore
-from tests.helpers import NaNTeacher, save_script, tiny_config, write_yaml
+from tests.helpers import InfTeacher, NaNTeacher, save_script, tiny_config, train_tiny, write_yaml
+from tests.helpers_lm import corpus, lm_config, make_lm, make_tokenizer, make_untrained_lm_setup
+
+# Every case is checked against a store that real Ray labeled (the `good` fixture).
+pytestmark = pytest.mark.slow
 
 
-def _run_cli(capsys, cfg_path: Path, *args: str) -> str:
+@dataclass
+class Good:
+    cfg: dict  # the config that labeled the store
+    run_dir: Path
+    files: dict[str, bytes]  # every file under run_dir, as labeled
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def good(ray_local, teachers, tmp_path_factory) -> Good:
+    """One finished store (280 rows, 2 shards); every bad run below points at its run dir."""
+    tmp = tmp_path_factory.mktemp("good")
+    cfg = tiny_config(tmp, teachers, dataset={"limit": 400})
+    assert main(["label", str(write_yaml(tmp / "good.yaml", cfg)), "-q"]) == 0
+    run_dir = Path(cfg["output_dir"]) / cfg["run"]["name"]
+    store = LabelStore(str(run_dir / "store"))
+    store.load_manifest()
+    assert store.complete
+    return Good(cfg, run_dir, _snapshot(run_dir))
+
+
+def _like_good(good: Good, change=lambda cfg: None) -> dict:
+    cfg = copy.deepcopy(good.cfg)
+    change(cfg)
+    return cfg
+
+
+def _refused(capsys, good: Good, cfg_path: Path, *args: str) -> str:
+    """`distill label`: exit 2, one stderr line `error: ...`, and the good store untouched."""
+    capsys.readouterr()  # only what the CLI writes counts
     code = main(["label", str(cfg_path), *args])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
     assert err.startswith("error: ") and "\n" not in err, err
+    assert _snapshot(good.run_dir) == good.files
     return err
 
 
-def _no_store(cfg: dict) -> bool:
-    return not (Path(cfg["output_dir"]) / cfg["run"]["name"] / "store").exists()
+def _check(capsys, good: Good, tmp_path: Path, cfg: dict, expect: str, *args: str) -> str:
+    err = _refused(capsys, good, write_yaml(tmp_path / "bad.yaml", cfg), *args)
+    assert re.search(expect, err), err
+    # A run that reached the store would have said this instead: the bad input must speak first.
+    assert "labeled with a different setup" not in err
+    return err
+
+
+# ---- config: checked on load, before anything else ----------------------------------------
+
+
+def _teacher(i: int, **kv):
+    return lambda c: c["teachers"][i].update(**kv)
+
+
+def _section(name: str, **kv):
+    return lambda c: c.setdefault(name, {}).update(**kv)
 
 
 @pytest.mark.parametrize(
     "change, expect",
     [
-        (lambda c: c["teachers"][0].update(path="/nonexistent/teacher.pt"), r"teacher 'linear': path not found: /nonexistent"),
-        (lambda c: c["ensemble"].update(mode="median"), r"ensemble.mode: Input should be 'mean_prob', .*'ca_mkd' \(got 'median'\)"),
-        (lambda c: c["train"].update(epohcs=3), r"train.epohcs: unknown key"),
-        (lambda c: c["teachers"][1].update(backend="onnx"), r"teachers.1.backend: Input should be 'torch', 'hf' or 'vllm' \(got 'onnx'\)"),
-        (lambda c: c["store"].update(shard_size=-5), r"store.shard_size: Input should be greater than or equal to 1"),
+        (_section("train", epohcs=3), r"train\.epohcs: unknown key \(check the spelling\)"),
+        (_section("trian", epochs=3), r": trian: unknown key \(check the spelling\)"),
+        (_section("train", epochs="three"), r"train\.epochs: Input should be a valid integer.*\(got 'three'\)"),
+        (lambda c: c.update(train=3), r"train: expected a section of key: value pairs \(got 3\)"),
+        (_section("store", shard_size=-5), r"store\.shard_size: Input should be greater than or equal to 1 \(got -5\)"),
+        (_section("dataset", limit=-3), r"dataset\.limit: Input should be greater than 0 \(got -3\)"),
+        (_teacher(1, backend="onnx"), r"teachers\.1\.backend: Input should be 'torch', 'hf' or 'vllm' \(got 'onnx'\)"),
+        (_section("ensemble", mode="median"), r"ensemble\.mode: Input should be 'mean_prob', .*'ca_mkd' \(got 'median'\)"),
+        (_section("train", loss="mse"), r"train\.loss: Input should be 'kd', .*'jsd' \(got 'mse'\)"),
+        (_teacher(0, path="/nonexistent/teacher.pt"), r"teacher 'linear': path not found: /nonexistent/teacher\.pt"),
+        (_teacher(0, path=__file__), r"teacher 'linear': .*test_bad_input\.py is not a TorchScript or torch\.save file"),
+        (lambda c: [t.update(weight=0) for t in c["teachers"]], r"teachers: at least one teacher needs weight > 0"),
+        (_teacher(0, weight=-1), r"teachers\.0\.weight: Input should be greater than or equal to 0 \(got -1\)"),
+        (_section("dataset", test_fraction=0), r"dataset\.test_fraction: Input should be greater than 0 \(got 0\)"),
+        (_section("dataset", test_fraction=1.0), r"dataset\.test_fraction: Input should be less than 1 \(got 1\.0\)"),
+        (_teacher(1, name="linear"), r"teachers: teacher names must be unique, repeated: linear"),
     ],
-    ids=["missing-teacher-path", "unknown-mode", "mistyped-key", "unknown-backend", "negative-size"],
+    ids=["mistyped-key", "unknown-section", "wrong-type", "section-not-a-mapping", "negative-size", "negative-limit",
+         "unknown-backend", "unknown-mode", "unknown-loss", "missing-teacher-path", "teacher-not-a-model-file",
+         "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names"],
 )
-def test_config_errors(tmp_path, teachers, capsys, change, expect):
-    import re
-
-    cfg = tiny_config(tmp_path, teachers)
-    change(cfg)
-    err = _run_cli(capsys, write_yaml(tmp_path / "c.yaml", cfg))
-    assert re.search(expect, err), err
-    assert _no_store(cfg)
+def test_config_errors(good, tmp_path, capsys, change, expect):
+    _check(capsys, good, tmp_path, _like_good(good, change), expect)
 
 
-def _parquet(path: Path, table: pa.Table) -> str:
-    pq.write_table(table, path)
-    return str(path)
+# ---- the command line: file and overrides ---------------------------------------------------
 
 
-def test_empty_dataset(tmp_path, teachers, capsys):
-    src = _parquet(tmp_path / "empty.parquet", pa.table({"features": pa.array([], pa.list_(pa.float32())), "label": pa.array([], pa.int64())}))
-    cfg = tiny_config(tmp_path, teachers, dataset={"source": src})
-    assert "has no rows" in _run_cli(capsys, write_yaml(tmp_path / "c.yaml", cfg))
-    assert _no_store(cfg)
+def test_missing_config_file(good, tmp_path, capsys):
+    err = _refused(capsys, good, tmp_path / "nope.yaml")
+    assert err == f"error: config file not found: {tmp_path / 'nope.yaml'}"
 
 
-def test_missing_label_column(tmp_path, teachers, capsys):
-    src = _parquet(tmp_path / "nolabel.parquet", pa.table({"features": [[1.0] * 64] * 10, "target": list(range(10))}))
-    cfg = tiny_config(tmp_path, teachers, dataset={"source": src})
-    err = _run_cli(capsys, write_yaml(tmp_path / "c.yaml", cfg))
-    assert "dataset.label: column 'label' not found" in err and "available columns: features, target" in err
-    assert _no_store(cfg)
+def test_yaml_syntax_error(good, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"output_dir: {good.cfg['output_dir']}\nrun: {{name: tiny\ntrain: {{epochs: 1}}\n")
+    err = _refused(capsys, good, path)
+    assert re.search(rf"{path}: not valid YAML: line 3, column 6: .*; fix the syntax there$", err), err
 
 
-def test_console_script_exits_nonzero(tmp_path, teachers):
-    import subprocess
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("train.epochs", r"override 'train\.epochs': expected section\.key=value"),
+        ("trian.epochs=3", r"trian: unknown key \(check the spelling\)"),
+        ("teachers.5.weight=2", r"override 'teachers\.5\.weight': no item 5 in teachers"),
+        ("train.epochs=many", r"train\.epochs: Input should be a valid integer.*\(got 'many'\)"),
+    ],
+    ids=["override-without-equals", "override-unknown-section", "override-no-such-teacher", "override-wrong-type"],
+)
+def test_override_errors(good, tmp_path, capsys, override, expect):
+    _check(capsys, good, tmp_path, _like_good(good), expect, override)
 
-    cfg = tiny_config(tmp_path, teachers, trian={"epochs": 1})
-    p = subprocess.run(["distill", "run", str(write_yaml(tmp_path / "c.yaml", cfg))], capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.strip() == "error: " + str(tmp_path / "c.yaml") + ": trian: unknown key (check the spelling)"
+
+def test_console_script_exits_nonzero(good, tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", _like_good(good, _section("trian", epochs=1)))
+    p = subprocess.run(["distill", "run", str(path)], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {path}: trian: unknown key (check the spelling)"
+    assert _snapshot(good.run_dir) == good.files
 
 
-@pytest.mark.slow
-def test_teacher_returning_nan_writes_no_shard_for_the_bad_part(ray_local, tmp_path, teachers, capsys):
-    bad = save_script(NaNTeacher(), tmp_path / "nan.pt")
-    cfg = tiny_config(tmp_path, {"linear": teachers["linear"], "broken": bad}, store={"shard_size": 100})
-    err = _run_cli(capsys, write_yaml(tmp_path / "c.yaml", cfg))
-    assert "teacher 'broken' returned NaN/Inf" in err and "nothing was written for this shard" in err
-    store = LabelStore(cfg["output_dir"] + "/tiny/store")
+# ---- the dataset: read and validated in prepare, before the store opens ---------------------
+
+
+def _parquet(tmp: Path, table: pa.Table) -> str:
+    pq.write_table(table, tmp / "data.parquet")
+    return str(tmp / "data.parquet")
+
+
+def _rows(n: int, width: int = 64, **columns) -> pa.Table:
+    return pa.table({"features": [[1.0] * width] * n, "label": [i % 10 for i in range(n)], **columns})
+
+
+def _corrupt(tmp: Path) -> str:
+    (tmp / "data.parquet").write_bytes(b"PAR1 not really")
+    return str(tmp / "data.parquet")
+
+
+@pytest.mark.parametrize(
+    "dataset, expect",
+    [
+        (lambda t: {"source": _parquet(t, _rows(0))}, r"dataset\.source: .*data\.parquet has no rows"),
+        (lambda t: {"source": _parquet(t, _rows(10).rename_columns(["features", "target"]))},
+         r"dataset\.label: column 'label' not found in .*; available columns: features, target"),
+        (lambda t: {"source": _parquet(t, _rows(10)), "features": "pixels"},
+         r"dataset\.features: column 'pixels' not found in .*; available columns: features, label"),
+        (lambda t: {"source": _parquet(t, pa.table({"features": ["a"] * 10, "label": [0] * 10}))},
+         r"dataset\.features: columns \['features'\] in .* are not numeric .*could not convert string to float: 'a'"),
+        (lambda t: {"source": _parquet(t, pa.table({"features": [[float("nan")] * 64] * 10, "label": [0] * 10}))},
+         r"dataset\.features: row 0 of .* holds NaN or Inf; clean the data first"),
+        (lambda t: {"source": str(t / "nope.parquet")}, r"dataset\.source: file not found: .*nope\.parquet"),
+        (lambda t: {"source": _corrupt(t)}, r"dataset\.source: cannot read .*data\.parquet as parquet: "),
+        (lambda t: {"source": _parquet(t, _rows(3)), "test_fraction": 0.1},
+         r"dataset\.test_fraction: 0\.1 leaves an empty split of 3 rows"),
+    ],
+    ids=["empty-dataset", "missing-label-column", "missing-feature-column", "string-features", "nan-features",
+         "dataset-file-not-found", "corrupt-parquet", "test-fraction-leaves-empty-split"],
+)
+def test_dataset_errors(good, tmp_path, capsys, dataset, expect):
+    _check(capsys, good, tmp_path, _like_good(good, _section("dataset", limit=None, **dataset(tmp_path))), expect)
+
+
+# ---- task lm: vocabulary, k, lengths and text are checked in prepare ------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory):
+    return make_untrained_lm_setup(tmp_path_factory.mktemp("lm"))
+
+
+def _lm_like_good(good: Good, lm_files: dict, tmp: Path, **sections) -> dict:
+    cfg = lm_config(tmp, lm_files, **sections)
+    cfg["output_dir"], cfg["run"] = good.cfg["output_dir"], dict(good.cfg["run"])  # the good store's run dir
+    return cfg
+
+
+def _texts(tmp: Path, texts: list[str]) -> dict:
+    pq.write_table(pa.table({"text": texts}), tmp / "text.parquet")
+    return {"source": str(tmp / "text.parquet")}
+
+
+@pytest.mark.parametrize(
+    "sections, expect",
+    [
+        (lambda t: {"lm": {"k": 301}},
+         r"lm\.k: 301 is larger than teacher 'small' vocabulary \(300 tokens\); set lm\.k <= 300"),
+        (lambda t: {"lm": {"max_len": 128}},
+         r"lm\.max_len: 128 tokens is longer than teacher 'small' takes \(64 positions in .*small/config\.json\); "
+         r"set lm\.max_len <= 64"),
+        (lambda t: {"dataset": _texts(t, ["", "  ", "\n"])},
+         r"dataset\.text: row 0 of .*text\.parquet is empty; drop empty texts"),
+        (lambda t: {"dataset": _texts(t, ["def", "x"])},
+         r"lm\.max_len: 32 tokens is longer than the whole text \(\d+ tokens\); give more text or a smaller lm\.max_len"),
+    ],
+    ids=["lm-k-larger-than-vocab", "lm-max-len-beyond-positions", "lm-empty-texts", "lm-text-shorter-than-a-window"],
+)
+def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
+    _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)
+
+
+def test_lm_teachers_with_different_vocabularies(good, lm_files, tmp_path, capsys):
+    # Also in tests/test_lm.py (through pipeline.prepare): here through the CLI, at the good store.
+    other = make_lm(tmp_path / "other", make_tokenizer(tmp_path / "tok", corpus(6), vocab=280), corpus(6), 32, 1,
+                    seed=5, steps=0)
+    cfg = _lm_like_good(good, lm_files, tmp_path)
+    cfg["teachers"][1]["path"] = str(other)
+    _check(capsys, good, tmp_path, cfg,
+           r"teachers 'small' and 'large' use different vocabularies \(tokenizer files differ\)")
+
+
+# ---- teachers' outputs: only known once they run, on Serve ----------------------------------
+
+
+NON_FINITE = (r"teacher 'broken' returned NaN/Inf for \d+ rows of shard \d+ \(first: sample_id \w+\); "
+              r"nothing was written for this shard")
+
+
+def _bad_rows(store: LabelStore, shard: int):
+    return features_of(store.read_inputs(shard))[:, 5] > 12  # where NaNTeacher / InfTeacher misbehave
+
+
+@pytest.mark.parametrize(
+    "make, expect",
+    [
+        (lambda p: save_script(NaNTeacher(), p), NON_FINITE),
+        (lambda p: save_script(InfTeacher(), p), NON_FINITE),
+        (lambda p: save_script(train_tiny(0, seed=3, num_classes=9, steps=5), p),
+         r"teachers disagree on the number of classes: 'linear' has 10, 'broken' has 9"),
+    ],
+    ids=["teacher-nan", "teacher-inf", "teachers-different-class-counts"],
+)
+def test_bad_teacher_outputs(good, tmp_path, capsys, make, expect):
+    cfg = _like_good(good, _teacher(1, name="broken", path=str(make(tmp_path / "broken.pt"))))
+    # At the good store: refused before any teacher runs, since other teachers built it.
+    err = _refused(capsys, good, write_yaml(tmp_path / "bad.yaml", cfg))
+    assert "store has teachers ['linear', 'mlp'], config has ['broken', 'linear']" in err, err
+    # At a new store of the same run: the teacher's own fault, and no shard it spoiled.
+    cfg["store"]["path"] = str(tmp_path / "store")
+    err = _check(capsys, good, tmp_path, cfg, expect)
+    store = LabelStore(cfg["store"]["path"])
+    if "classes" in expect:  # found on the probe row: the store is never created
+        assert not store.exists()
+        return
     store.load_manifest()
     done = store.finished_shards()
-    for i in range(store.num_shards):  # every shard holding a NaN row must be absent
-        x = store.read_inputs(i).column("features").combine_chunks().flatten().to_numpy().reshape(-1, 64)
-        if (x[:, 5] > 12).any():
-            assert i not in done
     assert len(done) < store.num_shards
+    assert not any(_bad_rows(store, i).any() for i in done)
 
 
-@pytest.mark.slow
-def test_teachers_with_different_class_counts(ray_local, tmp_path, teachers, capsys):
-    from tests.helpers import train_tiny
-
-    nine = save_script(train_tiny(0, seed=3, num_classes=9, steps=5), tmp_path / "nine.pt")
-    cfg = tiny_config(tmp_path, {"linear": teachers["linear"], "nine": nine})
-    err = _run_cli(capsys, write_yaml(tmp_path / "c.yaml", cfg))
-    assert "teachers disagree on the number of classes: 'linear' has 10, 'nine' has 9" in err
-    assert _no_store(cfg)
+@pytest.mark.xfail(strict=True, reason="known gap: the teacher's one-line DistillError is raised in the Serve probe "
+                                        "and reaches the CLI wrapped in Ray's multi-line RayTaskError")
+def test_features_of_another_width_than_the_teachers(good, tmp_path, capsys):
+    cfg = _like_good(good, _section("dataset", limit=None, source=_parquet(tmp_path, _rows(20, width=10))))
+    # At the good store: refused by its identity (the width is only known to clash once a teacher runs).
+    err = _refused(capsys, good, write_yaml(tmp_path / "bad.yaml", cfg))
+    assert "dataset.feature_dim: store 64 vs config 10" in err, err
+    cfg["store"]["path"] = str(tmp_path / "store")
+    _check(capsys, good, tmp_path, cfg, r"teacher 'linear': fails on rows of 10 features .*check that dataset\.features")
