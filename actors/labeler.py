@@ -27,7 +27,10 @@ RETRIES = 8  # backoff 1, 2, 4, 8, 10... s: about a minute for Serve to bring up
 
 
 class Labeler:
-    def __init__(self, store_uri: str, apps: dict[str, str], chunk: dict[str, int]):
+    def __init__(self, store_uri: str, apps: dict[str, str], chunk: dict[str, int], run: str = ""):
+        from actors import metrics
+
+        self.metrics, self.tags = metrics.labeler(), {"run": run}
         self.store = LabelStore(store_uri)
         self.store.load_manifest()
         self.lm = self.store.manifest["label_kind"] == "topk"
@@ -89,6 +92,13 @@ class Labeler:
         self._check(outputs, inputs, shard)
         table, stats = build_shard(inputs, {n: outputs[n] for n in self.handles}, self.store.manifest)
         info = self.store.write_shard(shard, table)
+        m = self.metrics
+        m["samples"].inc(info.rows, tags=self.tags)
+        if stats["tokens"]:
+            m["tokens"].inc(stats["tokens"], tags=self.tags)
+        m["bytes"].inc(info.bytes, tags=self.tags)
+        m["disagreement"].set(stats["disagreement"], tags=self.tags)
+        m["tail_mass"].set(stats["tail_mass"], tags=self.tags)
         return {"shard": shard, "rows": info.rows, "bytes": info.bytes, **stats}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -76,6 +76,49 @@ class EpochBatches:
             self.cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
 
 
+class LiveMetrics:
+    """distill_train_* gauges and, from rank 0, a progress line every PRINT_EVERY_S within long
+    epochs (the controller prints one line per epoch). Windowed: values cover the last ~second."""
+
+    PRINT_EVERY_S = 10.0
+
+    def __init__(self, config: dict, rank: int, step: int):
+        from actors import metrics
+
+        self.m, self.rank, self.total_steps = metrics.trainer(), rank, step
+        self.name, self.epochs = config.get("name", "student"), config["epochs"]
+        self.tags = {"run": config.get("run", ""), "student": self.name}
+        self.window_start = self.last_print = time.perf_counter()
+        self.loss = self.soft = 0.0
+        self.n = self.steps = 0
+
+    def step(self, loss: float, soft, n: int, epoch: int) -> None:
+        self.total_steps += 1
+        self.steps += 1
+        self.n += n
+        self.loss += loss
+        self.soft += float(soft) if soft is not None else loss
+        now = time.perf_counter()
+        if now - self.window_start < 1.0:
+            return
+        rate, loss, soft = self.n / (now - self.window_start), self.loss / self.steps, self.soft / self.steps
+        self.m["samples_per_s"].set(rate, tags={**self.tags, "rank": str(self.rank)})
+        if self.rank == 0:
+            self.m["loss"].set(loss, tags=self.tags)
+            self.m["kd_loss"].set(soft, tags=self.tags)
+            self.m["step"].set(self.total_steps, tags=self.tags)
+            if now - self.last_print >= self.PRINT_EVERY_S:
+                print(f"train: {self.name} epoch {epoch + 1}/{self.epochs} step {self.total_steps} loss {loss:.4f} "
+                      f"{rate:,.0f}/s on rank 0", flush=True)
+                self.last_print = now
+        self.window_start, self.loss, self.soft, self.n, self.steps = now, 0.0, 0.0, 0, 0
+
+    def epoch_done(self, epoch: int) -> None:
+        if self.rank == 0:
+            self.m["epoch"].set(epoch + 1, tags=self.tags)
+            self.m["step"].set(self.total_steps, tags=self.tags)
+
+
 def _classifier_step(model, loss_fn, batch: dict, config: dict):
     x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
     return loss_fn(model(x), target, y), len(y)
@@ -120,16 +163,18 @@ def train_loop(config: dict) -> None:
 
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
                                  config["shuffle_buffer"], config["cache_rows"])
+    live = LiveMetrics(config, ctx.get_world_rank(), step=sum(h.get("steps", 0) for h in history))
     for epoch in range(start, config["epochs"]):
         model.train()
-        t0, seen, total = time.perf_counter(), 0, 0.0
+        t0, seen, total, steps = time.perf_counter(), 0, 0.0, 0
         for batch in epoch_batches(epoch):
             loss, n = (_lm_step if lm else _classifier_step)(model, loss_fn, batch, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            seen += n
+            seen, steps = seen + n, steps + 1
             total += loss.item() * n
+            live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
         elapsed = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
@@ -138,8 +183,10 @@ def train_loop(config: dict) -> None:
             "samples_per_s": seen / max(elapsed, 1e-9),
             "unit": "tokens" if lm else "samples",
             "world_size": ctx.get_world_size(),
+            "steps": steps,
         }
         history.append(metrics)
+        live.epoch_done(epoch)
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if ctx.get_world_rank() == 0:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 from ray import serve
@@ -15,13 +16,15 @@ def app_name(run: str, teacher: str) -> str:
 
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
 class Teacher:
-    def __init__(self, cfg: dict, task: str = "classification", k: int = 8):
+    def __init__(self, cfg: dict, task: str = "classification", k: int = 8, run: str = "service"):
         import torch
 
+        from actors import metrics
         from orchestrator.models import load_teacher
 
         torch.set_num_threads(max(1, int(cfg.get("num_cpus") or 1)))
         self.cfg = cfg
+        self.metrics, self.tags = metrics.teacher(), {"run": run, "teacher": cfg["name"]}
         self.model = load_teacher(cfg, task, k)
         self.probe: np.ndarray | None = None
         # Batches are measured in rows (a request is a [rows, D] array), not in requests.
@@ -47,7 +50,12 @@ class Teacher:
 
         Classifiers return logits [rows, C]; causal LMs a tuple (top-k ids, logprobs).
         """
-        out = self.model(np.concatenate(batches))
+        t0 = time.perf_counter()
+        x = np.concatenate(batches)
+        out = self.model(x)
+        self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
+        self.metrics["requests"].inc(len(batches), tags=self.tags)
+        self.metrics["rows"].inc(len(x), tags=self.tags)
         cuts = np.cumsum([len(b) for b in batches])[:-1]
         if isinstance(out, tuple):
             return list(zip(*(np.split(o, cuts) for o in out)))
@@ -70,12 +78,13 @@ def build_app(args: dict):
 
     args = dict(args)
     task, k = args.pop("task", "classification"), args.pop("k", 8)  # task lm: top-k per position
+    run = args.pop("run", "service")  # the `run` tag of its metrics
     cfg = TeacherConfig.model_validate(args).model_dump()
     return Teacher.options(
         name=f"teacher-{cfg['name']}",
         num_replicas=cfg["replicas"],
         ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]},
-    ).bind(cfg, task, k)
+    ).bind(cfg, task, k, run)
 
 
 def deploy(run: str, teachers: list[dict], task: str = "classification", k: int = 8) -> dict[str, str]:
@@ -83,7 +92,7 @@ def deploy(run: str, teachers: list[dict], task: str = "classification", k: int 
     apps = {cfg["name"]: app_name(run, cfg["name"]) for cfg in teachers}
     if not apps:  # every teacher is attached to a running application
         return apps
-    targets = [serve.RunTarget(build_app({**cfg, "task": task, "k": k}), name=apps[cfg["name"]], route_prefix=None)
+    targets = [serve.RunTarget(build_app({**cfg, "task": task, "k": k, "run": run}), name=apps[cfg["name"]], route_prefix=None)
                for cfg in teachers]
     try:
         # Replicas and the controller log at WARNING: our own progress lines tell the story.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import DistillError
@@ -54,15 +55,25 @@ def _inspect(store_uri: str, as_json: bool) -> None:
 
 
 def _run(args) -> None:
-    from . import pipeline
+    from . import metrics
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    with metrics.endpoint(cfg.metrics.port, cfg.metrics.linger_s):
+        _command(args, cfg)
+
+
+def _command(args, cfg) -> None:
+    from . import pipeline
+
+    if args.command == "run":
+        out = pipeline.run(cfg)
+        print(out["table"])
+        print(f"report: {out['report']}")
+        return
     prep = pipeline.prepare(cfg)
     if args.command == "eval":
         out = pipeline.evaluate_and_report(cfg, prep)
-    elif args.command == "run":
-        out = pipeline.run(cfg)
     elif args.command == "label":
         with pipeline.ray_session(cfg):
             store = pipeline.label(cfg, prep, reensemble=args.reensemble)
@@ -82,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
+    if quiet:
+        os.environ["DISTILL_QUIET"] = "1"
     try:
         if args.command == "inspect":
             _inspect(args.store, args.json)
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        os.environ.pop("DISTILL_QUIET", None)
     return 0
 
 

@@ -138,7 +138,9 @@ class KDLoss(nn.Module):
 
     def forward(self, student_logits, target_probs, labels):
         hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits)), labels)
-        return self.alpha * hard + (1.0 - self.alpha) * self.soft(student_logits, target_probs)
+        soft = self.soft(student_logits, target_probs)
+        self.last_soft = soft.detach()  # the distillation term alone, for metrics
+        return self.alpha * hard + (1.0 - self.alpha) * soft
 
 
 def _build(family: dict, name: str, alpha: float, beta: float, temperature: float) -> nn.Module:
@@ -268,6 +270,7 @@ class TopKKDLoss(_TopKLoss):
                              f"{None if labels is None else tuple(labels.shape)}")
         hard = F.cross_entropy(logits, torch.where(mask, labels.reshape(-1), 0), reduction="none")
         soft = self.temperature**2 * kl_div(p_t, log_p_t, log_p_s)
+        self.last_soft = (torch.where(mask, soft, 0.0).sum() / mask.sum().clamp_min(1)).detach()  # for metrics
         return self.alpha * hard + (1.0 - self.alpha) * soft
 
 

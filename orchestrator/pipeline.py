@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from . import metrics
 from .config import DistillConfig
 from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
 from .errors import DistillError
@@ -167,7 +168,8 @@ def ray_session(cfg: DistillConfig):
     # runtimeEnvYAML) already carries RAY_ENV: passing another one here would replace it.
     in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by the job supervisor
     ray.init(address=address, num_cpus=None if address else cfg.ray.num_cpus, logging_level=logging.WARNING,
-             runtime_env=None if in_job else {"env_vars": RAY_ENV})
+             runtime_env=None if in_job else {"env_vars": RAY_ENV},
+             log_to_driver=not quiet())  # quiet: no worker output (progress lines, replica logs) either
     try:
         yield
     finally:
@@ -177,6 +179,11 @@ def ray_session(cfg: DistillConfig):
 
         serve.shutdown()
         ray.shutdown()
+
+
+def quiet() -> bool:
+    """`distill -q`: warnings and the result only (set by the CLI for logs and CI)."""
+    return os.environ.get("DISTILL_QUIET") == "1"
 
 
 def quiet_ray_loggers() -> None:
@@ -257,6 +264,7 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
     finally:
         serve_teachers.shutdown(owned)
     missing = store.record_finished()
+    metrics.store_summary(cfg.run.name, store.bytes_per_token())
     if missing:
         raise DistillError(f"store {store.uri}: labeling ended with {store.describe_missing(missing)}; re-run to resume")
     return store
@@ -305,7 +313,7 @@ def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], s
         Labeler,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=min(cfg.label.concurrency, len(shards))),
-        fn_constructor_kwargs={"store_uri": store.uri, "apps": apps, "chunk": chunk},
+        fn_constructor_kwargs={"store_uri": store.uri, "apps": apps, "chunk": chunk, "run": cfg.run.name},
         num_cpus=cfg.label.num_cpus,
     )
     t0, rows, total = time.perf_counter(), 0, store.manifest["dataset"]["rows"]
@@ -316,6 +324,7 @@ def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], s
         for n, out in enumerate(ds.iter_rows(), 1):
             rows += int(out["rows"])
             rate = rows / (time.perf_counter() - t0)
+            metrics.label_progress(cfg.run.name, rows, todo, rate)
             log.info("label: shard %d/%d, %d/%d rows, %.0f rows/s, ETA %.0fs, teacher disagreement %.3f",
                      n, len(shards), rows, todo, rate, (todo - rows) / rate, out["disagreement"])
     except Exception as e:  # a teacher returning NaN, a wrong shape...: the user's problem, one line
@@ -376,7 +385,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     rows = min(t.max_samples or prep.train.num_rows, prep.train.num_rows)
     spec, columns = _student_spec(cfg, prep.train.slice(0, rows), store.manifest["num_classes"])
     loop_cfg = {
-        "task": cfg.task, "k": cfg.lm.k, "columns": columns,
+        "task": cfg.task, "k": cfg.lm.k, "columns": columns, "run": cfg.run.name, "name": name,
         "student": spec, "loss": loss, "alpha": alpha, "beta": t.beta, "temperature": cfg.ensemble.temperature,
         "lr": t.lr, "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
         "seed": t.seed, "shuffle_buffer": max(t.batch_size * 4, 256), "threads": 1,
@@ -482,6 +491,7 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
         results = evaluate_lm(prep.test, teachers, prep.ensemble, states, cfg.lm.k, vocab)
     else:
         results = evaluate(prep.test, teachers, prep.ensemble, states)
+    metrics.eval_results(cfg.run.name, results["models"])
     curves = {name: s["history"] for name, s in states.items()}
     extra = {"config": cfg.model_dump(mode="json"), "store": store.summary() if store.exists() else None}
     path = write_report(cfg.run_dir, cfg.run.name, cfg.task, results, curves, extra)
@@ -505,15 +515,14 @@ def _load_students(cfg: DistillConfig) -> dict[str, dict]:
 
 
 def run(cfg: DistillConfig) -> dict:
-    timings = {}
-    t0 = time.perf_counter()
+    t0, timings, name = time.perf_counter(), {}, cfg.run.name
     prep = prepare(cfg)
     with ray_session(cfg):
-        label(cfg, prep)
-        timings["label_s"] = time.perf_counter() - t0
-        states = train_students(cfg, prep)
-        timings["train_s"] = time.perf_counter() - t0 - timings["label_s"]
-    out = evaluate_and_report(cfg, prep, states)
-    timings["total_s"] = time.perf_counter() - t0
-    log.info("run: done in %.0fs (%s)", timings["total_s"], ", ".join(f"{k}={v:.0f}" for k, v in timings.items()))
+        with metrics.stage(name, "label", timings):
+            label(cfg, prep)
+        with metrics.stage(name, "train", timings):
+            states = train_students(cfg, prep)
+    with metrics.stage(name, "evaluate", timings):
+        out = evaluate_and_report(cfg, prep, states)
+    log.info("run: done in %.0fs (%s)", time.perf_counter() - t0, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return out

@@ -279,7 +279,8 @@ def test_cluster_shape(kind):
     assert head["rayStartParams"]["num-cpus"] == "0"  # no work lands on the head
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
-    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080}
+    assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001, "serve": 8000, "metrics": 8080,
+                     "driver-metrics": 9464}  # the distill driver runs on the head (metrics.port)
     for g in groups(spec):
         c = g["template"]["spec"]["containers"][0]
         assert g["rayStartParams"]["metrics-export-port"] == "8080"
