@@ -202,8 +202,8 @@ def _user_error(e: BaseException) -> DistillError | None:
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, DistillError):
-            return e
+        if isinstance(e, DistillError) and getattr(e, "cause", None) is None:
+            return e  # the user's error itself, not Ray's wrapper around it (which prints a traceback)
         e = getattr(e, "cause", None) or e.__cause__ or e.__context__
     return None
 
@@ -253,7 +253,10 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
     apps.update(owned)
     apps = {t["name"]: apps[t["name"]] for t in teachers}  # config order
     try:
-        infos = serve_teachers.probe(apps, _first_input(prep.train))
+        try:
+            infos = serve_teachers.probe(apps, _first_input(prep.train))
+        except Exception as e:  # a teacher that cannot take the data (wrong width...): one line
+            _reraise_user_error(e)
         _check_fingerprints(infos, prep.identity["teachers"], apps)
         num_classes = _check_teachers(infos, prep.train)
         if missing is None:  # a new store: written only once the teachers are known to be sound
@@ -289,7 +292,8 @@ def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
     what = "vocabulary size" if lm else "number of classes"
     widths = {n: i["num_classes"] for n, i in infos.items()}
     if len(set(widths.values())) != 1:
-        raise DistillError(f"teachers disagree on the {what}: " + ", ".join(f"'{n}' has {w}" for n, w in widths.items()))
+        raise DistillError(f"teachers disagree on the {what}: " + ", ".join(f"'{n}' has {w}" for n, w in widths.items())
+                           + "; one ensemble needs teachers of the same label space (remove or fix the odd one)")
     width = next(iter(widths.values()))
     top = int(np.max(to_numpy(train.column("input_ids")) if lm else train.column("label").to_numpy()))
     if top >= width:

@@ -9,6 +9,8 @@ opens. Teachers' outputs are only known once they run: those cases are refused a
 """
 from __future__ import annotations
 
+import json
+
 import copy
 import re
 import subprocess
@@ -232,6 +234,14 @@ def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
     _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)
 
 
+def test_student_vocab_mismatch_is_caught_before_labeling(good, lm_files, tmp_path, capsys):
+    student = json.loads(Path(lm_files["student_config"]).read_text())
+    (tmp_path / "student.json").write_text(json.dumps({**student, "vocab_size": student["vocab_size"] + 1}))
+    cfg = _lm_like_good(good, lm_files, tmp_path, lm={"student_config": str(tmp_path / "student.json")})
+    _check(capsys, good, tmp_path, cfg, r"lm\.student_config: vocab_size 301 in .*student\.json differs from the "
+                                        r"teachers' 300; the student must predict over the teachers' vocabulary")
+
+
 def test_lm_teachers_with_different_vocabularies(good, lm_files, tmp_path, capsys):
     # Also in tests/test_lm.py (through pipeline.prepare): here through the CLI, at the good store.
     other = make_lm(tmp_path / "other", make_tokenizer(tmp_path / "tok", corpus(6), vocab=280), corpus(6), 32, 1,
@@ -281,8 +291,6 @@ def test_bad_teacher_outputs(good, tmp_path, capsys, make, expect):
     assert not any(_bad_rows(store, i).any() for i in done)
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the teacher's one-line DistillError is raised in the Serve probe "
-                                        "and reaches the CLI wrapped in Ray's multi-line RayTaskError")
 def test_features_of_another_width_than_the_teachers(good, tmp_path, capsys):
     cfg = _like_good(good, _section("dataset", limit=None, source=_parquet(tmp_path, _rows(20, width=10))))
     # At the good store: refused by its identity (the width is only known to clash once a teacher runs).
