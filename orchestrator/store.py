@@ -113,6 +113,21 @@ def decode_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndar
     return ids.astype(np.int64).reshape(len(ids), -1, k), lps.astype(np.float32).reshape(len(lps), -1, k)
 
 
+def shard_write_options(table: pa.Table) -> dict:
+    """Parquet options for a shard: top-k label columns as BYTE_STREAM_SPLIT + zstd.
+
+    Measured (benchmarks/bench_lm_bytes.py, 32k vocabulary, k=32): 129 -> 95 bytes per token
+    per teacher, and faster to write and read. Parquet's default dictionary encoding overflows
+    on 32k distinct ids and falls back to plain; splitting the int16/float16 bytes into streams
+    lets zstd find the structure (high bytes of ids, exponents of log-probs). Readers need no
+    change: the encoding is in the file.
+    """
+    topk = [f"{f.name}.list.element" for f in table.schema if f.name.endswith((".topk_ids", ".topk_logprobs"))]
+    if not topk:
+        return {}
+    return {"compression": "zstd", "use_dictionary": False, "use_byte_stream_split": topk}
+
+
 # ---- the store ------------------------------------------------------------------------------
 
 
@@ -211,7 +226,7 @@ class LabelStore:
             return pq.ParquetFile(f).read_row_group(i)
 
     def write_shard(self, i: int, table: pa.Table) -> ShardInfo:
-        data = _table_bytes(table)
+        data = _table_bytes(table, **shard_write_options(table))
         info = ShardInfo(rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         self._write_atomic(self.shard_path(i), data)
         self._write_atomic(self._sidecar(i), json.dumps(info.__dict__).encode())
