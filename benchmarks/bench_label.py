@@ -1,0 +1,182 @@
+"""label_vs_direct and teacher-replica scaling.
+
+    python -m benchmarks.bench_label [--quick] [--repeats N]
+
+Setup: three TorchScript MLP teachers (64 -> hidden x layers -> 10, random weights) on sklearn
+digits repeated to ~20k rows, shard_size 256 = max_batch_size 256, label.concurrency 2.
+
+Phase 1 (teachers deployed once, deploy time reported apart): per repeat, side by side and
+in alternating order, the labeling phase alone (pipeline._label_shards into a fresh store)
+with 1 replica per teacher, with 2 replicas per teacher, and the direct loop (benchmarks.direct:
+the same teachers in this process, torch pinned to 1 thread like each Serve replica).
+The prototype fix (benchmarks/prototypes.py label_shards_in_driver: the same Labeler in the
+driver process, label.concurrency shards in flight on threads, no Ray Data) runs in the same
+alternation. Phase 2 (with startup): pipeline.label() end to end into a fresh store (deploy + probe +
+create + label + verify + shutdown; Ray itself already running) vs the direct loop including
+load_teacher.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.common import (Samples, classification_config, dataset_rows_for, emit, log, make_dataset,
+                               make_mlp_teachers, ratio_samples, ray_running, sizes)
+from benchmarks.direct import label_direct, load_teachers
+from benchmarks.prototypes import label_shards_in_driver
+
+
+def _fresh_store(cfg, prep, num_classes: int, path: Path):
+    from orchestrator.store import LabelStore
+
+    if path.exists():
+        shutil.rmtree(path)
+    store = LabelStore(str(path))
+    store.create({**prep.identity, "ensemble": prep.ensemble, "num_classes": num_classes}, prep.train)
+    return store
+
+
+def _pipeline_label_phase(cfg, prep, apps, path: Path) -> dict:
+    from orchestrator import pipeline
+
+    store = _fresh_store(cfg, prep, 10, path)
+    shards = list(range(store.num_shards))
+    t0 = time.perf_counter()
+    pipeline._label_shards(cfg, store, apps, shards)
+    t1 = time.perf_counter()
+    missing = store.record_finished()  # what pipeline.label does next: verify every shard
+    t2 = time.perf_counter()
+    assert not missing, missing
+    rows = prep.train.num_rows
+    return {"label_s": t1 - t0, "verify_s": t2 - t1, "rows_per_s": rows / (t1 - t0)}
+
+
+def main(quick: bool, repeats: int) -> None:
+    from actors import teacher as serve_teachers
+    from orchestrator import pipeline
+    from orchestrator.config import config_from_dict
+    from orchestrator.datasets import features_of
+
+    s = sizes(quick)
+    work = Path(tempfile.mkdtemp(prefix="bench-label-"))
+    samples = Samples()
+    notes = {}
+    try:
+        teachers = make_mlp_teachers(work / "teachers", s["teachers"], s["hidden"], s["layers"])
+        data = make_dataset(work / "data.parquet", dataset_rows_for(s["rows"]))
+        with ray_running():
+            cfg1 = config_from_dict(classification_config(work, teachers, data, s, name="r1", replicas=1))
+            cfg2 = config_from_dict(classification_config(work, teachers, data, s, name="r2", replicas=2))
+            prep = pipeline.prepare(cfg1)
+            rows = prep.train.num_rows
+            notes["rows"] = rows
+            notes["shards"] = -(-rows // s["shard_size"])
+            notes["teachers"] = f"{s['teachers']} TorchScript MLPs 64->{s['hidden']}x{s['layers']}->10"
+            log(f"label: {rows} rows, {notes['shards']} shards, teachers {notes['teachers']}")
+
+            apps = {}
+            for cfg in (cfg1, cfg2):
+                t0 = time.perf_counter()
+                tdicts = [t.model_dump() for t in cfg.teachers]
+                apps[cfg.run.name] = serve_teachers.deploy(cfg.run.name, tdicts)
+                serve_teachers.probe(apps[cfg.run.name], features_of(prep.train.slice(0, 1)))
+                samples.add(f"deploy_s_{cfg.run.name}", time.perf_counter() - t0)
+                log(f"label: deployed {cfg.run.name} in {time.perf_counter() - t0:.1f}s")
+            direct_teachers = load_teachers(cfg1)
+
+            def pipe(cfg, tag):
+                return _pipeline_label_phase(cfg, prep, apps[cfg.run.name], work / f"store-{tag}")
+
+            def proto(cfg, tag):
+                # benchmarks/prototypes.py: the same Labeler in this process, label.concurrency shards in flight.
+                store = _fresh_store(cfg, prep, 10, work / f"store-{tag}")
+                t0 = time.perf_counter()
+                n = label_shards_in_driver(cfg, store, apps[cfg.run.name], list(range(store.num_shards)),
+                                           inflight=cfg.label.concurrency)
+                secs = time.perf_counter() - t0
+                assert n == rows and not store.record_finished()
+                return {"rows_per_s": rows / secs}
+
+            def direct(threads):
+                out = work / "direct"
+                shutil.rmtree(out, ignore_errors=True)
+                return label_direct(cfg1, prep.train, out, direct_teachers, threads=threads, ensemble=prep.ensemble)
+
+            # Warm-up (untimed): Ray worker processes, Serve routers, torch kernels.
+            pipe(cfg1, "warm1"), pipe(cfg2, "warm2"), direct(1), proto(cfg1, "warmp")
+            for r in range(repeats):
+                steps = [("pipe1", lambda: pipe(cfg1, "r1")), ("direct1", lambda: direct(1)),
+                         ("proto1", lambda: proto(cfg1, "p1")), ("pipe2", lambda: pipe(cfg2, "r2")),
+                         ("direct2t", lambda: direct(2))]
+                for name, fn in (steps if r % 2 == 0 else steps[::-1]):
+                    out = fn()
+                    samples.add(f"{name}_rows_per_s", out["rows_per_s"])
+                    if name.startswith("pipe"):
+                        samples.add(f"{name}_verify_s", out["verify_s"])
+                    if name == "direct1":
+                        for k in ("compute_s", "ensemble_encode_s", "write_s"):
+                            samples.add(f"direct1_{k}", out[k])
+                    log(f"label repeat {r}: {name} {out['rows_per_s']:,.0f} rows/s")
+            for app in apps.values():
+                serve_teachers.shutdown(app)
+
+            # Phase 2: with startup (deploy, probe, create, verify, shutdown all included).
+            def pipe_full(r):
+                c = config_from_dict(classification_config(work, teachers, data, s, name=f"full{r}", replicas=1))
+                shutil.rmtree(Path(c.store_path), ignore_errors=True)
+                t0 = time.perf_counter()
+                pipeline.label(c, prep)
+                return rows / (time.perf_counter() - t0)
+
+            def direct_full():
+                out = work / "direct"
+                shutil.rmtree(out, ignore_errors=True)
+                return label_direct(cfg1, prep.train, out, None, threads=1, ensemble=prep.ensemble)["rows_per_s_with_load"]
+
+            for r in range(repeats):
+                steps = [("pipefull", lambda: pipe_full(r)), ("directfull", direct_full)]
+                for name, fn in (steps if r % 2 == 0 else steps[::-1]):
+                    v = fn()
+                    samples.add(f"{name}_rows_per_s", v)
+                    log(f"label (with startup) repeat {r}: {name} {v:,.0f} rows/s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    ratio_samples(samples, "label_vs_direct", "pipe1_rows_per_s", "direct1_rows_per_s")
+    ratio_samples(samples, "label_vs_direct_2threads", "pipe1_rows_per_s", "direct2t_rows_per_s")
+    ratio_samples(samples, "label_vs_direct_with_startup", "pipefull_rows_per_s", "directfull_rows_per_s")
+    ratio_samples(samples, "label_replicas_2_vs_1", "pipe2_rows_per_s", "pipe1_rows_per_s")
+    ratio_samples(samples, "label_prototype_vs_direct", "proto1_rows_per_s", "direct1_rows_per_s")
+    ratio_samples(samples, "label_prototype_speedup", "proto1_rows_per_s", "pipe1_rows_per_s")
+    emit(
+        ratios={"label_vs_direct": "label_vs_direct",
+                "label_vs_direct_2threads": "label_vs_direct_2threads",
+                "label_vs_direct_with_startup": "label_vs_direct_with_startup",
+                "label_replicas_2_vs_1": "label_replicas_2_vs_1",
+                "label_prototype_in_driver_vs_direct": "label_prototype_vs_direct"},
+        figures={"label_pipeline_rows_per_s": "pipe1_rows_per_s",
+                 "label_pipeline_2replicas_rows_per_s": "pipe2_rows_per_s",
+                 "label_direct_rows_per_s": "direct1_rows_per_s",
+                 "label_prototype_in_driver_rows_per_s": "proto1_rows_per_s",
+                 "label_prototype_in_driver_speedup": "label_prototype_speedup",
+                 "label_direct_2threads_rows_per_s": "direct2t_rows_per_s",
+                 "label_pipeline_with_startup_rows_per_s": "pipefull_rows_per_s",
+                 "label_direct_with_load_rows_per_s": "directfull_rows_per_s",
+                 "label_verify_s": "pipe1_verify_s",
+                 "label_deploy_s": "deploy_s_r1",
+                 "label_deploy_2replicas_s": "deploy_s_r2",
+                 "label_direct_compute_s": "direct1_compute_s",
+                 "label_direct_ensemble_encode_s": "direct1_ensemble_encode_s",
+                 "label_direct_write_s": "direct1_write_s"},
+        samples=samples, notes=notes)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    main(a.quick, a.repeats)

@@ -1,0 +1,183 @@
+"""store_write_vs_pyarrow, store_read_vs_pyarrow: LabelStore shard I/O vs plain pyarrow.parquet.
+
+    python -m benchmarks.bench_store [--quick] [--repeats N]
+
+The table is a real LM shard: 64 windows x 127 positions, two teachers + the ensemble at k=32
+over a 32k vocabulary (synthetic top-k as in bench_lm_bytes), built with build_shard /
+encode_topk. Per repeat, in alternating order, each variant writes (then reads) the same table
+``iters`` times to the local disk:
+
+  store            LabelStore.write_shard / read_shard (Parquet to memory, sha256, temp file +
+                   rename, JSON sidecar temp + rename; read: bytes, sha256 against the
+                   manifest, parse)
+  pyarrow          pq.write_table(table, path, **the store's Parquet options) / pq.read_table(path):
+                   the same encoding, so the ratio is what the store adds on top of pyarrow
+  nocopy           benchmarks/prototypes.py write_shard_nocopy / read_shard_nocopy (the store's
+                   steps and options, without the bytes copies)
+  pyarrow_default  pq.write_table(table, path) with pyarrow's defaults (dictionary + snappy), for
+                   reference: the store's codec choice vs the default
+
+Throughput is the table's in-memory Arrow size (MB) per second. A small dense
+(classification) shard, 256 rows of 64 features + 3 teachers x 10 logits, is measured the same
+way: there, per-file costs (two renames, the sidecar) dominate.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import Samples, emit, log, ratio_samples, sizes
+
+
+def lm_shard(windows: int, length: int = 128, k: int = 32, seed: int = 0):
+    from benchmarks.bench_lm_bytes import VOCAB, synth_topk
+    from orchestrator.soft_labels import build_shard
+
+    rng = np.random.default_rng(seed)
+    ids, lps, _ = synth_topk(rng, windows * (length - 1), 2, k)
+    tokens = rng.integers(0, VOCAB, (windows, length)).astype(np.int32)
+    inputs = pa.table({"sample_id": pa.array([f"w{i}" for i in range(windows)]),
+                       "input_ids": pa.FixedSizeListArray.from_arrays(pa.array(tokens.reshape(-1)), length),
+                       "row": pa.array(np.arange(windows), pa.int64())})
+    names = ["teacher0", "teacher1"]
+    manifest = {"label_kind": "topk", "k": k, "lm": {"vocab_size": VOCAB, "max_len": length},
+                "ensemble": {"mode": "mean_prob", "temperature": 1.0, "tau": 1.0, "weights": {n: 1.0 for n in names}}}
+    outputs = {n: (ids[m].reshape(windows, length - 1, k), lps[m].reshape(windows, length - 1, k))
+               for m, n in enumerate(names)}
+    return build_shard(inputs, outputs, manifest)[0]
+
+
+def dense_shard(rows: int = 256, seed: int = 0):
+    from orchestrator.datasets import content_ids, make_table
+    from orchestrator.soft_labels import build_shard
+
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, 64)).astype(np.float32)
+    inputs = make_table(content_ids(x), x, rng.integers(0, 10, rows))
+    inputs = inputs.append_column("row", pa.array(np.arange(rows), pa.int64()))
+    names = ["t0", "t1", "t2"]
+    manifest = {"label_kind": "dense",
+                "ensemble": {"mode": "mean_prob", "temperature": 4.0, "tau": 1.0, "weights": {n: 1.0 for n in names}}}
+    return build_shard(inputs, {n: rng.normal(size=(rows, 10)) for n in names}, manifest)[0]
+
+
+def _store(path: Path, rows: int):
+    from orchestrator.store import LabelStore
+
+    shutil.rmtree(path, ignore_errors=True)
+    store = LabelStore(str(path))
+    store.manifest = {"dataset": {"rows": rows}, "shard_size": rows, "shards": {}}
+    return store
+
+
+def store_write_options(table: pa.Table) -> dict:
+    """The Parquet options LabelStore.write_shard uses for this table (none before the store chose any)."""
+    import orchestrator.store as st
+
+    return st.shard_write_options(table) if hasattr(st, "shard_write_options") else {}
+
+
+def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
+    """Seconds per write and per read for each variant (``order`` alternates the sequence)."""
+    from benchmarks.prototypes import read_shard_nocopy, write_shard_nocopy
+
+    opts = store_write_options(table)
+    store = _store(work / "store", table.num_rows)
+    nocopy = _store(work / "nocopy", table.num_rows)
+    plain, default = work / "plain", work / "default"
+    plain.mkdir(parents=True, exist_ok=True)
+    default.mkdir(parents=True, exist_ok=True)
+    out = {}
+
+    def w_store():
+        for i in range(iters):
+            info = store.write_shard(i, table)
+        store.manifest["shards"] = {str(i): info.__dict__ for i in range(iters)}  # same bytes each time
+
+    def w_nocopy():
+        for i in range(iters):
+            info = write_shard_nocopy(nocopy, i, table, **opts)
+        nocopy.manifest["shards"] = {str(i): info.__dict__ for i in range(iters)}
+
+    def w_plain():  # the same Parquet options as the store: what the store adds on top of pyarrow
+        for i in range(iters):
+            pq.write_table(table, str(plain / f"shard-{i:05d}.parquet"), **opts)
+
+    def w_default():  # pyarrow's defaults (dictionary + snappy), for reference
+        for i in range(iters):
+            pq.write_table(table, str(default / f"shard-{i:05d}.parquet"))
+
+    def r_store():
+        for i in range(iters):
+            store.read_shard(i)
+
+    def r_nocopy():
+        for i in range(iters):
+            read_shard_nocopy(nocopy, i)
+
+    def r_plain():
+        for i in range(iters):
+            pq.read_table(str(plain / f"shard-{i:05d}.parquet"))
+
+    def r_default():
+        for i in range(iters):
+            pq.read_table(str(default / f"shard-{i:05d}.parquet"))
+
+    writes = [("store", w_store), ("pyarrow", w_plain), ("nocopy", w_nocopy), ("pyarrow_default", w_default)]
+    reads = [("store", r_store), ("pyarrow", r_plain), ("nocopy", r_nocopy), ("pyarrow_default", r_default)]
+    for _, fn in writes:  # warm-up, and the files the reads need
+        fn()
+    for phase, steps in (("write", writes), ("read", reads)):
+        for name, fn in (steps if order % 2 == 0 else steps[::-1]):
+            t0 = time.perf_counter()
+            fn()
+            out[f"{phase}_{name}"] = (time.perf_counter() - t0) / iters
+    return out
+
+
+def main(quick: bool, repeats: int) -> None:
+    s = sizes(quick)
+    work = Path(tempfile.mkdtemp(prefix="bench-store-"))
+    samples = Samples()
+    try:
+        lm = lm_shard(s["store_windows"])
+        dense = dense_shard()
+        mb_lm, mb_dense = lm.nbytes / 1e6, dense.nbytes / 1e6
+        notes = {"lm_table_mb": round(mb_lm, 2), "lm_table_rows": lm.num_rows, "dense_table_mb": round(mb_dense, 3),
+                 "dense_table_rows": dense.num_rows}
+        iters_lm, iters_dense = (5, 20) if quick else (20, 100)
+        for r in range(repeats):
+            for tag, table, mb, iters in (("lm", lm, mb_lm, iters_lm), ("dense", dense, mb_dense, iters_dense)):
+                t = measure(table, work / tag, iters, r)
+                for key, sec in t.items():
+                    samples.add(f"{tag}_{key}_mb_s", mb / sec)
+                log(f"store repeat {r} {tag}: " + ", ".join(f"{k} {mb / v:,.0f} MB/s" for k, v in t.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ratios, figures = {}, {}
+    for tag, suffix in (("lm", ""), ("dense", "_dense")):
+        for phase in ("write", "read"):
+            ratio_samples(samples, f"{tag}_{phase}_ratio", f"{tag}_{phase}_store_mb_s", f"{tag}_{phase}_pyarrow_mb_s")
+            ratio_samples(samples, f"{tag}_{phase}_nocopy_ratio", f"{tag}_{phase}_nocopy_mb_s", f"{tag}_{phase}_pyarrow_mb_s")
+            ratios[f"store_{phase}_vs_pyarrow{suffix}"] = f"{tag}_{phase}_ratio"
+            ratios[f"store_{phase}_nocopy_vs_pyarrow{suffix}"] = f"{tag}_{phase}_nocopy_ratio"
+            ratio_samples(samples, f"{tag}_{phase}_vs_default", f"{tag}_{phase}_store_mb_s", f"{tag}_{phase}_pyarrow_default_mb_s")
+            ratios[f"store_{phase}_vs_pyarrow_defaults{suffix}"] = f"{tag}_{phase}_vs_default"
+            for v in ("store", "pyarrow", "nocopy", "pyarrow_default"):
+                figures[f"store_{phase}_{v}{suffix}_mb_per_s"] = f"{tag}_{phase}_{v}_mb_s"
+    emit(ratios=ratios, figures=figures, samples=samples, notes=notes)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    main(a.quick, a.repeats)

@@ -1,0 +1,484 @@
+"""Run every benchmark and write BENCHMARKS.md + benchmarks/results.json.
+
+    python -m benchmarks.run                  # full sizes, 3 repeats (about 15 minutes on 2 cores)
+    python -m benchmarks.run --quick --repeats 1 --out /tmp/b   # smoke size, files under /tmp/b
+
+Each benchmark runs in its own process (one Ray per process, see benchmarks/common.py) and
+measures its comparisons side by side, alternating the order of A and B in each repeat.
+results.json holds the medians: {"ratios": {NAME: float}, "figures": {NAME: float}};
+results_detail.json beside it keeps every repeat's value, min-max, the machine and the load.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from benchmarks.common import ROOT, load_average, machine
+
+BENCHMARKS = ("store", "lm_bytes", "label", "profile_label", "train")
+MODULES = {"store": "benchmarks.bench_store", "lm_bytes": "benchmarks.bench_lm_bytes",
+           "label": "benchmarks.bench_label", "profile_label": "benchmarks.profile_label",
+           "train": "benchmarks.bench_train"}
+LOAD_LIMIT = 2.5  # 1-minute load average above which the machine counts as busy
+
+
+def wait_for_quiet(max_wait_s: float) -> list[float]:
+    """Wait (up to max_wait_s) until the 1-minute load average drops below LOAD_LIMIT."""
+    t0 = time.time()
+    while True:
+        load = list(load_average())
+        if load[0] <= LOAD_LIMIT or time.time() - t0 >= max_wait_s:
+            return load
+        print(f"benchmarks: load average {load[0]:.1f} > {LOAD_LIMIT}: waiting for a quieter machine", flush=True)
+        time.sleep(20)
+
+
+def run_one(name: str, quick: bool, repeats: int, out: Path, timeout_s: float) -> dict:
+    cmd = [sys.executable, "-m", MODULES[name], "--repeats", str(repeats)] + (["--quick"] if quick else [])
+    if name == "profile_label":
+        cmd += ["--out", str(out)]
+    load_before = load_average()[0]
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    result, tail = None, []
+    try:
+        for line in proc.stdout:
+            if line.startswith("BENCH_RESULT "):
+                result = json.loads(line[len("BENCH_RESULT "):])
+                continue
+            tail = (tail + [line.rstrip()])[-40:]
+            if line.startswith("[") and "] " in line[:12]:  # our own progress lines
+                print(f"  {name}: {line.rstrip()}", flush=True)
+        proc.wait(timeout=max(1.0, timeout_s - (time.perf_counter() - t0)))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0 or result is None:
+        return {"error": f"exit status {proc.returncode}", "log_tail": tail, "elapsed_s": elapsed,
+                "load_before": load_before, "load_after": load_average()[0]}
+    return {**result, "elapsed_s": elapsed, "load_before": load_before, "load_after": load_average()[0]}
+
+
+# ---- BENCHMARKS.md -------------------------------------------------------------------------------
+
+
+def _fmt(v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    if a >= 0.01:
+        return f"{v:.3f}"
+    return f"{v:.2e}"
+
+
+def _range(d: dict) -> str:
+    return f"{_fmt(d['min'])} – {_fmt(d['max'])}"
+
+
+class Results:
+    def __init__(self, runs: dict[str, dict]):
+        self.runs = runs
+        self.all: dict[str, dict] = {}
+        for r in runs.values():
+            for kind in ("ratios", "figures"):
+                for name, d in (r.get(kind) or {}).items():
+                    self.all[name] = {**d, "kind": kind}
+
+    def get(self, name: str, default=float("nan")) -> float:
+        return self.all[name]["median"] if name in self.all else default
+
+    def has(self, *names: str) -> bool:
+        return all(n in self.all for n in names)
+
+    def row(self, name: str, goal: str, line: str) -> str:
+        if name not in self.all:
+            return f"| `{name}` | n/a | | {goal} | not measured (see errors below) |"
+        d = self.all[name]
+        return f"| `{name}` | **{_fmt(d['median'])}** | {_range(d)} | {goal} | {line} |"
+
+
+def interpretations(R: Results) -> list[str]:
+    g = R.get
+    rows = []
+    if R.has("label_vs_direct"):
+        r = g("label_vs_direct")
+        verdict = "meets" if r >= 0.9 else "misses"
+        startup = (f"; {_fmt(g('label_startup_s'))} s of its {_fmt(g('label_wall_s'))} s pass before the first shard "
+                   "is done (labeler actors starting, see the profile)") if R.has("label_startup_s", "label_wall_s") else ""
+        rows.append(R.row("label_vs_direct", "≥ 0.90",
+                          f"labeling phase {_fmt(g('label_pipeline_rows_per_s'))} rows/s vs direct loop "
+                          f"{_fmt(g('label_direct_rows_per_s'))} rows/s (both 1 torch thread per teacher): {verdict} "
+                          f"the goal{startup}."))
+    if R.has("label_vs_direct_2threads"):
+        rows.append(R.row("label_vs_direct_2threads", "", f"the direct loop given both cores' torch threads "
+                          f"({_fmt(g('label_direct_2threads_rows_per_s'))} rows/s) instead of 1."))
+    if R.has("label_vs_direct_with_startup"):
+        rows.append(R.row("label_vs_direct_with_startup", "", f"whole pipeline.label() (Serve deploy "
+                          f"≈ {_fmt(g('label_deploy_s'))} s, probe, store, label, verify, shutdown) vs direct "
+                          "incl. loading the teachers: deployment dominates at this size."))
+    if R.has("label_prototype_in_driver_vs_direct"):
+        rows.append(R.row("label_prototype_in_driver_vs_direct", "≥ 0.90",
+                          f"the prototype fix (same Labeler in the driver, no Ray Data): "
+                          f"{_fmt(g('label_prototype_in_driver_rows_per_s'))} rows/s, "
+                          f"{_fmt(g('label_prototype_in_driver_speedup'))}x the current labeling phase."))
+    if R.has("kd_vs_hard_train"):
+        rows.append(R.row("kd_vs_hard_train", "", f"KD (alpha 0.1, reads soft.probs) {_fmt(g('train_kd_samples_per_s'))} "
+                          f"vs a true hard-label-only loop (features + label only, plain CE) "
+                          f"{_fmt(g('train_hard_only_samples_per_s'))} samples/s over all epochs, 2 workers. The first "
+                          f"epoch streams the store through Ray Data and dominates (ratio "
+                          f"{_fmt(g('kd_vs_hard_train_first_epoch'))} at {_fmt(g('train_kd_first_epoch_samples_per_s'))} "
+                          f"samples/s: read_parquet's start, not the soft column, see below); the later epochs replay "
+                          f"from memory, where KD's own cost shows: ratio {_fmt(g('kd_vs_hard_train_cached_epochs'))}."))
+    if R.has("kd_vs_kd_alpha1_train"):
+        rows.append(R.row("kd_vs_kd_alpha1_train", "", "vs the pipeline's own `student_hard` baseline (kd, alpha 1.0: "
+                          "still reads the soft column)."))
+    if R.has("kd_vs_hard_train_wall"):
+        rows.append(R.row("kd_vs_hard_train_wall", "", f"wall time of pipeline.train, hard-only / kd: each run takes "
+                          f"≈ {_fmt(g('train_kd_wall_s'))} s, of which only "
+                          f"{_fmt(g('train_kd_wall_s') - g('train_kd_outside_epochs_s'))} s are epochs "
+                          "(Ray Train start, Ray Data, checkpoints: fixed costs dominate at this size)."))
+    mb = R.runs.get("store", {}).get("notes", {}).get("lm_table_mb", "?")
+    for phase in ("write", "read"):
+        name = f"store_{phase}_vs_pyarrow"
+        if R.has(name):
+            r = g(name)
+            rows.append(R.row(name, "≥ 0.90", f"LabelStore.{phase}_shard {_fmt(g(f'store_{phase}_store_mb_per_s'))} "
+                              f"MB/s vs pq.{phase}_table {_fmt(g(f'store_{phase}_pyarrow_mb_per_s'))} MB/s "
+                              f"({mb} MB top-k LM shard): {'meets' if r >= 0.9 else 'misses'} the goal."))
+        name = f"store_{phase}_vs_pyarrow_dense"
+        if R.has(name):
+            rows.append(R.row(name, "", f"the same on a small dense shard (256 rows, 0.1 MB): per-file costs "
+                              f"(rename, sidecar) weigh more."))
+    for k in (8, 16, 32, 64):
+        name = f"bytes_per_token_k{k}"
+        if R.has(name):
+            v, kl = g(name), g(f"fp16_mean_kl_nats_k{k}")
+            goal = "≤ 100 B, KL ≤ 1e-3" if k == 32 else ""
+            verdict = ""
+            if k == 32:
+                verdict = (" Goal " + ("met" if v <= 100 and kl <= 1e-3 else "not met") +
+                           f"; the prototype codec gives {_fmt(g('bytes_per_token_proposed_k32'))} B.")
+            rows.append(R.row(name, goal, f"bytes/token/teacher in the store vs naive int32+float32 {8 * k} B "
+                              f"(as Parquet {_fmt(g(f'bytes_per_token_naive_parquet_k{k}'))} B); "
+                              f"float16 KL error {_fmt(kl)} nats.{verdict}"))
+    if R.has("label_replicas_2_vs_1"):
+        r = g("label_replicas_2_vs_1")
+        rows.append(R.row("label_replicas_2_vs_1", "", f"2 vs 1 replica per teacher: "
+                          f"{_fmt(g('label_pipeline_2replicas_rows_per_s'))} vs {_fmt(g('label_pipeline_rows_per_s'))} "
+                          "rows/s" + (": 3 teachers already keep both cores busy, so extra replicas add little "
+                                      "(CPU-bound on 2 cores)." if r < 1.2 else
+                                      ": a second replica overlaps one teacher's requests with another's, though "
+                                      "the 2 cores stay the limit.")))
+    if R.has("train_workers_2_vs_1"):
+        rows.append(R.row("train_workers_2_vs_1", "", f"2 vs 1 train worker (DDP on gloo, 0.5 CPU each, 2 cores): "
+                          f"{_fmt(g('train_kd_samples_per_s'))} vs {_fmt(g('train_kd_1worker_samples_per_s'))} samples/s "
+                          f"over all epochs; in the epochs replayed from memory "
+                          f"{_fmt(g('train_workers_2_vs_1_cached_epochs'))}"
+                          + (": for a 2.4k-parameter student the per-step gloo allreduce eats what the second core "
+                             "gives (CPU-bound on 2 cores)." if not g('train_workers_2_vs_1_cached_epochs') >= 1.3 else
+                             ": the second worker helps.")))
+    return rows
+
+
+ROLE_LABELS = {"teacher_replicas": "teacher replicas (Serve)", "labeler_actors": "labeler actors (Ray Data)",
+               "driver": "driver (Ray Data executor, iter_rows)", "serve_controller_proxy": "Serve controller + proxy",
+               "ray_system": "Ray system (raylet, gcs, agents)", "other_workers": "other Ray workers"}
+STAGE_LABELS = {"read_inputs": "read inputs (row group of inputs.parquet)",
+                "ask_teachers_serve": "ask the 3 teachers through Serve (concurrently)",
+                "check": "check outputs", "build_shard": "build_shard (ensemble + Arrow encode)",
+                "write_shard": "write_shard (Parquet, sha256, temp + rename, sidecar)",
+                "teacher_compute": "for reference: the 3 forward passes in-process, 1 thread"}
+
+
+def profile_section(R: Results, runs: dict) -> list[str]:
+    g = R.get
+    if not R.has("label_wall_s"):
+        return ["Profile not available (see errors)."]
+    notes = runs.get("profile_label", {}).get("notes", {})
+    shards = notes.get("shards", float("nan"))
+    work_ms = sum(g(f"label_stage_ms_{k}", 0.0) for k in ("read_inputs", "check", "build_shard", "write_shard"))
+    compute = g("label_useful_compute_cpu_s")
+    overheads = {
+        "labeler actor start (new processes; imports of ray.data, ray.serve with fastapi/pandas; Serve handles)":
+            g("label_cpu_s_labeler_actors", 0.0) - shards * work_ms / 1000,
+        "Serve replicas beyond the forward passes": g("label_cpu_s_teacher_replicas", 0.0) - compute,
+        "Ray Data executor in the driver": g("label_cpu_s_driver", 0.0),
+        "labelers' per-shard work (read, check, build_shard, write_shard)": shards * work_ms / 1000,
+        "Ray system + Serve controller + other workers": sum(g(f"label_cpu_s_{k}", 0.0) for k in
+                                                             ("ray_system", "serve_controller_proxy", "other_workers")),
+    }
+    largest = max(overheads, key=overheads.get)
+    lines = [
+        f"`python -m benchmarks.profile_label`: {notes.get('rows', '?')} rows, {shards} shards of 256, 3 teachers "
+        "x 1 replica, label.concurrency 2 (medians over the repeats). cProfile of one Labeler driven in the "
+        "driver: `benchmarks/profile_label.txt`.",
+        "",
+        f"- Wall time of `_label_shards`: **{_fmt(g('label_wall_s'))} s** = **{_fmt(g('label_startup_s'))} s until "
+        f"the first shard is written** + {_fmt(g('label_steady_ms_per_shard'))} ms per shard after that "
+        f"({_fmt(g('label_steady_rows_per_s'))} rows/s steady).",
+        f"- CPU seconds during it, by process (psutil over this Ray's process tree, so not inflated by other load): "
+        f"total {_fmt(g('label_cpu_s_total'))} s, of which the teachers' forward passes are {_fmt(compute)} s.",
+        "",
+        "| process role | CPU s |",
+        "|---|---:|",
+    ]
+    lines += [f"| {label} | {_fmt(g(f'label_cpu_s_{k}'))} |" for k, label in ROLE_LABELS.items()
+              if R.has(f"label_cpu_s_{k}")]
+    lines += ["", "- One Labeler driven in the driver, shard after shard (ms per shard):", "",
+              "| stage | ms/shard |", "|---|---:|"]
+    lines += [f"| {label} | {_fmt(g(f'label_stage_ms_{k}'))} |" for k, label in STAGE_LABELS.items()
+              if R.has(f"label_stage_ms_{k}")]
+    lines += [f"| a Serve round trip of a request that costs nothing (64->10 linear teacher) | "
+              f"{_fmt(g('serve_roundtrip_ms'))} |", "",
+              "Overheads over the run (CPU s), largest first:", "", "| overhead | CPU s |", "|---|---:|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in sorted(overheads.items(), key=lambda kv: -kv[1])]
+    lines += ["", f"**Largest overhead: {largest}**: {_fmt(overheads[largest])} CPU s"
+              + (f", and {_fmt(g('label_startup_s'))} s of wall before the first shard." if largest.startswith("labeler actor")
+                 else ".")
+              + f" Ensembling (build_shard {_fmt(g('label_stage_ms_build_shard'))} ms/shard), the Arrow conversion in "
+              "it and pickling through Serve are small next to it."]
+    return lines
+
+
+def train_section(R: Results, runs: dict) -> list[str]:
+    g = R.get
+    if not R.has("train_kd_wall_s", "train_kd_first_epoch_samples_per_s", "train_kd_cached_epochs_samples_per_s"):
+        return []
+    notes = runs.get("train", {}).get("notes", {})
+    rows, epochs = notes.get("rows", float("nan")), notes.get("epochs", float("nan"))
+    first = rows / g("train_kd_first_epoch_samples_per_s")
+    later = rows / g("train_kd_cached_epochs_samples_per_s")
+    lines = [
+        "## Where the training time goes",
+        "",
+        f"One `pipeline.train` (kd, {rows} rows, {epochs} epochs, 2 workers) takes **{_fmt(g('train_kd_wall_s'))} s**: "
+        f"≈ {_fmt(g('train_kd_outside_epochs_s'))} s outside the epochs (Ray Train's controller and worker group, "
+        f"gloo, one checkpoint per epoch, shutdown), ≈ **{_fmt(first)} s for the first epoch**, which streams the "
+        f"store through `ray.data.read_parquet` ({_fmt(g('train_kd_first_epoch_samples_per_s'))} samples/s), and "
+        f"≈ {_fmt(later)} s for each later epoch, replayed from the workers' memory "
+        f"({_fmt(g('train_kd_cached_epochs_samples_per_s'))} samples/s)."
+        + (f" One pass over the store in the driver (batches of 64, no Train): "
+           f"**{_fmt(g('train_store_pass_read_parquet_s'))} s through `ray.data.read_parquet`** over the "
+           f"{notes.get('shards', '?')} shard files vs {_fmt(g('train_store_pass_pyarrow_s'))} s when pyarrow reads "
+           "them and Ray Data gets the table (`from_arrow`): Ray Data's read planning and read tasks, not the bytes, "
+           "make the first epoch slow." if R.has("train_store_pass_read_parquet_s", "train_store_pass_pyarrow_s") else ""),
+        "",
+    ]
+    return lines
+
+
+def fix_section(R: Results) -> list[str]:
+    g = R.get
+    out = ["### Recommended fixes (prototyped in `benchmarks/prototypes.py`, not applied to the library)", ""]
+    if R.has("label_prototype_in_driver_speedup"):
+        out += [
+            "1. **Label in the driver instead of a Ray Data actor pool** (`orchestrator/pipeline.py`, `_label_shards`). "
+            "Replace the `ray.data.from_items(...).map_batches(Labeler, ActorPoolStrategy(...))` pipeline with one "
+            "`actors.labeler.Labeler(store.uri, apps, chunk)` built in the driver and "
+            "`concurrent.futures.ThreadPoolExecutor(max_workers=cfg.label.concurrency).map(labeler.label_shard, shards)`, "
+            "keeping the per-shard progress line and `_reraise_user_error` around the loop "
+            "(prototype: `benchmarks/prototypes.py: label_shards_in_driver`). Teachers still run on Serve replicas, "
+            "lost replicas are still retried inside `Labeler._result`, finished shards are still skipped. "
+            f"Measured side by side: **{_fmt(g('label_pipeline_rows_per_s'))} -> "
+            f"{_fmt(g('label_prototype_in_driver_rows_per_s'))} rows/s "
+            f"({_fmt(g('label_prototype_in_driver_speedup'))}x; "
+            f"{_fmt(g('label_prototype_in_driver_vs_direct'))} of the direct loop)**. Trade-off: ensembling/encoding/"
+            "writing (≈ 5 ms per dense shard, more for top-k) then runs on the driver's node only; keep the Ray Data "
+            "path behind an option (e.g. `label.executor: ray_data`) for multi-node jobs whose labelers' CPU work "
+            "must scale out.",
+            ""]
+    if R.has("train_prototype_fast_read_speedup"):
+        out += [
+            "2. **Small stores: read the shards with pyarrow in the driver, not `ray.data.read_parquet`** "
+            "(`orchestrator/pipeline.py`, `train`). Replace `ds = ray.data.read_parquet(store.shard_paths(), "
+            "filesystem=store.fs).select_columns([...])` with `ds = ray.data.from_arrow(pq.ParquetDataset("
+            "store.shard_paths(), filesystem=store.fs).read(columns=['row', *columns]))` when the store is small "
+            "(e.g. the manifest's shard bytes sum ≤ 1 GiB; keep read_parquet above that) "
+            "(prototype: `benchmarks/prototypes.py: read_store_with_pyarrow`, patched in for the `kd_fast` runs). "
+            "Rows keep store order, so the seeded split stays deterministic. Measured side by side: first epoch "
+            f"**{_fmt(g('train_kd_first_epoch_samples_per_s'))} -> "
+            f"{_fmt(g('train_prototype_fast_read_first_epoch_samples_per_s'))} samples/s "
+            f"({_fmt(g('train_prototype_fast_read_first_epoch_speedup'))}x)**, all epochs "
+            f"{_fmt(g('train_prototype_fast_read_speedup'))}x, wall time of `pipeline.train` "
+            f"{_fmt(g('train_kd_wall_s'))} -> {_fmt(g('train_prototype_fast_read_wall_s'))} s "
+            f"({_fmt(g('train_prototype_fast_read_wall_speedup'))}x; Ray Train's own fixed cost stays).",
+            ""]
+    if R.has("bytes_per_token_k32", "bytes_per_token_proposed_k32"):
+        speed_w = g("store_write_proposed_codec_speedup")
+        speed_r = g("store_read_proposed_codec_speedup")
+        out += [
+            "3. **Top-k columns: BYTE_STREAM_SPLIT + zstd, no dictionary** (`orchestrator/store.py`, `write_shard`: "
+            "call `_table_bytes(table, **opts)` with `opts = {'compression': 'zstd', 'use_dictionary': False, "
+            "'use_byte_stream_split': [f'{c}.list.element' for c in the *.topk_ids / *.topk_logprobs columns]}`, "
+            "prototype `benchmarks/prototypes.py: write_options_for`; readers need no change). "
+            f"At k=32: **{_fmt(g('bytes_per_token_k32'))} -> {_fmt(g('bytes_per_token_proposed_k32'))} bytes/token/"
+            f"teacher** (k=8: {_fmt(g('bytes_per_token_k8'))} -> {_fmt(g('bytes_per_token_proposed_k8'))}, "
+            f"k=64: {_fmt(g('bytes_per_token_k64'))} -> {_fmt(g('bytes_per_token_proposed_k64'))}); "
+            f"shard write {_fmt(speed_w)}x, read {_fmt(speed_r)}x the current codec's speed. Today's default "
+            "(dictionary + snappy) is larger than the raw int16+float16 bytes at small k: the 32k-value "
+            "dictionaries overflow and fall back to plain.",
+            ""]
+    if R.has("store_write_nocopy_vs_pyarrow"):
+        out += [
+            "4. Not worth changing: the copies in `LabelStore.write_shard` / `read_shard` (`to_pybytes()`, "
+            f"`read()` into bytes). Without them (prototype `write_shard_nocopy` / `read_shard_nocopy`): write "
+            f"{_fmt(g('store_write_nocopy_vs_pyarrow'))}, read {_fmt(g('store_read_nocopy_vs_pyarrow'))} of pyarrow, "
+            f"vs {_fmt(g('store_write_vs_pyarrow'))} and {_fmt(g('store_read_vs_pyarrow'))} today: within the noise.",
+            ""]
+    return out
+
+
+def all_numbers(R: Results) -> list[str]:
+    lines = ["| name | kind | median | min – max |", "|---|---|---:|---|"]
+    for name in sorted(R.all):
+        d = R.all[name]
+        lines.append(f"| `{name}` | {d['kind'][:-1]} | {_fmt(d['median'])} | {_range(d)} |")
+    return lines
+
+
+def write_markdown(path: Path, runs: dict, mach: dict, args, started: str, minutes: float, load_start) -> None:
+    R = Results(runs)
+    loads = [(n, r.get("load_before"), r.get("load_after")) for n, r in runs.items()]
+    busy = [f"{n} ({_fmt(a)} -> {_fmt(b)})" for n, a, b in loads if (a or 0) > LOAD_LIMIT or (b or 0) > LOAD_LIMIT]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by `python -m benchmarks.run{' --quick' if args.quick else ''} --repeats {args.repeats}` on "
+        f"{started} ({minutes:.1f} min). Every comparison is measured side by side in the same run, A and B "
+        "alternating in each repeat; **median** and min – max over the repeats. Re-run the command to regenerate "
+        "this file; numbers are medians in `benchmarks/results.json`, every repeat's value in "
+        "`benchmarks/results_detail.json`.",
+        "",
+        "## Machine",
+        "",
+        "| CPU | cores | RAM | Python | torch | ray | pyarrow | numpy |",
+        "|---|---:|---:|---|---|---|---|---|",
+        f"| {mach['cpu']} | {mach['cores']} | {mach['ram_gib']} GiB | {mach['python']} | {mach['torch']} | "
+        f"{mach['ray']} | {mach['pyarrow']} | {mach['numpy']} |",
+        "",
+        f"Load average (1 min) at the start: {_fmt(load_start[0])}. "
+        + (f"Busy (> {LOAD_LIMIT}) around: {', '.join(busy)}: other processes shared the 2 cores then, so those "
+           "numbers are noisier." if busy else "The machine was otherwise quiet (load ≤ 2.5) throughout."),
+        "",
+        ("**GPU: not run.** No GPU was lent to this session, so the vLLM `prompt_logprobs` labeling benchmark "
+         "(backend `vllm` on a GPU) was not run; nothing here stands in for it."
+         if not mach.get("gpu") else f"GPU: {mach['gpu']} (the vLLM benchmark is not part of this suite yet)."),
+        "",
+        "## Results",
+        "",
+        "| benchmark | median | min – max | goal | interpretation |",
+        "|---|---:|---|---|---|",
+        *interpretations(R),
+        "",
+        "Torch threads: each Serve replica runs torch with 1 thread (`actors/teacher.py`: max(1, int(num_cpus))); "
+        "the direct loop is pinned to 1 thread too (`torch.set_num_threads(1)`), so the comparison is like for "
+        "like per teacher. The pipeline can still run its 3 teacher replicas on both cores at once; "
+        "`label_vs_direct_2threads` gives the direct loop both cores instead.",
+        "",
+        "## Where the labeling time goes",
+        "",
+        *profile_section(R, runs),
+        "",
+        *train_section(R, runs),
+        *fix_section(R),
+        "## How each benchmark measures",
+        "",
+        "- `label_*` (`benchmarks/bench_label.py`): 3 TorchScript MLP teachers (64 -> 1024 x 3 -> 10, random "
+        "weights) on sklearn digits repeated (with noise) to ~20k rows; shard_size = max_batch_size = 256, "
+        "label.concurrency 2, mean_prob at T=4. Labeling phase = `pipeline._label_shards` into a fresh store with "
+        "the teachers already deployed (deployment timed apart); direct = `benchmarks/direct.py` (load_teacher, "
+        "chunks of max_batch_size, `build_shard`, `pq.write_table` per shard). With startup = `pipeline.label()` "
+        "end to end vs direct including load_teacher. Ray: `ray.init(num_cpus=2)` with `pipeline.RAY_ENV`.",
+        "- `kd_vs_hard_train*`, `train_*` (`benchmarks/bench_train.py`): `pipeline.train` on a complete 20k-row "
+        "store, 2 workers x 0.5 CPU, batch 64/worker, 4 epochs, student 64-32-10; samples/s from the run "
+        "history (rank 0 rows / epoch time x world size). The true hard-only baseline patches, for that run "
+        "only, the dataset columns (no `soft.probs`) and the loop's step (plain cross-entropy).",
+        "- `store_*` (`benchmarks/bench_store.py`): a real top-k shard (64 windows x 127 positions, 2 teachers + "
+        "ensemble, k=32, vocab 32k) written/read 20 times per variant per repeat; MB = in-memory Arrow bytes.",
+        "- `bytes_per_token_*` (`benchmarks/bench_lm_bytes.py`): synthetic next-token distributions over 32k "
+        "tokens (logits s·N(0,1) - log(rank), s ~ U(3,6): entropy ≈ 3 nats, top-1 ≈ 0.4, see "
+        "`synthetic_*` figures), 2 teachers, one 64 x 128 shard through `build_shard` + `LabelStore.write_shard`, "
+        "bytes from `LabelStore.bytes_per_token`; KL(p32 || p16) over top-k + tail at T=1. "
+        "`bytes_per_token_k32_shuffled_ids` is the worst case of a vocabulary in random order.",
+        "- `label_cpu_s[*]`, `label_stage_ms[*]` (`benchmarks/profile_label.py`): see above.",
+        "",
+    ]
+    errors = {n: r for n, r in runs.items() if "error" in r}
+    if errors:
+        lines += ["## Errors", ""]
+        for n, r in errors.items():
+            lines += [f"- `{n}` failed ({r['error']}); last lines:", "", "```", *r.get("log_tail", [])[-15:], "```", ""]
+    lines += ["## Every number", "", *all_numbers(R), ""]
+    path.write_text("\n".join(lines))
+
+
+def write_results(data_dir: Path, runs: dict) -> None:
+    R = Results(runs)
+    results = {"ratios": {n: d["median"] for n, d in R.all.items() if d["kind"] == "ratios"},
+               "figures": {n: d["median"] for n, d in R.all.items() if d["kind"] == "figures"}}
+    (data_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small smoke sizes (a few minutes)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per benchmark (default 3)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="write BENCHMARKS.md, results.json and the profile here instead of the repo "
+                        "(BENCHMARKS.md at the root, the rest under benchmarks/)")
+    p.add_argument("--only", nargs="*", choices=BENCHMARKS, default=list(BENCHMARKS), help="a subset")
+    p.add_argument("--render", type=Path, default=None, metavar="DETAIL_JSON",
+                   help="only rewrite BENCHMARKS.md (and results.json) from a results_detail.json of an earlier run")
+    p.add_argument("--max-wait", type=float, default=None,
+                   help=f"seconds to wait for load average <= {LOAD_LIMIT} first (default 600, 0 with --quick)")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    md_path = (args.out / "BENCHMARKS.md") if args.out else ROOT / "BENCHMARKS.md"
+    data_dir = args.out if args.out else ROOT / "benchmarks"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        d = json.loads(args.render.read_text())
+        args.quick, args.repeats = d["quick"], d["repeats"]
+        write_results(data_dir, d["runs"])
+        write_markdown(md_path, d["runs"], d["machine"], args, d["started"], d["minutes"], d["load_average_at_start"])
+        print(f"benchmarks: rewrote {md_path} from {args.render}")
+        return 0
+    load_start = wait_for_quiet(args.max_wait if args.max_wait is not None else (0 if args.quick else 600))
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    t0 = time.perf_counter()
+    runs = {}
+    for name in args.only:
+        print(f"benchmarks: {name} ...", flush=True)
+        runs[name] = run_one(name, args.quick, args.repeats, data_dir, timeout_s=1800)
+        status = runs[name].get("error", "ok")
+        print(f"benchmarks: {name} {status} in {runs[name]['elapsed_s']:.0f}s", flush=True)
+    minutes = (time.perf_counter() - t0) / 60
+    mach = machine()
+    write_results(data_dir, runs)
+    detail = {"machine": mach, "started": started, "minutes": minutes, "quick": args.quick, "repeats": args.repeats,
+              "load_average_at_start": load_start, "runs": runs}
+    (data_dir / "results_detail.json").write_text(json.dumps(detail, indent=2, sort_keys=True, default=str) + "\n")
+    write_markdown(md_path, runs, mach, args, started, minutes, load_start)
+    print(f"benchmarks: wrote {md_path} and {data_dir / 'results.json'} ({minutes:.1f} min)", flush=True)
+    return 1 if any("error" in r for r in runs.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
