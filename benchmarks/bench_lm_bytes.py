@@ -11,7 +11,9 @@ go through the real path: orchestrator.soft_labels.build_shard (ensemble_topk + 
 LabelStore.write_shard; bytes per token come from LabelStore.bytes_per_token (the written file's
 column chunks / positions). Each repeat draws new data (seed = repeat).
 
-Also reported: the naive layout (int32 id + float32 log-prob = 8 bytes x k, and the same
+Also reported: the same table written with the prototype options of benchmarks/prototypes.py
+(``proposed``) and with pyarrow's defaults (dictionary + snappy: the store's codec before commit
+9bb8576 adopted the prototype), the naive layout (int32 id + float32 log-prob = 8 bytes x k, and the same
 written as Parquet), the mean KL error that float16 storage of the log-probs introduces
 (KL(p32 || p16) over the k listed tokens + the tail bucket, in nats), and a worst case with the
 vocabulary's ids in random order (no frequency ordering: ids are incompressible).
@@ -76,9 +78,10 @@ def fp16_kl(lps: np.ndarray) -> float:
 
 
 def store_bytes_per_token(work: Path, ids: np.ndarray, lps: np.ndarray, windows: int, length: int, k: int,
-                          rng: np.random.Generator) -> tuple[dict, int, dict]:
+                          rng: np.random.Generator) -> tuple[dict, int, dict, dict]:
     """Write one shard through the real codec; return LabelStore.bytes_per_token(), the file's
-    bytes, and the bytes per token of the same table written with the prototype options."""
+    bytes, and the bytes per token of the same table written with the prototype options and
+    with pyarrow's default options."""
     from benchmarks.prototypes import column_bytes, table_buffer, write_options_for
     from orchestrator.soft_labels import build_shard
     from orchestrator.store import LabelStore, topk_columns
@@ -103,10 +106,14 @@ def store_bytes_per_token(work: Path, ids: np.ndarray, lps: np.ndarray, windows:
     info = store.write_shard(0, table)
     assert not store.record_finished()
     # The prototype codec (benchmarks/prototypes.py) on the very same table.
-    sizes = column_bytes(table_buffer(table, **write_options_for(table)))
     positions = windows * (length - 1)
-    proposed = {n: sum(sizes.get(c, 0) for c in topk_columns(n)) / positions for n in [*names, "soft"]}
-    return store.bytes_per_token(), info.bytes, proposed
+
+    def per_token(sizes: dict) -> dict:
+        return {n: sum(sizes.get(c, 0) for c in topk_columns(n)) / positions for n in [*names, "soft"]}
+
+    proposed = per_token(column_bytes(table_buffer(table, **write_options_for(table))))
+    defaults = per_token(column_bytes(table_buffer(table)))  # pyarrow's defaults: the store's codec before 9bb8576
+    return store.bytes_per_token(), info.bytes, proposed, defaults
 
 
 def naive_parquet_bytes(ids: np.ndarray, lps: np.ndarray) -> float:
@@ -137,10 +144,11 @@ def main(quick: bool, repeats: int) -> None:
                 samples.add(key, v)
             for k in KS:
                 ids, lps = ids64[..., :k], lps64[..., :k]
-                per, file_bytes, proposed = store_bytes_per_token(work, ids, lps, windows, length, k, rng)
+                per, file_bytes, proposed, defaults = store_bytes_per_token(work, ids, lps, windows, length, k, rng)
                 teacher_bpt = float(np.mean([v for n, v in per.items() if n != "soft"]))
                 samples.add(f"bpt_k{k}", teacher_bpt)
                 samples.add(f"bpt_proposed_k{k}", float(np.mean([v for n, v in proposed.items() if n != "soft"])))
+                samples.add(f"bpt_defaults_k{k}", float(np.mean([v for n, v in defaults.items() if n != "soft"])))
                 samples.add(f"bpt_soft_k{k}", per["soft"])
                 samples.add(f"naive_raw_k{k}", 8.0 * k)
                 samples.add(f"naive_parquet_k{k}", naive_parquet_bytes(ids[0].reshape(-1, k), lps[0].reshape(-1, k)))
@@ -151,7 +159,7 @@ def main(quick: bool, repeats: int) -> None:
                     f"fp16 KL {samples.values[f'kl_fp16_k{k}'][-1]:.2e}")
             # Worst case: ids in random order (no frequency-ordered vocabulary), k = 32 only.
             ids_u, lps_u, _ = synth_topk(rng, positions, 2, 32, shuffle_ids=True)
-            per, _, proposed = store_bytes_per_token(work, ids_u, lps_u, windows, length, 32, rng)
+            per, _, proposed, _ = store_bytes_per_token(work, ids_u, lps_u, windows, length, 32, rng)
             samples.add("bpt_k32_shuffled", float(np.mean([v for n, v in per.items() if n != "soft"])))
             samples.add("bpt_proposed_k32_shuffled", float(np.mean([v for n, v in proposed.items() if n != "soft"])))
     finally:
@@ -161,6 +169,7 @@ def main(quick: bool, repeats: int) -> None:
         figures[f"bytes_per_token_k{k}"] = f"bpt_k{k}"
         figures[f"bytes_per_token_soft_k{k}"] = f"bpt_soft_k{k}"
         figures[f"bytes_per_token_proposed_k{k}"] = f"bpt_proposed_k{k}"
+        figures[f"bytes_per_token_pyarrow_defaults_k{k}"] = f"bpt_defaults_k{k}"
         figures[f"bytes_per_token_naive_k{k}"] = f"naive_raw_k{k}"
         figures[f"bytes_per_token_naive_parquet_k{k}"] = f"naive_parquet_k{k}"
         figures[f"fp16_mean_kl_nats_k{k}"] = f"kl_fp16_k{k}"

@@ -24,6 +24,7 @@ way: there, per-file costs (two renames, the sidecar) dominate.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import tempfile
 import time
@@ -130,8 +131,14 @@ def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
         for i in range(iters):
             pq.read_table(str(default / f"shard-{i:05d}.parquet"))
 
+    def r_sha256():  # the store's integrity check alone, on the same file's bytes
+        data = (plain / "shard-00000.parquet").read_bytes()
+        for _ in range(iters):
+            hashlib.sha256(data).hexdigest()
+
     writes = [("store", w_store), ("pyarrow", w_plain), ("nocopy", w_nocopy), ("pyarrow_default", w_default)]
-    reads = [("store", r_store), ("pyarrow", r_plain), ("nocopy", r_nocopy), ("pyarrow_default", r_default)]
+    reads = [("store", r_store), ("pyarrow", r_plain), ("nocopy", r_nocopy), ("pyarrow_default", r_default),
+             ("sha256", r_sha256)]
     for _, fn in writes:  # warm-up, and the files the reads need
         fn()
     for phase, steps in (("write", writes), ("read", reads)):
@@ -172,6 +179,9 @@ def main(quick: bool, repeats: int) -> None:
             ratios[f"store_{phase}_vs_pyarrow_defaults{suffix}"] = f"{tag}_{phase}_vs_default"
             for v in ("store", "pyarrow", "nocopy", "pyarrow_default"):
                 figures[f"store_{phase}_{v}{suffix}_mb_per_s"] = f"{tag}_{phase}_{v}_mb_s"
+        for a, b in zip(samples.values[f"{tag}_read_store_mb_s"], samples.values[f"{tag}_read_sha256_mb_s"]):
+            samples.add(f"{tag}_sha256_share", a / b)  # seconds of sha256 / seconds of read_shard
+        figures[f"store_read_sha256_share{suffix}"] = f"{tag}_sha256_share"
     emit(ratios=ratios, figures=figures, samples=samples, notes=notes)
 
 

@@ -3,14 +3,16 @@
 Each mirrors one library function with one change, so the benchmarks can time both side by
 side; BENCHMARKS.md says how to apply them.
 
-* ``write_shard_nocopy`` / ``read_shard_nocopy``: orchestrator/store.py LabelStore.write_shard /
-  read_shard without the extra copies: the Parquet bytes stay in one pyarrow Buffer, which
-  sha256 and the file write read through the buffer protocol, instead of ``to_pybytes()`` (a
-  full copy) on write and ``open_input_stream().read()`` (bytes) on read.
-* ``TOPK_WRITE_OPTIONS`` / ``write_options_for``: Parquet options for top-k label columns:
-  BYTE_STREAM_SPLIT encoding, no dictionary, zstd. Sorted float16 log-probs and
-  frequency-skewed int16 ids compress far better split by byte plane than through a
-  dictionary (which overflows and falls back on 32k-token vocabularies) and snappy.
+* ``label_shards_in_driver``: orchestrator/pipeline.py ``_label_shards`` without Ray Data: one
+  Labeler in the driver, label.concurrency shards in flight on threads (bench_label).
+* ``read_store_with_pyarrow``: the ``ray.data.read_parquet`` of ``pipeline.train`` replaced by a
+  pyarrow read in the driver + ``ray.data.from_arrow`` (bench_train, ``kd_fast``).
+* ``write_options_for``: Parquet options for top-k label columns: BYTE_STREAM_SPLIT encoding, no
+  dictionary, zstd (bench_lm_bytes). Adopted by the store since (orchestrator/store.py
+  ``shard_write_options``, commit 9bb8576).
+* ``write_shard_nocopy`` / ``read_shard_nocopy``: LabelStore.write_shard / read_shard without the
+  bytes copies (``to_pybytes()`` on write, ``open_input_stream().read()`` on read): one pyarrow
+  Buffer, hashed and written or parsed in place (bench_store).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ def test_quick_run_writes_results_and_report(tmp_path):
     own = [ROOT / "BENCHMARKS.md", ROOT / "benchmarks" / "results.json"]
     before = {p: p.stat().st_mtime_ns for p in own if p.exists()}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--repeats", "1", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=840)
+                          cwd=ROOT, capture_output=True, text=True, timeout=870)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"ratios", "figures"}
