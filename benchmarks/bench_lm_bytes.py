@@ -20,7 +20,6 @@ vocabulary's ids in random order (no frequency ordering: ids are incompressible)
 """
 from __future__ import annotations
 
-import argparse
 import io
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import Samples, emit, log, sizes
+from benchmarks.common import Samples, emit, log, run_main, sizes
 
 VOCAB = 32_000
 KS = (8, 16, 32, 64)
@@ -183,8 +182,4 @@ def main(quick: bool, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    main(a.quick, a.repeats)
+    run_main(main)

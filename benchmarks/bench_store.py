@@ -23,7 +23,6 @@ way: there, per-file costs (two renames, the sidecar) dominate.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import shutil
 import tempfile
@@ -34,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.common import Samples, emit, log, ratio_samples, sizes
+from benchmarks.common import Samples, emit, log, ratio_samples, run_main, sizes
 
 
 def lm_shard(windows: int, length: int = 128, k: int = 32, seed: int = 0):
@@ -186,8 +185,4 @@ def main(quick: bool, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    main(a.quick, a.repeats)
+    run_main(main)

@@ -25,13 +25,12 @@ Ray Train run (its own storage path: nothing resumes). The wall time of pipeline
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import (Samples, classification_config, dataset_rows_for, emit, log, make_dataset,
+from benchmarks.common import (Samples, classification_config, dataset_rows_for, emit, log, make_dataset, run_main,
                                make_mlp_teachers, ratio_samples, ray_running, sizes)
 
 
@@ -244,8 +243,4 @@ def main(quick: bool, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    main(a.quick, a.repeats)
+    run_main(main)

@@ -244,3 +244,14 @@ def dataset_rows_for(train_rows: int) -> int:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_main(main) -> None:
+    """The `python -m benchmarks.bench_*` entry: --quick (smoke sizes), --repeats N."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    main(a.quick, a.repeats)

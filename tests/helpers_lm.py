@@ -51,12 +51,12 @@ def make_lm(out: Path, tokenizer, texts: list[str], hidden: int, layers: int, se
     return out
 
 
-def make_lm_setup(root: Path) -> dict:
+def make_lm_setup(root: Path, teacher_steps: int = 40) -> dict:
     """Tokenizer, two teachers of different sizes, a student config and train/test text files."""
     texts = corpus()
     tok = make_tokenizer(root / "tokenizer", texts)
-    teachers = {"small": make_lm(root / "small", tok, texts, 32, 1, seed=1),
-                "large": make_lm(root / "large", tok, texts, 48, 2, seed=2)}
+    teachers = {"small": make_lm(root / "small", tok, texts, 32, 1, seed=1, steps=teacher_steps),
+                "large": make_lm(root / "large", tok, texts, 48, 2, seed=2, steps=teacher_steps)}
     student = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
                "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
     (root / "student.json").write_text(json.dumps(student))
@@ -88,14 +88,4 @@ def lm_config(tmp: Path, setup: dict, **sections) -> dict:
 def make_untrained_lm_setup(root: Path) -> dict:
     """The files of make_lm_setup with untrained teachers (seconds, not a minute): enough for
     the checks that refuse bad input before any teacher runs (tests/test_bad_input.py)."""
-    texts = corpus()
-    tok = make_tokenizer(root / "tokenizer", texts)
-    teachers = {"small": make_lm(root / "small", tok, texts, 32, 1, seed=1, steps=0),
-                "large": make_lm(root / "large", tok, texts, 48, 2, seed=2, steps=0)}
-    student = {"model_type": "llama", "vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32,
-               "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
-    (root / "student.json").write_text(json.dumps(student))
-    pq.write_table(pa.table({"text": texts[:10]}), root / "train.parquet")
-    pq.write_table(pa.table({"text": texts[10:]}), root / "test.parquet")
-    return {"teachers": teachers, "student_config": root / "student.json", "tokenizer": root / "tokenizer",
-            "train": root / "train.parquet", "test": root / "test.parquet"}
+    return make_lm_setup(root, teacher_steps=0)
