@@ -80,8 +80,12 @@ class StoreConfig(_Strict):
 
 
 class LabelConfig(_Strict):
-    concurrency: int = Field(2, ge=1)  # Ray Data labeler actors
-    num_cpus: float = Field(0.25, ge=0)  # per labeler actor (they mostly wait on teachers)
+    # Where shards are labeled: "driver" = threads in the driver process (no labeler processes
+    # to start: the fastest on one node), "ray_data" = a Ray Data actor pool (labeler CPU work
+    # spread over the cluster's nodes), "auto" = driver on a one-node cluster, else ray_data.
+    executor: Literal["auto", "driver", "ray_data"] = "auto"
+    concurrency: int = Field(2, ge=1)  # shards in flight: driver threads, or Ray Data labeler actors
+    num_cpus: float = Field(0.25, ge=0)  # per Ray Data labeler actor (they mostly wait on teachers)
 
 
 class StudentConfig(_Strict):
@@ -110,6 +114,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(0, ge=0)
     max_samples: Optional[int] = Field(None, gt=0)  # train on the first N stored rows only
     cache_rows: int = Field(200_000, ge=0)  # a worker shard up to this many rows is kept in memory
+    # A store up to this size is read by the driver (pyarrow) and handed to Ray Data whole;
+    # a larger one streams with ray.data.read_parquet (which costs seconds to plan small files).
+    read_in_driver_mb: float = Field(256, ge=0)
     seed: int = 0
 
 

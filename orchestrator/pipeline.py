@@ -2,7 +2,8 @@
 
     run(cfg)
       prepare   load the dataset, split it, fingerprint data and teachers (no Ray)
-      label     Serve teachers -> Ray Data map_batches(Labeler) -> store shards (skips finished)
+      label     Serve teachers -> Labeler per shard (driver threads, or Ray Data map_batches) -> store
+                shards (skips finished)
       train     Ray Train TorchTrainer(student.train_loop) on the store, KD and hard baseline
       evaluate  held-out scores of teachers, ensemble, students -> report.json/.md + plots
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from . import metrics
 from .config import DistillConfig
@@ -304,28 +306,16 @@ def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
 
 
 def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], shards: list[int]) -> None:
-    import ray.data
-
-    from actors.labeler import Labeler
-
     chunk = {t.name: t.max_batch_size for t in cfg.teachers}
-    # A shard that fails must fail the run loudly, never be skipped: Ray Data may drop up to
-    # max_errored_blocks failing blocks and carry on. Lost replicas are retried in the labeler,
-    # and a Labeler actor lost with its node is restarted by Ray Data (its tasks are retried).
-    ray.data.DataContext.get_current().max_errored_blocks = 0
-    ds = ray.data.from_items([{"shard": s} for s in shards]).map_batches(
-        Labeler,
-        batch_size=1,
-        compute=ray.data.ActorPoolStrategy(size=min(cfg.label.concurrency, len(shards))),
-        fn_constructor_kwargs={"store_uri": store.uri, "apps": apps, "chunk": chunk, "run": cfg.run.name},
-        num_cpus=cfg.label.num_cpus,
-    )
+    labeler_args = {"store_uri": store.uri, "apps": apps, "chunk": chunk, "run": cfg.run.name}
+    executor = _label_executor(cfg)
+    results = (_label_in_driver if executor == "driver" else _label_with_ray_data)(cfg, labeler_args, shards)
     t0, rows, total = time.perf_counter(), 0, store.manifest["dataset"]["rows"]
     todo = sum(min(store.manifest["shard_size"], total - s * store.manifest["shard_size"]) for s in shards)
     # A failing shard is re-raised below as one line; Ray Data's own ERROR narration would repeat it.
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     try:
-        for n, out in enumerate(ds.iter_rows(), 1):
+        for n, out in enumerate(results, 1):
             rows += int(out["rows"])
             rate = rows / (time.perf_counter() - t0)
             metrics.label_progress(cfg.run.name, rows, todo, rate)
@@ -334,7 +324,64 @@ def _label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], s
     except Exception as e:  # a teacher returning NaN, a wrong shape...: the user's problem, one line
         _reraise_user_error(e)
     finally:
+        results.close()  # the driver executor: cancel shards not yet started
         logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _label_executor(cfg: DistillConfig) -> str:
+    import ray
+
+    if cfg.label.executor != "auto":
+        log.info("label: executor %s (label.executor)", cfg.label.executor)
+        return cfg.label.executor
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    executor = "driver" if nodes == 1 else "ray_data"
+    log.info("label: executor %s (label.executor=auto, %d node%s; set label.executor to choose)",
+             executor, nodes, "" if nodes == 1 else "s")
+    return executor
+
+
+def _label_in_driver(cfg: DistillConfig, labeler_args: dict, shards: list[int]):
+    """One Labeler in this process, label.concurrency shards in flight on threads.
+
+    The threads mostly wait on Serve; numpy, torch and pyarrow release the GIL for the rest.
+    No labeler processes to start (each costs ~2 CPU-seconds of imports), which on one node is
+    most of Ray Data's overhead (BENCHMARKS.md, label_vs_direct). Yields each shard's summary
+    as it finishes; a lost replica is retried inside the Labeler, as on the Ray Data path.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    from actors.labeler import Labeler
+
+    labeler = Labeler(**labeler_args)
+    with ThreadPoolExecutor(max_workers=cfg.label.concurrency, thread_name_prefix="labeler") as pool:
+        futures = [pool.submit(labeler.label_shard, s) for s in shards]
+        try:
+            for f in as_completed(futures):
+                yield f.result()
+        finally:  # an error (or the caller giving up): start no further shard
+            for f in futures:
+                f.cancel()
+
+
+def _label_with_ray_data(cfg: DistillConfig, labeler_args: dict, shards: list[int]):
+    """A Ray Data actor pool of label.concurrency Labelers (any node), one shard per call."""
+    import ray.data
+
+    from actors.labeler import Labeler
+
+    # A shard that fails must fail the run loudly, never be skipped: Ray Data may drop up to
+    # max_errored_blocks failing blocks and carry on. Lost replicas are retried in the labeler,
+    # and a Labeler actor lost with its node is restarted by Ray Data (its tasks are retried).
+    ray.data.DataContext.get_current().max_errored_blocks = 0
+    ds = ray.data.from_items([{"shard": s} for s in shards]).map_batches(
+        Labeler,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.label.concurrency, len(shards))),
+        fn_constructor_kwargs=labeler_args,
+        num_cpus=cfg.label.num_cpus,
+    )
+    yield from ds.iter_rows()
 
 
 def reensemble_store(store: LabelStore, ensemble: dict) -> LabelStore:
@@ -401,9 +448,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     key = {"loop": {k: v for k, v in loop_cfg.items() if k != "epochs"}, "workers": t.workers, "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
     run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
-    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(["row", *columns])
-    if rows < prep.train.num_rows:
-        ds = ds.filter(expr=f"row < {rows}")
+    ds = _train_dataset(store, ["row", *columns], rows, t.read_in_driver_mb)
     storage = str((cfg.run_dir / "train").resolve()) if "://" not in cfg.output_dir else f"{cfg.output_dir}/{cfg.run.name}/train"
     trainer = TorchTrainer(
         train_loop,
@@ -440,6 +485,26 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
 
     torch.save(state, out / f"{name}.pt")
     return state
+
+
+def _train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_driver_mb: float):
+    """The store's first `rows` rows as a Ray Dataset, in store order (for deterministic splits).
+
+    A small store is read here with pyarrow (20k rows: ~0.05 s) and handed over whole:
+    read_parquet over many small shard files spends seconds planning and launching read tasks
+    before the first batch (7.5 s vs 0.4 s for 79 files measured, BENCHMARKS.md), most of a
+    small run's first epoch. A big one streams, so no node needs to hold it all.
+    """
+    import ray.data
+
+    size_mb = sum(s["bytes"] for s in store.manifest["shards"].values()) / 2**20
+    if size_mb <= read_in_driver_mb:
+        log.info("train: store %.1f MB <= train.read_in_driver_mb=%g: read by the driver", size_mb, read_in_driver_mb)
+        table = pq.ParquetDataset(store.shard_paths(), filesystem=store.fs).read(columns=columns)
+        return ray.data.from_arrow(table.slice(0, rows))  # shards hold rows 0..n-1 in order
+    log.info("train: store %.1f MB > train.read_in_driver_mb=%g: streamed with read_parquet", size_mb, read_in_driver_mb)
+    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(columns)
+    return ds.filter(expr=f"row < {rows}") if rows < store.manifest["dataset"]["rows"] else ds
 
 
 def _student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, list[str]]:

@@ -74,16 +74,60 @@ def _cli(cfg_path: Path, *args: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _wait_gone(pids: list[int], timeout: float = 30) -> None:
+    """Wait for the processes to exit on their own; SIGKILL what is left after `timeout`."""
+    def alive():  # running, not a zombie (an orphan's zombie may never be reaped in a container)
+        left = []
+        for pid in pids:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    left.append(pid)
+            except OSError:
+                pass
+        return left
+
+    end = time.monotonic() + timeout
+    while alive() and time.monotonic() < end:
+        time.sleep(0.1)
+    for pid in alive():
+        os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: not alive(), what="the killed run's processes to exit")
+
+
+EXECUTORS = pytest.mark.parametrize("executor", ["driver", "ray_data"])  # label.executor: both paths
+
+
 # Subprocess tests first: each driver starts (and, killed, loses) its own embedded Ray.
-def test_driver_killed_mid_labeling_resumes_without_loss_or_rework(tmp_path):
+@EXECUTORS
+def test_driver_killed_mid_labeling_resumes_without_loss_or_rework(tmp_path, executor):
     log = tmp_path / "calls.log"
-    cfg = _config(tmp_path, log, delay=0.3, label={"concurrency": 1})
+    cfg = _config(tmp_path, log, delay=0.3, label={"concurrency": 1, "executor": executor})
     path = write_yaml(tmp_path / "c.yaml", cfg)
     p = _cli(path)
     _wait_for(lambda: len(_sidecars(cfg)) >= 3 or p.poll() is not None, what="3 finished shards")
     assert p.poll() is None, "labeling finished before the kill: make the teachers slower"
+    ray_processes = _descendants(p.pid)  # its embedded Ray: GCS, raylet, labelers, replicas
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
+    # Until its Ray has gone too, a labeler or replica of the killed run may still finish work
+    # in flight: count what the first run did once nothing of it is left.
+    _wait_gone(ray_processes)
     finished = {s.stem for s in _sidecars(cfg)}
     total_shards = 13  # 1257 train rows / 100
     assert 3 <= len(finished) < total_shards
@@ -171,11 +215,12 @@ def _actor_pids(class_part: str) -> list[int]:
             if a["State"] == "ALIVE" and class_part in a["ActorClassName"]]
 
 
-def test_serve_replica_killed_mid_labeling(ray_local, tmp_path):
+@EXECUTORS
+def test_serve_replica_killed_mid_labeling(ray_local, tmp_path, executor):
     import ray.data
 
     log = tmp_path / "calls.log"
-    cfg = config_from_dict(_config(tmp_path, log, delay=0.2))
+    cfg = config_from_dict(_config(tmp_path, log, delay=0.2, label={"executor": executor}))
     thread, errors = _label_in_thread(cfg)
     _wait_for(lambda: len(_sidecars(cfg.model_dump())) >= 2, what="2 finished shards")
     victim = _actor_pids("teacher-a")
@@ -187,7 +232,8 @@ def test_serve_replica_killed_mid_labeling(ray_local, tmp_path):
     # Serve replaced the replica, and the new one answered the rest.
     pids = [pid for t, _, pid in teacher_calls(log) if t == "a"]
     assert pids[0] == victim[0] and pids[-1] != victim[0], set(pids)
-    assert ray.data.DataContext.get_current().max_errored_blocks == 0  # no shard may be skipped
+    if executor == "ray_data":
+        assert ray.data.DataContext.get_current().max_errored_blocks == 0  # no shard may be skipped
 
 
 @pytest.fixture(scope="module")
@@ -237,10 +283,13 @@ def _accuracy(state: dict, prep) -> float:
     return float((pred == prep.test.column("label").to_numpy()).mean())
 
 
-def test_train_worker_killed_restores_from_checkpoint(labeled):
+@pytest.mark.parametrize("read_mb", [256, 0], ids=["driver_read", "streamed"])  # train.read_in_driver_mb
+def test_train_worker_killed_restores_from_checkpoint(labeled, read_mb):
     tmp, raw = labeled
     epochs = 60
-    cfg = config_from_dict({**raw, "train": {**raw["train"], "epochs": epochs, "max_failures": 1}})
+    cfg = config_from_dict({**raw, "run": {"name": f"restore{read_mb}"},
+                            "store": {**raw["store"], "path": str(tmp / "runs" / "tiny" / "store")},
+                            "train": {**raw["train"], "epochs": epochs, "max_failures": 1, "read_in_driver_mb": read_mb}})
     prep, result, _ = _train_and_kill_a_worker(cfg)
     assert "error" not in result, result.get("error")
     state = result["state"]

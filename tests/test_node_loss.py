@@ -7,6 +7,7 @@ labeler re-sends the lost requests, Ray Data restarts any Labeler actor that liv
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -52,7 +53,8 @@ def _replica_node(app_part: str) -> str | None:
     return None
 
 
-def test_node_hosting_a_teacher_replica_is_lost(cluster, tmp_path):
+def test_node_hosting_a_teacher_replica_is_lost(cluster, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="distill")
     log = tmp_path / "calls.log"
     raw = tiny_config(tmp_path, {}, store={"shard_size": 100})
     raw["teachers"] = [{**t, "resources": {"teacher_node": 1}}
@@ -82,6 +84,8 @@ def test_node_hosting_a_teacher_replica_is_lost(cluster, tmp_path):
 
     thread.join(timeout=600)
     assert not thread.is_alive() and not errors, errors
+    # label.executor=auto chose Ray Data's labeler actors on a cluster of several nodes.
+    assert "label: executor ray_data (label.executor=auto, 3 nodes" in caplog.text
     store = LabelStore(str(cfg.store_path))
     store.load_manifest()
     assert store.complete

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -62,6 +63,29 @@ def test_report_shape_and_student_quality(finished_run):
         assert (cfg.run_dir / png).stat().st_size > 1000
     assert "| student |" in (cfg.run_dir / "report.md").read_text()
     assert len(report["curves"]["student"]) == 3
+
+
+@pytest.mark.parametrize("rows", [None, 100])  # train.max_samples unset / 100
+def test_both_train_read_paths_give_the_stores_rows(finished_run, rows, monkeypatch):
+    """train.read_in_driver_mb picks a driver read (from_arrow) or streaming read_parquet:
+    both must hand training exactly the store's first `rows` rows, in store order."""
+    cfg, _ = finished_run
+    store, table = _store_table(cfg)
+    rows = rows or table.num_rows
+    cols = ["row", "features", SOFT_COLUMN]
+    got = {}
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    monkeypatch.setattr(ctx.execution_options, "preserve_order", True)  # as train's DataConfig sets it
+    for path, mb in (("driver", 1e6), ("streamed", 0)):
+        ds = pipeline._train_dataset(store, cols, rows, mb)
+        got[path] = pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    expect = table.select(cols).slice(0, rows)
+    for path, t in got.items():
+        assert t.column_names == cols, path
+        assert t.column("row").to_pylist() == list(range(rows)), path  # store order, first rows
+        assert t.equals(expect), path
 
 
 def test_relabel_of_finished_store_calls_no_teacher(finished_run, monkeypatch):
