@@ -57,12 +57,12 @@ def test_minimal_config_gets_documented_defaults():
     assert (t.resources, t.serve_app) == ({}, None)
     assert cfg.ensemble.model_dump() == {"mode": "mean_prob", "temperature": 4.0, "tau": 1.0}
     assert cfg.store.model_dump() == {"path": None, "shard_size": 256}
-    assert cfg.label.model_dump() == {"concurrency": 2, "num_cpus": 0.25}
+    assert cfg.label.model_dump() == {"executor": "auto", "concurrency": 2, "num_cpus": 0.25}
     assert cfg.student.model_dump() == {"arch": "mlp", "hidden": [32]}
     assert cfg.train.model_dump() == {
         "workers": 2, "cpus_per_worker": 1, "use_gpu": False, "epochs": 20, "batch_size": 64,
         "lr": 3e-3, "weight_decay": 0.0, "loss": "kd", "alpha": 0.1, "beta": 0.5,
-        "max_failures": 0, "max_samples": None, "seed": 0, "cache_rows": 200_000, "worker_resources": {},
+        "max_failures": 0, "max_samples": None, "seed": 0, "cache_rows": 200_000, "read_in_driver_mb": 256, "worker_resources": {},
     }
     assert cfg.eval.baseline is True
     assert cfg.ray.model_dump() == {"address": None, "num_cpus": None}
