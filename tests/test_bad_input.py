@@ -103,6 +103,7 @@ def _section(name: str, **kv):
         (_teacher(1, backend="onnx"), r"teachers\.1\.backend: Input should be 'torch', 'hf' or 'vllm' \(got 'onnx'\)"),
         (_section("ensemble", mode="median"), r"ensemble\.mode: Input should be 'mean_prob', .*'ca_mkd' \(got 'median'\)"),
         (_section("train", loss="mse"), r"train\.loss: Input should be 'kd', .*'jsd' \(got 'mse'\)"),
+        (_section("label", executor="threads"), r"label\.executor: Input should be 'auto', 'driver' or 'ray_data' \(got 'threads'\)"),
         (_teacher(0, path="/nonexistent/teacher.pt"), r"teacher 'linear': path not found: /nonexistent/teacher\.pt"),
         (_teacher(0, path=__file__), r"teacher 'linear': .*test_bad_input\.py is not a TorchScript or torch\.save file"),
         (lambda c: [t.update(weight=0) for t in c["teachers"]], r"teachers: at least one teacher needs weight > 0"),
@@ -112,7 +113,8 @@ def _section(name: str, **kv):
         (_teacher(1, name="linear"), r"teachers: teacher names must be unique, repeated: linear"),
     ],
     ids=["mistyped-key", "unknown-section", "wrong-type", "section-not-a-mapping", "negative-size", "negative-limit",
-         "unknown-backend", "unknown-mode", "unknown-loss", "missing-teacher-path", "teacher-not-a-model-file",
+         "unknown-backend", "unknown-mode", "unknown-loss", "unknown-label-executor",
+         "missing-teacher-path", "teacher-not-a-model-file",
          "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names"],
 )
 def test_config_errors(good, tmp_path, capsys, change, expect):
