@@ -1,4 +1,4 @@
-"""label_vs_direct and teacher-replica scaling.
+"""label_vs_direct (label.executor driver vs ray_data) and teacher-replica scaling.
 
     python -m benchmarks.bench_label [--quick] [--repeats N]
 
@@ -6,14 +6,21 @@ Setup: three TorchScript MLP teachers (64 -> hidden x layers -> 10, random weigh
 digits repeated to ~20k rows, shard_size 256 = max_batch_size 256, label.concurrency 2.
 
 Phase 1 (teachers deployed once, deploy time reported apart): per repeat, side by side and
-in alternating order, the labeling phase alone (pipeline._label_shards into a fresh store)
-with 1 replica per teacher, with 2 replicas per teacher, and the direct loop (benchmarks.direct:
-the same teachers in this process, torch pinned to 1 thread like each Serve replica).
-The prototype fix (benchmarks/prototypes.py label_shards_in_driver: the same Labeler in the
-driver process, label.concurrency shards in flight on threads, no Ray Data) runs in the same
-alternation. Phase 2 (with startup): pipeline.label() end to end into a fresh store (deploy + probe +
-create + label + verify + shutdown; Ray itself already running) vs the direct loop including
-load_teacher.
+in alternating order, the labeling phase alone (pipeline._label_shards into a fresh store):
+
+  pipe_driver   1 replica per teacher, label.executor "driver" (the default on one node:
+                one Labeler in the driver, label.concurrency shards in flight on threads)
+  pipe_ray_data 1 replica per teacher, label.executor "ray_data" (the path before the fix:
+                a Ray Data ActorPoolStrategy map_batches of label.concurrency Labeler actors)
+  pipe2         2 replicas per teacher, label.executor left at its default ("auto")
+  direct1       the direct loop (benchmarks.direct: the same teachers in this process, torch
+                pinned to 1 thread like each Serve replica)
+  direct2t      the direct loop with 2 torch threads
+
+label_replicas_2_vs_1 compares pipe2 with the 1-replica run of the executor "auto" resolves to
+here (noted as default_executor). Phase 2 (with startup): pipeline.label() end to end, default
+config, into a fresh store (deploy + probe + create + label + verify + shutdown; Ray itself
+already running) vs the direct loop including load_teacher.
 """
 from __future__ import annotations
 
@@ -25,7 +32,6 @@ from pathlib import Path
 from benchmarks.common import (Samples, classification_config, dataset_rows_for, emit, log, make_dataset, run_main,
                                make_mlp_teachers, ratio_samples, ray_running, sizes)
 from benchmarks.direct import label_direct, load_teachers
-from benchmarks.prototypes import label_shards_in_driver
 
 
 def _fresh_store(cfg, prep, num_classes: int, path: Path):
@@ -67,48 +73,47 @@ def main(quick: bool, repeats: int) -> None:
         teachers = make_mlp_teachers(work / "teachers", s["teachers"], s["hidden"], s["layers"])
         data = make_dataset(work / "data.parquet", dataset_rows_for(s["rows"]))
         with ray_running():
-            cfg1 = config_from_dict(classification_config(work, teachers, data, s, name="r1", replicas=1))
-            cfg2 = config_from_dict(classification_config(work, teachers, data, s, name="r2", replicas=2))
-            prep = pipeline.prepare(cfg1)
+            def config(name: str, replicas: int, executor: str | None = None):
+                return config_from_dict(classification_config(work, teachers, data, s, name=name, replicas=replicas,
+                                                              executor=executor))
+
+            # The same deployment ("r1") serves both 1-replica executors; "r2" has 2 replicas per teacher.
+            cfg_driver, cfg_ray_data = config("r1", 1, "driver"), config("r1", 1, "ray_data")
+            cfg2 = config("r2", 2)  # label.executor: the default ("auto")
+            default_executor = pipeline._label_executor(cfg2)
+            notes["default_executor"] = default_executor
+            prep = pipeline.prepare(cfg_driver)
             rows = prep.train.num_rows
             notes["rows"] = rows
             notes["shards"] = -(-rows // s["shard_size"])
             notes["teachers"] = f"{s['teachers']} TorchScript MLPs 64->{s['hidden']}x{s['layers']}->10"
-            log(f"label: {rows} rows, {notes['shards']} shards, teachers {notes['teachers']}")
+            log(f"label: {rows} rows, {notes['shards']} shards, teachers {notes['teachers']}; "
+                f"label.executor auto -> {default_executor} here")
 
             apps = {}
-            for cfg in (cfg1, cfg2):
+            for cfg in (cfg_driver, cfg2):
                 t0 = time.perf_counter()
                 tdicts = [t.model_dump() for t in cfg.teachers]
                 apps[cfg.run.name] = serve_teachers.deploy(cfg.run.name, tdicts)
                 serve_teachers.probe(apps[cfg.run.name], features_of(prep.train.slice(0, 1)))
                 samples.add(f"deploy_s_{cfg.run.name}", time.perf_counter() - t0)
                 log(f"label: deployed {cfg.run.name} in {time.perf_counter() - t0:.1f}s")
-            direct_teachers = load_teachers(cfg1)
+            direct_teachers = load_teachers(cfg_driver)
 
             def pipe(cfg, tag):
                 return _pipeline_label_phase(cfg, prep, apps[cfg.run.name], work / f"store-{tag}")
 
-            def proto(cfg, tag):
-                # benchmarks/prototypes.py: the same Labeler in this process, label.concurrency shards in flight.
-                store = _fresh_store(cfg, prep, 10, work / f"store-{tag}")
-                t0 = time.perf_counter()
-                n = label_shards_in_driver(cfg, store, apps[cfg.run.name], list(range(store.num_shards)),
-                                           inflight=cfg.label.concurrency)
-                secs = time.perf_counter() - t0
-                assert n == rows and not store.record_finished()
-                return {"rows_per_s": rows / secs}
-
             def direct(threads):
                 out = work / "direct"
                 shutil.rmtree(out, ignore_errors=True)
-                return label_direct(cfg1, prep.train, out, direct_teachers, threads=threads, ensemble=prep.ensemble)
+                return label_direct(cfg_driver, prep.train, out, direct_teachers, threads=threads,
+                                    ensemble=prep.ensemble)
 
             # Warm-up (untimed): Ray worker processes, Serve routers, torch kernels.
-            pipe(cfg1, "warm1"), pipe(cfg2, "warm2"), direct(1), proto(cfg1, "warmp")
+            pipe(cfg_driver, "warmd"), pipe(cfg_ray_data, "warmr"), pipe(cfg2, "warm2"), direct(1)
             for r in range(repeats):
-                steps = [("pipe1", lambda: pipe(cfg1, "r1")), ("direct1", lambda: direct(1)),
-                         ("proto1", lambda: proto(cfg1, "p1")), ("pipe2", lambda: pipe(cfg2, "r2")),
+                steps = [("pipe_driver", lambda: pipe(cfg_driver, "d")), ("direct1", lambda: direct(1)),
+                         ("pipe_ray_data", lambda: pipe(cfg_ray_data, "rd")), ("pipe2", lambda: pipe(cfg2, "r2")),
                          ("direct2t", lambda: direct(2))]
                 for name, fn in (steps if r % 2 == 0 else steps[::-1]):
                     out = fn()
@@ -122,9 +127,9 @@ def main(quick: bool, repeats: int) -> None:
             for app in apps.values():
                 serve_teachers.shutdown(app)
 
-            # Phase 2: with startup (deploy, probe, create, verify, shutdown all included).
+            # Phase 2: with startup (deploy, probe, create, verify, shutdown all included), default config.
             def pipe_full(r):
-                c = config_from_dict(classification_config(work, teachers, data, s, name=f"full{r}", replicas=1))
+                c = config(f"full{r}", 1)
                 shutil.rmtree(Path(c.store_path), ignore_errors=True)
                 t0 = time.perf_counter()
                 pipeline.label(c, prep)
@@ -133,7 +138,8 @@ def main(quick: bool, repeats: int) -> None:
             def direct_full():
                 out = work / "direct"
                 shutil.rmtree(out, ignore_errors=True)
-                return label_direct(cfg1, prep.train, out, None, threads=1, ensemble=prep.ensemble)["rows_per_s_with_load"]
+                return label_direct(cfg_driver, prep.train, out, None, threads=1,
+                                    ensemble=prep.ensemble)["rows_per_s_with_load"]
 
             for r in range(repeats):
                 steps = [("pipefull", lambda: pipe_full(r)), ("directfull", direct_full)]
@@ -144,27 +150,28 @@ def main(quick: bool, repeats: int) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    ratio_samples(samples, "label_vs_direct", "pipe1_rows_per_s", "direct1_rows_per_s")
-    ratio_samples(samples, "label_vs_direct_2threads", "pipe1_rows_per_s", "direct2t_rows_per_s")
+    default_pipe = "pipe_driver" if notes.get("default_executor") == "driver" else "pipe_ray_data"
+    ratio_samples(samples, "label_vs_direct", "pipe_driver_rows_per_s", "direct1_rows_per_s")
+    ratio_samples(samples, "label_vs_direct_ray_data", "pipe_ray_data_rows_per_s", "direct1_rows_per_s")
+    ratio_samples(samples, "label_driver_vs_ray_data", "pipe_driver_rows_per_s", "pipe_ray_data_rows_per_s")
+    ratio_samples(samples, "label_vs_direct_2threads", "pipe_driver_rows_per_s", "direct2t_rows_per_s")
     ratio_samples(samples, "label_vs_direct_with_startup", "pipefull_rows_per_s", "directfull_rows_per_s")
-    ratio_samples(samples, "label_replicas_2_vs_1", "pipe2_rows_per_s", "pipe1_rows_per_s")
-    ratio_samples(samples, "label_prototype_vs_direct", "proto1_rows_per_s", "direct1_rows_per_s")
-    ratio_samples(samples, "label_prototype_speedup", "proto1_rows_per_s", "pipe1_rows_per_s")
+    ratio_samples(samples, "label_replicas_2_vs_1", "pipe2_rows_per_s", f"{default_pipe}_rows_per_s")
     emit(
         ratios={"label_vs_direct": "label_vs_direct",
+                "label_vs_direct_ray_data": "label_vs_direct_ray_data",
+                "label_driver_vs_ray_data": "label_driver_vs_ray_data",
                 "label_vs_direct_2threads": "label_vs_direct_2threads",
                 "label_vs_direct_with_startup": "label_vs_direct_with_startup",
-                "label_replicas_2_vs_1": "label_replicas_2_vs_1",
-                "label_prototype_in_driver_vs_direct": "label_prototype_vs_direct"},
-        figures={"label_pipeline_rows_per_s": "pipe1_rows_per_s",
+                "label_replicas_2_vs_1": "label_replicas_2_vs_1"},
+        figures={"label_pipeline_rows_per_s": "pipe_driver_rows_per_s",
+                 "label_pipeline_ray_data_rows_per_s": "pipe_ray_data_rows_per_s",
                  "label_pipeline_2replicas_rows_per_s": "pipe2_rows_per_s",
                  "label_direct_rows_per_s": "direct1_rows_per_s",
-                 "label_prototype_in_driver_rows_per_s": "proto1_rows_per_s",
-                 "label_prototype_in_driver_speedup": "label_prototype_speedup",
                  "label_direct_2threads_rows_per_s": "direct2t_rows_per_s",
                  "label_pipeline_with_startup_rows_per_s": "pipefull_rows_per_s",
                  "label_direct_with_load_rows_per_s": "directfull_rows_per_s",
-                 "label_verify_s": "pipe1_verify_s",
+                 "label_verify_s": "pipe_driver_verify_s",
                  "label_deploy_s": "deploy_s_r1",
                  "label_deploy_2replicas_s": "deploy_s_r2",
                  "label_direct_compute_s": "direct1_compute_s",

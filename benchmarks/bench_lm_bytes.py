@@ -11,10 +11,10 @@ go through the real path: orchestrator.soft_labels.build_shard (ensemble_topk + 
 LabelStore.write_shard; bytes per token come from LabelStore.bytes_per_token (the written file's
 column chunks / positions). Each repeat draws new data (seed = repeat).
 
-Also reported: the same table written with the prototype options of benchmarks/prototypes.py
-(``proposed``) and with pyarrow's defaults (dictionary + snappy: the store's codec before commit
-9bb8576 adopted the prototype), the naive layout (int32 id + float32 log-prob = 8 bytes x k, and the same
-written as Parquet), the mean KL error that float16 storage of the log-probs introduces
+Also reported: the same table written with pyarrow's defaults (dictionary + snappy: the store's
+codec before commit 9bb8576 adopted BYTE_STREAM_SPLIT + zstd, orchestrator/store.py
+shard_write_options; the store's options go to the notes as ``store_codec``), the naive layout
+(int32 id + float32 log-prob = 8 bytes x k, and the same written as Parquet), the mean KL error that float16 storage of the log-probs introduces
 (KL(p32 || p16) over the k listed tokens + the tail bucket, in nats), and a worst case with the
 vocabulary's ids in random order (no frequency ordering: ids are incompressible).
 """
@@ -79,11 +79,10 @@ def fp16_kl(lps: np.ndarray) -> float:
 def store_bytes_per_token(work: Path, ids: np.ndarray, lps: np.ndarray, windows: int, length: int, k: int,
                           rng: np.random.Generator) -> tuple[dict, int, dict, dict]:
     """Write one shard through the real codec; return LabelStore.bytes_per_token(), the file's
-    bytes, and the bytes per token of the same table written with the prototype options and
-    with pyarrow's default options."""
-    from benchmarks.prototypes import column_bytes, table_buffer, write_options_for
+    bytes, the bytes per token of the same table written with pyarrow's default options, and
+    the store's Parquet options for it."""
     from orchestrator.soft_labels import build_shard
-    from orchestrator.store import LabelStore, topk_columns
+    from orchestrator.store import LabelStore, shard_write_options, topk_columns
 
     names = [f"teacher{m}" for m in range(ids.shape[0])]
     path = work / f"store-k{k}"
@@ -104,15 +103,40 @@ def store_bytes_per_token(work: Path, ids: np.ndarray, lps: np.ndarray, windows:
     table, _ = build_shard(inputs, outputs, store.manifest)
     info = store.write_shard(0, table)
     assert not store.record_finished()
-    # The prototype codec (benchmarks/prototypes.py) on the very same table.
+    # pyarrow's defaults (the store's codec before 9bb8576) on the very same table.
     positions = windows * (length - 1)
 
     def per_token(sizes: dict) -> dict:
         return {n: sum(sizes.get(c, 0) for c in topk_columns(n)) / positions for n in [*names, "soft"]}
 
-    proposed = per_token(column_bytes(table_buffer(table, **write_options_for(table))))
-    defaults = per_token(column_bytes(table_buffer(table)))  # pyarrow's defaults: the store's codec before 9bb8576
-    return store.bytes_per_token(), info.bytes, proposed, defaults
+    defaults = per_token(column_bytes(table_buffer(table)))
+    return store.bytes_per_token(), info.bytes, defaults, shard_write_options(table)
+
+
+def table_buffer(table: pa.Table, **kw) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **kw)
+    return sink.getvalue()
+
+
+def column_bytes(data: bytes | pa.Buffer) -> dict[str, int]:
+    """Compressed bytes per top-level column of a Parquet file (as LabelStore.bytes_per_token sums them)."""
+    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
+    sizes: dict[str, int] = {}
+    for rg in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(rg).column(c)
+            name = col.path_in_schema.split(".list.")[0].split(".element")[0]
+            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes
+
+
+def codec_text(opts: dict) -> str:
+    """The store's Parquet options for the top-k columns, in words (e.g. "BYTE_STREAM_SPLIT + zstd, no dictionary")."""
+    if not opts:
+        return "pyarrow's defaults"
+    codec = ("BYTE_STREAM_SPLIT + " if opts.get("use_byte_stream_split") else "") + opts.get("compression", "snappy")
+    return codec + (", no dictionary" if opts.get("use_dictionary") is False else "")
 
 
 def naive_parquet_bytes(ids: np.ndarray, lps: np.ndarray) -> float:
@@ -143,10 +167,10 @@ def main(quick: bool, repeats: int) -> None:
                 samples.add(key, v)
             for k in KS:
                 ids, lps = ids64[..., :k], lps64[..., :k]
-                per, file_bytes, proposed, defaults = store_bytes_per_token(work, ids, lps, windows, length, k, rng)
+                per, file_bytes, defaults, opts = store_bytes_per_token(work, ids, lps, windows, length, k, rng)
+                notes["store_codec"] = codec_text(opts)
                 teacher_bpt = float(np.mean([v for n, v in per.items() if n != "soft"]))
                 samples.add(f"bpt_k{k}", teacher_bpt)
-                samples.add(f"bpt_proposed_k{k}", float(np.mean([v for n, v in proposed.items() if n != "soft"])))
                 samples.add(f"bpt_defaults_k{k}", float(np.mean([v for n, v in defaults.items() if n != "soft"])))
                 samples.add(f"bpt_soft_k{k}", per["soft"])
                 samples.add(f"naive_raw_k{k}", 8.0 * k)
@@ -154,26 +178,25 @@ def main(quick: bool, repeats: int) -> None:
                 samples.add(f"kl_fp16_k{k}", fp16_kl(lps))
                 samples.add(f"ratio_vs_naive_k{k}", teacher_bpt / (8.0 * k))
                 log(f"lm bytes repeat {r}: k={k}: {teacher_bpt:.1f} B/token/teacher (naive {8 * k}, "
-                    f"proposed {samples.values[f'bpt_proposed_k{k}'][-1]:.1f}), "
+                    f"pyarrow defaults {samples.values[f'bpt_defaults_k{k}'][-1]:.1f}), "
                     f"fp16 KL {samples.values[f'kl_fp16_k{k}'][-1]:.2e}")
             # Worst case: ids in random order (no frequency-ordered vocabulary), k = 32 only.
             ids_u, lps_u, _ = synth_topk(rng, positions, 2, 32, shuffle_ids=True)
-            per, _, proposed, _ = store_bytes_per_token(work, ids_u, lps_u, windows, length, 32, rng)
+            per, _, defaults, _ = store_bytes_per_token(work, ids_u, lps_u, windows, length, 32, rng)
             samples.add("bpt_k32_shuffled", float(np.mean([v for n, v in per.items() if n != "soft"])))
-            samples.add("bpt_proposed_k32_shuffled", float(np.mean([v for n, v in proposed.items() if n != "soft"])))
+            samples.add("bpt_defaults_k32_shuffled", float(np.mean([v for n, v in defaults.items() if n != "soft"])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     figures = {}
     for k in KS:
         figures[f"bytes_per_token_k{k}"] = f"bpt_k{k}"
         figures[f"bytes_per_token_soft_k{k}"] = f"bpt_soft_k{k}"
-        figures[f"bytes_per_token_proposed_k{k}"] = f"bpt_proposed_k{k}"
         figures[f"bytes_per_token_pyarrow_defaults_k{k}"] = f"bpt_defaults_k{k}"
         figures[f"bytes_per_token_naive_k{k}"] = f"naive_raw_k{k}"
         figures[f"bytes_per_token_naive_parquet_k{k}"] = f"naive_parquet_k{k}"
         figures[f"fp16_mean_kl_nats_k{k}"] = f"kl_fp16_k{k}"
     figures["bytes_per_token_k32_shuffled_ids"] = "bpt_k32_shuffled"
-    figures["bytes_per_token_proposed_k32_shuffled_ids"] = "bpt_proposed_k32_shuffled"
+    figures["bytes_per_token_pyarrow_defaults_k32_shuffled_ids"] = "bpt_defaults_k32_shuffled"
     figures["synthetic_entropy_nats"] = "entropy_nats"
     figures["synthetic_top1_prob"] = "top1_prob"
     figures["synthetic_top64_mass"] = "topk_mass"

@@ -1,11 +1,13 @@
-"""kd_vs_hard_train and train-worker scaling.
+"""kd_vs_hard_train, train-worker scaling, and the store read (train.read_in_driver_mb) before/after.
 
     python -m benchmarks.bench_train [--quick] [--repeats N]
 
 A complete classification store (~20k rows of repeated digits, 3 teachers, soft labels at T=4)
 is written once without Ray (the teachers called directly, the real LabelStore). Then, per
 repeat, side by side in alternating order, pipeline.train (Ray Train, the real train loop,
-2 workers, batch 64 per worker, 1 torch thread per worker, the student MLP 64-32-10) runs:
+2 workers, batch 64 per worker, 1 torch thread per worker, the student MLP 64-32-10) runs.
+Every run but kd_streamed keeps the default train.read_in_driver_mb (256 MB: this store is read
+by the driver with pyarrow and handed to Ray Data with ray.data.from_arrow):
 
   kd        loss kd, alpha 0.1: reads features + label + soft.probs
   kd_a1     loss kd, alpha 1.0 (what the pipeline's `student_hard` baseline is): plain CE on the
@@ -14,9 +16,12 @@ repeat, side by side in alternating order, pipeline.train (Ray Train, the real t
             features + label and a step computing only cross_entropy(model(x), y)
             (benchmarks.bench_train.hard_only_loop; patched in for this run only)
   kd_w1     kd with 1 worker (scaling)
-  kd_fast   kd with the prototype fix: pipeline.train's ray.data.read_parquet replaced, for that
-            run only, by benchmarks/prototypes.py read_store_with_pyarrow (driver reads the
-            shards with pyarrow, ray.data.from_arrow)
+  kd_streamed  kd with train.read_in_driver_mb 0: the store streams through ray.data.read_parquet
+            (the path before the fix), for the before/after of the driver read
+
+After the runs of a repeat, one pass over the store in the driver (batches of 64, no Train)
+through pipeline._train_dataset with read_in_driver_mb 0 (read_parquet) and with a limit above
+the store's size (pyarrow + from_arrow): the read path's own cost without Ray Train around it.
 
 Throughput: the run history's per-epoch samples_per_s (rank 0's rows / epoch time) times the
 world size, averaged over the epochs as total rows / total epoch time; every run is a fresh
@@ -78,24 +83,6 @@ class hard_only_patch:
         pipeline._student_spec, student.train_loop = self.saved
 
 
-class fast_read_patch:
-    """In the driver: pipeline.train's ray.data.read_parquet becomes prototypes.read_store_with_pyarrow."""
-
-    def __enter__(self):
-        import ray.data
-
-        from benchmarks.prototypes import read_store_with_pyarrow
-
-        self.saved = ray.data.read_parquet
-        ray.data.read_parquet = read_store_with_pyarrow
-        return self
-
-    def __exit__(self, *exc):
-        import ray.data
-
-        ray.data.read_parquet = self.saved
-
-
 # ---- the store ----------------------------------------------------------------------------------
 
 
@@ -142,20 +129,23 @@ def main(quick: bool, repeats: int) -> None:
         store = pipeline.open_complete_store(cfg, prep)
         notes.update(rows=prep.train.num_rows, shards=store.num_shards, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
                      student=f"MLP 64-{cfg.student.hidden}-10")
+        # Which path the default config takes for this store (pipeline._train_dataset's test).
+        store_mb = sum(sh["bytes"] for sh in store.manifest["shards"].values()) / 2**20
+        notes.update(store_mb=round(store_mb, 2), read_in_driver_mb_default=cfg.train.read_in_driver_mb,
+                     default_read="driver" if store_mb <= cfg.train.read_in_driver_mb else "streamed")
         log(f"train: store of {prep.train.num_rows} rows ready")
 
-        def run(tag: str, r: int, workers: int, alpha: float, hard: bool = False, fast_read: bool = False) -> None:
-            c = config_from_dict({**base, "output_dir": str(work / f"runs-{tag}-{r}"),
-                                  "train": {**base["train"], "workers": workers, "alpha": alpha}})
+        def run(tag: str, r: int, workers: int, alpha: float, hard: bool = False, streamed: bool = False) -> None:
+            train = {**base["train"], "workers": workers, "alpha": alpha}
+            if streamed:
+                train["read_in_driver_mb"] = 0  # the path before the fix: ray.data.read_parquet
+            c = config_from_dict({**base, "output_dir": str(work / f"runs-{tag}-{r}"), "train": train})
             for attempt in (1, 2):  # one retry: a lost Ray Train run says nothing about throughput
                 t0 = time.perf_counter()
                 try:
                     if hard:
                         with hard_only_patch():
                             state = pipeline.train(c, prep, store, "student_hard", "kd", 1.0)
-                    elif fast_read:
-                        with fast_read_patch():
-                            state = pipeline.train(c, prep, store, "student", "kd", alpha)
                     else:
                         state = pipeline.train(c, prep, store, "student", "kd", alpha)
                     break
@@ -178,17 +168,14 @@ def main(quick: bool, repeats: int) -> None:
                 f"pipeline.train {wall:.1f}s of which {secs:.1f}s in epochs")
 
         def store_pass(r: int) -> None:
-            """One pass over the store in the driver: as pipeline.train builds the dataset vs the prototype."""
-            import ray.data
-
-            from benchmarks.prototypes import read_store_with_pyarrow
-
+            """One pass over the store in the driver: pipeline._train_dataset streamed vs read by the driver."""
             cols = ["row", "features", "label", "soft.probs"]
-            makers = [("read_parquet", lambda: ray.data.read_parquet(store.shard_paths(), filesystem=store.fs)),
-                      ("pyarrow", lambda: read_store_with_pyarrow(store.shard_paths(), filesystem=store.fs))]
+            rows, big = prep.train.num_rows, float(2**30)
+            makers = [("read_parquet", lambda: pipeline._train_dataset(store, cols, rows, 0)),
+                      ("pyarrow", lambda: pipeline._train_dataset(store, cols, rows, big))]
             for name, make in (makers if r % 2 == 0 else makers[::-1]):
                 t0 = time.perf_counter()
-                n = sum(len(b["row"]) for b in make().select_columns(cols).iter_torch_batches(batch_size=64))
+                n = sum(len(b["row"]) for b in make().iter_torch_batches(batch_size=64))
                 assert n == prep.train.num_rows
                 samples.add(f"pass_{name}_s", time.perf_counter() - t0)
             log(f"train repeat {r}: one pass over the store in the driver: read_parquet "
@@ -200,7 +187,7 @@ def main(quick: bool, repeats: int) -> None:
             for r in range(repeats):
                 steps = [("kd", lambda: run("kd", r, 2, 0.1)), ("kd_a1", lambda: run("kd_a1", r, 2, 1.0)),
                          ("hard", lambda: run("hard", r, 2, 1.0, hard=True)), ("kd_w1", lambda: run("kd_w1", r, 1, 0.1)),
-                         ("kd_fast", lambda: run("kd_fast", r, 2, 0.1, fast_read=True))]
+                         ("kd_streamed", lambda: run("kd_streamed", r, 2, 0.1, streamed=True))]
                 for _, fn in (steps if r % 2 == 0 else steps[::-1]):
                     fn()
                 store_pass(r)
@@ -213,14 +200,18 @@ def main(quick: bool, repeats: int) -> None:
     ratio_samples(samples, "kd_vs_hard_cached", "kd_cached_samples_per_s", "hard_cached_samples_per_s")
     ratio_samples(samples, "kd_vs_hard_first", "kd_first_epoch_samples_per_s", "hard_first_epoch_samples_per_s")
     ratio_samples(samples, "workers_2_vs_1", "kd_samples_per_s", "kd_w1_samples_per_s")
-    ratio_samples(samples, "fast_read_speedup", "kd_fast_samples_per_s", "kd_samples_per_s")
-    ratio_samples(samples, "fast_read_wall_speedup", "kd_wall_s", "kd_fast_wall_s")
-    ratio_samples(samples, "fast_read_first_epoch_speedup", "kd_fast_first_epoch_samples_per_s", "kd_first_epoch_samples_per_s")
+    ratio_samples(samples, "driver_read_speedup", "kd_samples_per_s", "kd_streamed_samples_per_s")
+    ratio_samples(samples, "driver_read_wall_speedup", "kd_streamed_wall_s", "kd_wall_s")
+    ratio_samples(samples, "driver_read_first_epoch_speedup", "kd_first_epoch_samples_per_s",
+                  "kd_streamed_first_epoch_samples_per_s")
     ratio_samples(samples, "workers_2_vs_1_cached", "kd_cached_samples_per_s", "kd_w1_cached_samples_per_s")
     emit(ratios={"kd_vs_hard_train": "kd_vs_hard", "kd_vs_kd_alpha1_train": "kd_vs_kd_alpha1",
                  "kd_vs_hard_train_wall": "kd_vs_hard_wall", "kd_vs_hard_train_first_epoch": "kd_vs_hard_first",
                  "kd_vs_hard_train_cached_epochs": "kd_vs_hard_cached", "train_workers_2_vs_1": "workers_2_vs_1",
-                 "train_workers_2_vs_1_cached_epochs": "workers_2_vs_1_cached"},
+                 "train_workers_2_vs_1_cached_epochs": "workers_2_vs_1_cached",
+                 "train_read_driver_vs_streamed": "driver_read_speedup",
+                 "train_read_driver_vs_streamed_first_epoch": "driver_read_first_epoch_speedup",
+                 "train_read_driver_vs_streamed_wall": "driver_read_wall_speedup"},
          figures={"train_kd_samples_per_s": "kd_samples_per_s", "train_kd_alpha1_samples_per_s": "kd_a1_samples_per_s",
                   "train_hard_only_samples_per_s": "hard_samples_per_s",
                   "train_kd_1worker_samples_per_s": "kd_w1_samples_per_s",
@@ -231,12 +222,11 @@ def main(quick: bool, repeats: int) -> None:
                   "train_kd_outside_epochs_s": "kd_outside_epochs_s",
                   "train_store_pass_read_parquet_s": "pass_read_parquet_s",
                   "train_store_pass_pyarrow_s": "pass_pyarrow_s",
-                  "train_prototype_fast_read_samples_per_s": "kd_fast_samples_per_s",
-                  "train_prototype_fast_read_first_epoch_samples_per_s": "kd_fast_first_epoch_samples_per_s",
-                  "train_prototype_fast_read_wall_s": "kd_fast_wall_s",
-                  "train_prototype_fast_read_speedup": "fast_read_speedup",
-                  "train_prototype_fast_read_first_epoch_speedup": "fast_read_first_epoch_speedup",
-                  "train_prototype_fast_read_wall_speedup": "fast_read_wall_speedup",
+                  "train_kd_streamed_samples_per_s": "kd_streamed_samples_per_s",
+                  "train_kd_streamed_first_epoch_samples_per_s": "kd_streamed_first_epoch_samples_per_s",
+                  "train_kd_streamed_cached_epochs_samples_per_s": "kd_streamed_cached_samples_per_s",
+                  "train_kd_streamed_outside_epochs_s": "kd_streamed_outside_epochs_s",
+                  "train_kd_streamed_wall_s": "kd_streamed_wall_s",
                   "train_kd_wall_s": "kd_wall_s", "train_hard_only_wall_s": "hard_wall_s",
                   "train_kd_1worker_wall_s": "kd_w1_wall_s"},
          samples=samples, notes=notes)

@@ -210,8 +210,11 @@ def make_dataset(path: Path, rows: int, seed: int = 0) -> Path:
 
 def classification_config(work: Path, teachers: list[Path], data: Path, s: dict, *, name: str = "bench",
                           replicas: int = 1, teacher_cpus: float = 0.2, label_cpus: float = 0.1,
-                          concurrency: int = 2, **sections) -> dict:
+                          concurrency: int = 2, executor: str | None = None, **sections) -> dict:
     """Like examples/quickstart.yaml, with the benchmark's teachers and data.
+
+    ``executor``: label.executor ("driver", "ray_data" or "auto"); None keeps the config's
+    default ("auto": the driver on a one-node cluster such as the benchmarks' local Ray).
 
     Teacher/labeler num_cpus are logical only (each replica runs torch with 1 thread:
     actors/teacher.py sets max(1, int(num_cpus))); they are kept small so that several
@@ -226,7 +229,7 @@ def classification_config(work: Path, teachers: list[Path], data: Path, s: dict,
                       "replicas": replicas, "max_batch_size": s["max_batch_size"]} for i, p in enumerate(teachers)],
         "ensemble": {"mode": "mean_prob", "temperature": 4.0},
         "store": {"shard_size": s["shard_size"]},
-        "label": {"concurrency": concurrency, "num_cpus": label_cpus},
+        "label": {"concurrency": concurrency, "num_cpus": label_cpus, **({"executor": executor} if executor else {})},
         "student": {"hidden": [32]},
         "train": {"workers": 2, "cpus_per_worker": 0.5, "epochs": s["train_epochs"], "batch_size": 64, "lr": 0.003,
                   "loss": "kd", "alpha": 0.1},

@@ -1,17 +1,22 @@
-"""Where the labeling time goes: a breakdown of pipeline._label_shards, plus cProfile.
+"""Where the labeling time goes: a breakdown of pipeline._label_shards per label.executor, plus cProfile.
 
     python -m benchmarks.profile_label [--quick] [--repeats N] [--out DIR]
 
 Same setup as bench_label (three TorchScript MLP teachers, 1 replica each, label.concurrency 2).
+Steps 1 and 2 run for both label executors, alternating in each repeat: "driver" (the default on
+one node: one Labeler in the driver, shards in flight on threads; figures label_*) and
+"ray_data" (the path before: a Ray Data actor pool of Labelers; figures label_ray_data_*), so the
+report shows where the overhead of the old path went.
 
-1. Wall clock of _label_shards split into startup (call -> first finished shard: Ray Data
-   plan + the Labeler actor pool: new worker processes, imports, Serve handles) and the steady
-   per-shard interval after that.
+1. Wall clock of _label_shards split into startup (call -> first finished shard: for ray_data
+   the Ray Data plan + the Labeler actor pool: new worker processes, imports, Serve handles;
+   for driver one Labeler built in the driver) and the steady per-shard interval after that.
 2. CPU seconds per process role during _label_shards (psutil, sampled every 50 ms over the
    driver's process tree, i.e. only this benchmark's Ray): teacher replicas, labeler actors,
-   the driver (Ray Data's executor runs there), Serve controller/proxy, Ray system processes.
-   CPU seconds do not depend on what else the machine runs, unlike wall time. The teachers'
-   useful work is the same forward passes timed in-process (1 thread).
+   the driver (Ray Data's executor, or the labeler threads; the sampler's own CPU is taken
+   out), Serve controller/proxy, Ray system processes. CPU seconds do not depend on what else
+   the machine runs, unlike wall time. The teachers' useful work is the same forward passes
+   timed in-process (1 thread).
 3. One Labeler driven in this process, shard after shard, with each stage timed (read inputs,
    ask the teachers through Serve, check, build_shard = ensemble + encode, write_shard), and
    a Serve round trip of an empty-cost request (a 64->10 linear teacher) for the per-request
@@ -34,11 +39,14 @@ from pathlib import Path
 from benchmarks.common import (Samples, classification_config, dataset_rows_for, emit, log, make_dataset,
                                make_mlp_teachers, ray_running, sizes)
 
-ROLES = ("teacher replicas", "labeler actors", "driver (Ray Data executor)", "serve controller+proxy",
+ROLES = ("teacher replicas", "labeler actors", "driver", "serve controller+proxy",
          "ray system (raylet, gcs, ...)", "other ray workers")
+EXECUTORS = ("driver", "ray_data")  # label.executor values profiled
+# Sample/figure name prefix per executor: the default on one node keeps the plain names.
+PREFIX = {"driver": "", "ray_data": "ray_data_"}
 # Figure names (results.json) of the roles and of the in-driver stages.
 ROLE_SLUG = {"teacher replicas": "teacher_replicas", "labeler actors": "labeler_actors",
-             "driver (Ray Data executor)": "driver", "serve controller+proxy": "serve_controller_proxy",
+             "driver": "driver", "serve controller+proxy": "serve_controller_proxy",
              "ray system (raylet, gcs, ...)": "ray_system", "other ray workers": "other_workers"}
 STAGES = ("read_inputs", "ask_teachers_serve", "check", "build_shard", "write_shard")
 
@@ -46,7 +54,7 @@ STAGES = ("read_inputs", "ask_teachers_serve", "check", "build_shard", "write_sh
 def role_of(p) -> str:
     try:
         if p.pid == os.getpid():
-            return "driver (Ray Data executor)"
+            return "driver"
         title = " ".join(p.cmdline()) or p.name()
     except Exception:
         return "other ray workers"
@@ -101,9 +109,11 @@ class CpuSampler:
         self.thread.start()
 
     def _loop(self):
+        t0 = time.thread_time()
         while not self.stop_event.is_set():
             self._sample()
             time.sleep(self.period)
+        self.own_cpu = time.thread_time() - t0  # the sampler's CPU, counted in the driver's
 
     def stop(self) -> dict[str, float]:
         self.stop_event.set()
@@ -114,7 +124,21 @@ class CpuSampler:
         for pid, (role, c) in self.last.items():
             out[role] += max(0.0, c - self.base.get(pid, 0.0))
             self.per_process[f"{pid} {self.titles.get(pid, '')}"] = max(0.0, c - self.base.get(pid, 0.0))
+        out["driver"] = max(0.0, out["driver"] - self.own_cpu)
         return out
+
+
+def settle(timeout_s: float = 15.0) -> None:
+    """Wait until no labeler actor process of an earlier Ray Data run is left (their teardown
+    would otherwise be counted in the next measured run), then a moment for Ray to go idle."""
+    import psutil
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if not any(role_of(p) == "labeler actors" for p in psutil.Process().children(recursive=True)):
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)
 
 
 def _stages(labeler, shards: int) -> dict[str, float]:
@@ -172,7 +196,9 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
         tiny = make_mlp_teachers(work / "tiny", 1, 0, 0)  # 64 -> 10 linear: a request that costs nothing
         data = make_dataset(work / "data.parquet", dataset_rows_for(s["rows"]))
         with ray_running():
-            cfg = config_from_dict(classification_config(work, teachers, data, s, name="prof"))
+            cfgs = {e: config_from_dict(classification_config(work, teachers, data, s, name="prof", executor=e))
+                    for e in EXECUTORS}
+            cfg = cfgs["driver"]
             prep = pipeline.prepare(cfg)
             rows, shards = prep.train.num_rows, -(-prep.train.num_rows // s["shard_size"])
             apps = serve_teachers.deploy("prof", [t.model_dump() for t in cfg.teachers])
@@ -191,14 +217,14 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
                     m(x)
             compute_s = time.perf_counter() - t0
 
-            pipeline._label_shards(cfg, _fresh_store(cfg, prep, 10, work / "warm"), apps, list(range(shards)))
-            for r in range(repeats):
-                store = _fresh_store(cfg, prep, 10, work / f"store{r}")
+            def profiled(executor: str, r: int) -> None:
+                store = _fresh_store(cfg, prep, 10, work / f"store-{executor}-{r}")
+                settle()
                 stamps.clear()
                 sampler = CpuSampler()
                 sampler.start()
                 t0 = time.perf_counter()
-                pipeline._label_shards(cfg, store, apps, list(range(shards)))
+                pipeline._label_shards(cfgs[executor], store, apps, list(range(shards)))
                 wall = time.perf_counter() - t0
                 cpu = sampler.stop()
                 if os.environ.get("BENCH_DEBUG"):  # the top processes by CPU, to see what a role holds
@@ -206,16 +232,26 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
                         log(f"  {v:6.2f}s  {k}")
                 first = stamps[0] - t0
                 steady = (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
-                samples.add("wall_s", wall)
-                samples.add("startup_s", first)
-                samples.add("steady_ms_per_shard", steady * 1000)
-                samples.add("steady_rows_per_s", s["shard_size"] / steady)
-                samples.add("compute_cpu_s", compute_s)
+                pre = PREFIX[executor]
+                samples.add(f"{pre}wall_s", wall)
+                samples.add(f"{pre}startup_s", first)
+                samples.add(f"{pre}steady_ms_per_shard", steady * 1000)
+                samples.add(f"{pre}steady_rows_per_s", s["shard_size"] / steady)
                 for role, c in cpu.items():
-                    samples.add(f"cpu_s_{ROLE_SLUG[role]}", c)
-                samples.add("cpu_s_total", sum(cpu.values()))
-                log(f"profile repeat {r}: wall {wall:.2f}s (startup {first:.2f}s, then {steady * 1000:.1f} ms/shard); "
-                    f"CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()) + f"; useful compute {compute_s:.2f}")
+                    samples.add(f"{pre}cpu_s_{ROLE_SLUG[role]}", c)
+                samples.add(f"{pre}cpu_s_total", sum(cpu.values()))
+                samples.add(f"{pre}sampler_cpu_s", sampler.own_cpu)
+                log(f"profile repeat {r} ({executor}): wall {wall:.2f}s (startup {first:.2f}s, then "
+                    f"{steady * 1000:.1f} ms/shard); CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
+                    + f"; useful compute {compute_s:.2f}")
+
+            for e in EXECUTORS:  # warm-up (untimed): worker processes, Serve routers
+                pipeline._label_shards(cfgs[e], _fresh_store(cfg, prep, 10, work / f"warm-{e}"), apps,
+                                       list(range(shards)))
+            for r in range(repeats):
+                samples.add("compute_cpu_s", compute_s)
+                for e in (EXECUTORS if r % 2 == 0 else EXECUTORS[::-1]):
+                    profiled(e, r)
 
             # One labeler in this process: stage timings, then cProfile over the same loop.
             store = _fresh_store(cfg, prep, 10, work / "driver")
@@ -245,17 +281,20 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
                 f"cProfile of {shards} shards labeled by one Labeler in the driver process "
                 f"({rows} rows, teachers {s['teachers']} x MLP 64->{s['hidden']}x{s['layers']}->10)\n"
                 "Waiting on Serve shows as time in .result() / threading waits.\n\n" + buf.getvalue())
-            notes.update(rows=rows, shards=shards, profile=str(out_dir / "profile_label.txt"))
+            notes.update(rows=rows, shards=shards, executors=list(EXECUTORS), profile=str(out_dir / "profile_label.txt"))
     finally:
         dlog.removeHandler(handler)
         shutil.rmtree(work, ignore_errors=True)
 
-    figures = {"label_startup_s": "startup_s", "label_steady_ms_per_shard": "steady_ms_per_shard",
-               "label_steady_rows_per_s": "steady_rows_per_s", "label_wall_s": "wall_s",
-               "label_useful_compute_cpu_s": "compute_cpu_s", "label_cpu_s_total": "cpu_s_total",
-               "serve_roundtrip_ms": "serve_roundtrip_ms"}
+    figures = {"label_useful_compute_cpu_s": "compute_cpu_s", "serve_roundtrip_ms": "serve_roundtrip_ms"}
+    for pre in PREFIX.values():
+        figures.update({f"label_{pre}startup_s": f"{pre}startup_s",
+                        f"label_{pre}steady_ms_per_shard": f"{pre}steady_ms_per_shard",
+                        f"label_{pre}steady_rows_per_s": f"{pre}steady_rows_per_s", f"label_{pre}wall_s": f"{pre}wall_s",
+                        f"label_{pre}cpu_s_total": f"{pre}cpu_s_total",
+                        f"label_{pre}profiler_sampler_cpu_s": f"{pre}sampler_cpu_s"})
     for name in samples.values:
-        if name.startswith(("cpu_s_", "stage_ms_")) and name != "cpu_s_total":
+        if name.startswith(("cpu_s_", "ray_data_cpu_s_", "stage_ms_")) and not name.endswith("cpu_s_total"):
             figures[f"label_{name}"] = name
     emit(ratios={}, figures=figures, samples=samples, notes=notes)
 

@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # What results.json must always hold: each benchmark's headline numbers.
 RATIOS = ("label_vs_direct", "label_vs_direct_with_startup", "label_replicas_2_vs_1", "kd_vs_hard_train",
-          "kd_vs_kd_alpha1_train", "train_workers_2_vs_1", "store_write_vs_pyarrow", "store_read_vs_pyarrow")
+          "kd_vs_kd_alpha1_train", "train_workers_2_vs_1", "store_write_vs_pyarrow", "store_read_vs_pyarrow",
+          # each applied fix, before -> after in the same run
+          "label_driver_vs_ray_data", "label_vs_direct_ray_data", "train_read_driver_vs_streamed",
+          "store_read_vs_before", "store_write_vs_before")
 FIGURES = (*(f"bytes_per_token_k{k}" for k in (8, 16, 32, 64)), *(f"fp16_mean_kl_nats_k{k}" for k in (8, 16, 32, 64)),
            "label_pipeline_rows_per_s", "label_direct_rows_per_s", "train_kd_samples_per_s",
            "train_hard_only_samples_per_s", "label_startup_s", "label_wall_s")
