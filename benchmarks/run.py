@@ -535,8 +535,10 @@ def write_markdown(path: Path, runs: dict, mach: dict, args, started: str, minut
         "`include_dashboard=False` Ray Train's PlacementGroupCleaner otherwise asks the state API of the most "
         "recently started Ray on the machine (`/tmp/ray/ray_current_cluster`), which during development was another "
         "process's cluster; it did not know our Train controller, took it for dead and removed the run's placement "
-        "group mid-training (`benchmarks/common.py: ray_running`). The pipeline's own embedded Ray has the same "
-        "exposure when two Rays run on one machine.",
+        "group mid-training (`benchmarks/common.py: ray_running`). The benchmarks start their Ray with "
+        "`address=\"local\"` beside whatever else runs; the pipeline's `ray.init()` without an address attaches "
+        "to a `ray start` cluster named in that file instead of starting a second one, so it asks its own cluster "
+        "(a config with `ray.address: local` beside another `ray start` head would be exposed).",
         "",
     ]
     errors = {n: r for n, r in runs.items() if "error" in r}
