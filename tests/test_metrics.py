@@ -25,6 +25,7 @@ import yaml
 
 from orchestrator.cli import main
 from tests.helpers import tiny_config, write_yaml
+from tests.helpers_faults import counting_teachers
 from tests.helpers_lm import lm_config, make_lm_setup
 
 pytestmark = pytest.mark.slow
@@ -107,6 +108,11 @@ def scraped(prometheus, teachers, tmp_path_factory):
     start = time.time()
     watch = [f"metrics.port={driver_port}", "metrics.linger_s=3"]
     cls = tiny_config(tmp, teachers, run={"name": "metrics_cls"}, train={"epochs": 8})
+    # Teachers slowed to 0.2 s per call (~5 s of labeling): a real labeling run lasts far longer
+    # than two scrapes, but these tiny teachers would label all 1257 rows within one scrape
+    # interval and be shut down before any rate() over their latency histogram had two points.
+    cls["teachers"] = [{**t, "name": name} for t, name in
+                       zip(counting_teachers(tmp / "weights", tmp / "calls.log", delay=0.2), ("linear", "mlp"))]
     assert main(["run", str(write_yaml(tmp / "cls.yaml", cls)), *watch]) == 0
     lm = lm_config(tmp, make_lm_setup(tmp / "lm"), run={"name": "metrics_lm"})
     assert main(["run", str(write_yaml(tmp / "lm.yaml", lm)), *watch]) == 0
