@@ -121,14 +121,9 @@ def table_buffer(table: pa.Table, **kw) -> pa.Buffer:
 
 def column_bytes(data: bytes | pa.Buffer) -> dict[str, int]:
     """Compressed bytes per top-level column of a Parquet file (as LabelStore.bytes_per_token sums them)."""
-    meta = pq.ParquetFile(pa.BufferReader(data)).metadata
-    sizes: dict[str, int] = {}
-    for rg in range(meta.num_row_groups):
-        for c in range(meta.num_columns):
-            col = meta.row_group(rg).column(c)
-            name = col.path_in_schema.split(".list.")[0].split(".element")[0]
-            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
-    return sizes
+    from orchestrator.store import column_sizes
+
+    return column_sizes(pq.ParquetFile(pa.BufferReader(data)).metadata)
 
 
 def codec_text(opts: dict) -> str:

@@ -145,6 +145,17 @@ def _table_bytes(table: pa.Table, **kw) -> pa.Buffer:
     return sink.getvalue()  # a Buffer: hashed and written as is (to_pybytes() would copy it)
 
 
+def column_sizes(meta: pq.FileMetaData) -> dict[str, int]:
+    """Compressed bytes per top-level column of a Parquet file (list values count to their column)."""
+    sizes: dict[str, int] = {}
+    for rg in range(meta.num_row_groups):
+        for c in range(meta.num_columns):
+            col = meta.row_group(rg).column(c)
+            name = col.path_in_schema.split(".list.")[0].split(".element")[0]
+            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+    return sizes
+
+
 _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sha256")
 
 
@@ -313,12 +324,7 @@ class LabelStore:
         first = int(min(m["shards"], key=int))
         with self.fs.open_input_file(self.shard_path(first)) as f:
             meta = pq.ParquetFile(f).metadata
-        sizes: dict[str, int] = {}
-        for rg in range(meta.num_row_groups):
-            for c in range(meta.num_columns):
-                col = meta.row_group(rg).column(c)
-                name = col.path_in_schema.split(".list.")[0].split(".element")[0]
-                sizes[name] = sizes.get(name, 0) + col.total_compressed_size
+        sizes = column_sizes(meta)
         positions = meta.num_rows * (m["lm"]["max_len"] - 1)
         out = {}
         for who in [t["name"] for t in m["teachers"]] + [SOFT_TOPK]:
