@@ -90,17 +90,27 @@ def teacher_fingerprint(cfg: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def teacher_device(cfg: dict) -> torch.device:
+    """The GPU Ray gave a replica with teachers[].num_gpus > 0 (CUDA_VISIBLE_DEVICES), else the CPU.
+
+    Where no GPU is visible (the driver evaluating on a CPU head node, say) the same teacher
+    runs on the CPU: same weights, same outputs up to float rounding.
+    """
+    return torch.device("cuda") if cfg.get("num_gpus") and torch.cuda.is_available() else torch.device("cpu")
+
+
 class ClassifierTeacher:
     """Loads a teacher from its config dict and runs it on feature batches."""
 
     def __init__(self, cfg: dict):
         self.name = cfg["name"]
         self.backend = cfg["backend"]
+        self.device = teacher_device(cfg)
         path = Path(cfg["path"])
         if not path.exists():
             raise DistillError(f"teacher '{self.name}': path not found: {path}")
         try:
-            self.model = self._load(cfg, path).eval()
+            self.model = self._load(cfg, path).eval().to(self.device)
         except DistillError:
             raise
         except Exception as e:  # a bad file is the user's input: say which teacher and why
@@ -121,7 +131,7 @@ class ClassifierTeacher:
 
     @torch.inference_mode()
     def __call__(self, features: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.array(features, dtype=np.float32))  # a copy: Arrow buffers are read-only
+        x = torch.from_numpy(np.array(features, dtype=np.float32)).to(self.device)  # a copy: Arrow buffers are read-only
         if self.backend == "hf":
             # Sequence classifiers read integer token ids: feature values are used as ids.
             ids = x.round().long()
@@ -137,7 +147,7 @@ class ClassifierTeacher:
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
                 raise DistillError(f"teacher '{self.name}': fails on rows of {x.shape[-1]} features ({lines[-1]}); "
                                    "check that dataset.features matches what the teacher was trained on") from None
-        return out.float().numpy()
+        return out.float().cpu().numpy()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json")
@@ -173,13 +183,17 @@ class CausalLMTeacher:
 
     def __init__(self, cfg: dict, k: int):
         self.name, self.k = cfg["name"], k
+        self.device = teacher_device(cfg)
         path = Path(cfg["path"])
         if not path.exists():
             raise DistillError(f"teacher '{self.name}': path not found: {path}")
         from transformers import AutoModelForCausalLM
 
+        # On a GPU the checkpoint's own dtype (bf16/fp16 for most LLMs); on the CPU float32.
+        dtype = "auto" if self.device.type == "cuda" else None
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+            self.model = self.model.eval().to(self.device)
         except Exception as e:
             raise DistillError(f"teacher '{self.name}': cannot load {path}: {type(e).__name__}: {e}") from None
         self.vocab_size = self.model.config.vocab_size
@@ -188,17 +202,19 @@ class CausalLMTeacher:
 
     @torch.inference_mode()
     def __call__(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.array(windows, dtype=np.int64))
+        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)
+        # Top-k on the device: only [B, L-1, k] ids and log-probs cross to the host, not the
+        # [B, L-1, vocab] logits.
         logp = torch.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
         top = logp.topk(self.k, dim=-1)
-        return top.indices.int().numpy(), top.values.numpy()
+        return top.indices.int().cpu().numpy(), top.values.cpu().numpy()
 
     @torch.inference_mode()
     def nll(self, windows: np.ndarray) -> np.ndarray:
         """Per-position negative log-likelihood of the true next token, [B, L-1]."""
-        x = torch.from_numpy(np.array(windows, dtype=np.int64))
+        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)
         logits = self.model(input_ids=x).logits[:, :-1].float()
-        return nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").numpy()
+        return nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu().numpy()
 
 
 def load_teacher(cfg: dict, task: str = "classification", k: int = 8):
