@@ -129,10 +129,9 @@ def main(quick: bool, repeats: int) -> None:
         store = pipeline.open_complete_store(cfg, prep)
         notes.update(rows=prep.train.num_rows, shards=store.num_shards, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
                      student=f"MLP 64-{cfg.student.hidden}-10")
-        # Which path the default config takes for this store (pipeline._train_dataset's test).
-        store_mb = sum(sh["bytes"] for sh in store.manifest["shards"].values()) / 2**20
-        notes.update(store_mb=round(store_mb, 2), read_in_driver_mb_default=cfg.train.read_in_driver_mb,
-                     default_read="driver" if store_mb <= cfg.train.read_in_driver_mb else "streamed")
+        # Which path the default config takes for this store (pipeline._train_dataset's rule).
+        notes.update(store_mb=round(store.shard_bytes / 2**20, 2), read_in_driver_mb_default=cfg.train.read_in_driver_mb,
+                     default_read="driver" if pipeline.read_in_driver(store, cfg.train.read_in_driver_mb) else "streamed")
         log(f"train: store of {prep.train.num_rows} rows ready")
 
         def run(tag: str, r: int, workers: int, alpha: float, hard: bool = False, streamed: bool = False) -> None:

@@ -425,7 +425,6 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     The Ray Train run is named after the settings that shape the result, so re-running the
     same settings resumes from the latest checkpoint and changed settings start afresh.
     """
-    import ray.data
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -487,6 +486,11 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     return state
 
 
+def read_in_driver(store: LabelStore, read_in_driver_mb: float) -> bool:
+    """train.read_in_driver_mb's rule: is this store small enough to be read by the driver?"""
+    return store.shard_bytes / 2**20 <= read_in_driver_mb
+
+
 def _train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_driver_mb: float):
     """The store's first `rows` rows as a Ray Dataset, in store order (for deterministic splits).
 
@@ -497,8 +501,8 @@ def _train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_dri
     """
     import ray.data
 
-    size_mb = sum(s["bytes"] for s in store.manifest["shards"].values()) / 2**20
-    if size_mb <= read_in_driver_mb:
+    size_mb = store.shard_bytes / 2**20
+    if read_in_driver(store, read_in_driver_mb):
         log.info("train: store %.1f MB <= train.read_in_driver_mb=%g: read by the driver", size_mb, read_in_driver_mb)
         table = pq.ParquetDataset(store.shard_paths(), filesystem=store.fs).read(columns=columns)
         return ray.data.from_arrow(table.slice(0, rows))  # shards hold rows 0..n-1 in order

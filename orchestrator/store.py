@@ -331,6 +331,11 @@ class LabelStore:
             out[who] = sum(sizes.get(c, 0) for c in topk_columns(who)) / positions
         return out
 
+    @property
+    def shard_bytes(self) -> int:
+        """Bytes of the finished shards, as the manifest records them."""
+        return sum(s["bytes"] for s in self.manifest["shards"].values())
+
     def summary(self) -> dict:
         m = self.manifest or self.load_manifest()
         shards = m["shards"].values()
@@ -344,7 +349,7 @@ class LabelStore:
             "rows": sum(s["rows"] for s in shards),
             "expected_rows": m["dataset"]["rows"],
             "shards": f"{len(m['shards'])}/{self.num_shards}",
-            "bytes": sum(s["bytes"] for s in shards),
+            "bytes": self.shard_bytes,
             "label_kind": m["label_kind"],
             "num_classes": m.get("num_classes"),
             "teachers": m["teachers"],
