@@ -12,6 +12,7 @@ Node loss is in tests/test_node_loss.py (it needs its own multi-node cluster).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import signal
 import subprocess
@@ -136,6 +137,7 @@ def test_driver_killed_mid_labeling_resumes_without_loss_or_rework(tmp_path, exe
     p = _cli(path)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out
+    assert f"label: executor {executor} (label.executor)" in out, out  # the path under test ran
     again = teacher_calls(log)[len(before):]
     c = config_from_dict(cfg)
     _assert_every_sample_once(c)
@@ -216,9 +218,10 @@ def _actor_pids(class_part: str) -> list[int]:
 
 
 @EXECUTORS
-def test_serve_replica_killed_mid_labeling(ray_local, tmp_path, executor):
+def test_serve_replica_killed_mid_labeling(ray_local, tmp_path, executor, caplog):
     import ray.data
 
+    caplog.set_level(logging.INFO, logger="distill")
     log = tmp_path / "calls.log"
     cfg = config_from_dict(_config(tmp_path, log, delay=0.2, label={"executor": executor}))
     thread, errors = _label_in_thread(cfg)
@@ -228,6 +231,7 @@ def test_serve_replica_killed_mid_labeling(ray_local, tmp_path, executor):
     os.kill(victim[0], signal.SIGKILL)
     thread.join(timeout=300)
     assert not thread.is_alive() and not errors, errors
+    assert f"label: executor {executor} (label.executor)" in caplog.text  # the path under test ran
     _assert_every_sample_once(cfg)
     # Serve replaced the replica, and the new one answered the rest.
     pids = [pid for t, _, pid in teacher_calls(log) if t == "a"]
