@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import numpy as np
@@ -26,6 +27,10 @@ class Teacher:
         self.cfg = cfg
         self.metrics, self.tags = metrics.teacher(), {"run": run, "teacher": cfg["name"]}
         self.model = load_teacher(cfg, task, k)
+        # Serve runs sync methods (info, check_health) on threads beside predict: one model
+        # call at a time, since vLLM's engine is not safe to call concurrently (seen: "dictionary
+        # changed size during iteration" when the health check ran during the probe).
+        self._model_lock = threading.Lock()
         self.probe: np.ndarray | None = None
         # Batches are measured in rows (a request is a [rows, D] array), not in requests.
         self.predict.set_max_batch_size(cfg["max_batch_size"])
@@ -39,7 +44,7 @@ class Teacher:
         from orchestrator.models import teacher_fingerprint
 
         self.probe = sample[:1]
-        out = self.model(self.probe)
+        out = self._run(self.probe)
         width = getattr(self.model, "vocab_size", None) if isinstance(out, tuple) else out.shape[-1]
         return {"name": self.cfg["name"], "num_classes": int(width),
                 "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id()}
@@ -52,7 +57,7 @@ class Teacher:
         """
         t0 = time.perf_counter()
         x = np.concatenate(batches)
-        out = self.model(x)
+        out = self._run(x)
         self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
         self.metrics["requests"].inc(len(batches), tags=self.tags)
         self.metrics["rows"].inc(len(x), tags=self.tags)
@@ -61,9 +66,13 @@ class Teacher:
             return list(zip(*(np.split(o, cuts) for o in out)))
         return np.split(out, cuts)
 
+    def _run(self, x: np.ndarray):
+        with self._model_lock:
+            return self.model(x)
+
     def check_health(self):
         # Serve restarts a replica whose model no longer produces finite outputs.
-        out = self.model(self.probe) if self.probe is not None else None
+        out = self._run(self.probe) if self.probe is not None else None
         if out is not None and not all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,))):
             raise RuntimeError(f"teacher '{self.cfg['name']}' produces non-finite outputs")
 
