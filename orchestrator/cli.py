@@ -1,13 +1,13 @@
 """`distill` command line: run | label | train | eval | inspect.
 
 Every user error (config, data, teacher, store) ends as one line `error: ...` and exit 2.
+`-q` / `--quiet` may stand anywhere: before or after the command, between overrides.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 
 from .errors import DistillError
@@ -15,6 +15,7 @@ from .errors import DistillError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Multi-teacher knowledge distillation on Ray.")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only (anywhere on the line)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("run", "all stages: label, train, evaluate, report"),
                         ("label", "label the dataset with the teachers into the store"),
@@ -23,7 +24,6 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="run config YAML")
         s.add_argument("overrides", nargs="*", help="section.key=value overrides")
-        s.add_argument("-q", "--quiet", action="store_true", help="warnings and the result only")
         if name == "label":
             s.add_argument("--reensemble", action="store_true",
                            help="recompute the soft labels from stored teacher outputs (no teacher calls)")
@@ -54,34 +54,35 @@ def _inspect(store_uri: str, as_json: bool) -> None:
         print(f"column:     {c}")
 
 
-def _run(args) -> None:
+def _run(args, quiet: bool) -> None:
     from . import metrics
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
     with metrics.endpoint(cfg.metrics.port, cfg.metrics.linger_s):
-        _command(args, cfg)
+        _command(args, cfg, quiet)
 
 
-def _command(args, cfg) -> None:
+def _command(args, cfg, quiet: bool) -> None:
     from . import pipeline
 
     if args.command == "run":
-        out = pipeline.run(cfg)
-        print(out["table"])
-        print(f"report: {out['report']}")
-        return
-    prep = pipeline.prepare(cfg)
-    if args.command == "eval":
-        out = pipeline.evaluate_and_report(cfg, prep)
+        out = pipeline.run(cfg, quiet)
+    elif args.command == "eval":
+        out = pipeline.evaluate_and_report(cfg, pipeline.prepare(cfg))
     elif args.command == "label":
-        with pipeline.ray_session(cfg):
-            store = pipeline.label(cfg, prep, reensemble=args.reensemble)
+        prep = pipeline.prepare(cfg)
+        if args.reensemble:  # stored teacher outputs only: no teacher, no Ray
+            store = pipeline.label(cfg, prep, reensemble=True)
+        else:
+            with pipeline.ray_session(cfg, quiet):
+                store = pipeline.label(cfg, prep)
         _inspect(store.uri, as_json=False)
         return
     else:  # train: a missing or damaged store is refused before Ray starts
+        prep = pipeline.prepare(cfg)
         store = pipeline.open_complete_store(cfg, prep)
-        with pipeline.ray_session(cfg):
+        with pipeline.ray_session(cfg, quiet):
             pipeline.train_students(cfg, prep, store)
         print(f"trained students in {cfg.run_dir / 'students'}")
         return
@@ -89,25 +90,43 @@ def _command(args, cfg) -> None:
     print(f"report: {out['report']}")
 
 
+QUIET_FLAGS = ("-q", "--quiet")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Flags may stand between overrides (`label C --reensemble ensemble.mode=entropy`): argparse
+    ends a positional list at the first flag and leaves the overrides after it unrecognised, so
+    those are appended to the overrides, in order."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    quiet = getattr(args, "quiet", False)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(name)s: %(message)s")
-    if quiet:
-        os.environ["DISTILL_QUIET"] = "1"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # argparse only takes a flag before the subcommand or before the overrides start: take -q
+    # out wherever it stands (an override always has '=', so none is ever mistaken for it).
+    quiet = any(a in QUIET_FLAGS for a in argv)
+    args = _parse([a for a in argv if a not in QUIET_FLAGS])
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(name)s: %(message)s")
+    logging.getLogger("distill").setLevel(level)  # per call: basicConfig configures a process once
     try:
         if args.command == "inspect":
             _inspect(args.store, args.json)
         else:
-            _run(args)
+            _run(args, quiet)
     except DistillError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("error: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
-    finally:
-        os.environ.pop("DISTILL_QUIET", None)
     return 0
 
 

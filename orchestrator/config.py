@@ -134,6 +134,13 @@ class MetricsConfig(_Strict):
     linger_s: float = Field(0.0, ge=0)  # keep the endpoint up after the command, for a last scrape
 
 
+# Per task, the keys it never reads (None: the whole section).
+TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "classification": {"dataset": ("text",), "lm": None},
+    "lm": {"dataset": ("features", "label", "id_column"), "student": None},
+}
+
+
 class DistillConfig(_Strict):
     run: RunConfig = RunConfig()
     task: Literal["classification", "lm"] = "classification"
@@ -152,6 +159,10 @@ class DistillConfig(_Strict):
 
     @model_validator(mode="after")
     def _lm_needs(self):
+        if ignored := self.ignored_keys():
+            raise ValueError(f"{ignored[0]}: not used by task {self.task}"
+                             + (f" (nor {', '.join(ignored[1:])})" if ignored[1:] else "")
+                             + "; remove it, or set the task that uses it")
         if self.task == "lm":
             if self.lm.student_config is None:
                 raise ValueError("lm.student_config: required for task lm (an HF config.json for the student)")
@@ -171,6 +182,17 @@ class DistillConfig(_Strict):
         if teachers and sum(t.weight for t in teachers) <= 0:
             raise ValueError("at least one teacher needs weight > 0")
         return teachers
+
+    def ignored_keys(self) -> list[str]:
+        """Keys set in the config that the chosen task never reads, as dotted paths: refused,
+        so that nothing a user wrote is silently dropped."""
+        unused = TASK_UNUSED[self.task]
+        found = []
+        for section, keys in unused.items():
+            if section in self.model_fields_set:
+                given = getattr(self, section).model_fields_set
+                found += [f"{section}.{k}" for k in sorted(given if keys is None else given & set(keys))]
+        return found
 
     # Derived locations: one folder per run.
     @property

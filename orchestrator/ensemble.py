@@ -8,6 +8,9 @@ cross-entropy at T=1, so the choice of teacher does not move with the softening.
 The per-sample teacher weights are computed from per-teacher statistics only (entropy,
 label cross-entropy), see ``_teacher_weights``, so the sparse top-k path (``ensemble_topk``,
 for causal-LM teachers that return per-token top-k ids + logprobs) reuses them.
+
+Over 300 lines: the dense and the sparse (top-k) paths share that weighting and its checks;
+split in two files, one algorithm would be read in two places.
 """
 from __future__ import annotations
 

@@ -86,14 +86,28 @@ def _lm_scores(nll: np.ndarray, top1: np.ndarray, labels: np.ndarray) -> dict:
             "accuracy": float((top1 == labels).mean())}  # top-1 next-token accuracy
 
 
+def ensemble_true_token_nll(teacher_nll: np.ndarray, weights: np.ndarray, mode: str, e_ids: np.ndarray,
+                            e_lps: np.ndarray, tail: np.ndarray, labels: np.ndarray, vocab_size: int):
+    """The ensemble's NLL of each true next token, [N], and how it was computed (None: exact).
+
+    mean_prob is exact: p(y) = sum_i w_i p_i(y), from each teacher's own log-probability of the
+    true token. Other modes need every teacher's full distribution to normalise; from top-k
+    labels only, a true token outside the kept k gets an equal share of the tail bucket.
+    """
+    if mode == "mean_prob":
+        w = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        return -np.log(np.clip(np.einsum("m,mn->n", w, np.exp(-teacher_nll.astype(np.float64))), 1e-30, None)), None
+    k = e_ids.shape[1]
+    hit = e_ids == labels[:, None]
+    rest = max(vocab_size - k, 1)  # lm.k may equal the vocabulary: then nothing is outside the kept k
+    p_true = np.where(hit.any(1), np.exp((e_lps * hit).sum(1)), tail / rest)
+    return -np.log(np.clip(p_true, 1e-30, None)), f"top-{k} union + tail bucket, uniform tail over the other V-k tokens"
+
+
 def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: dict[str, dict], k: int,
                 vocab_size: int) -> dict:
-    """Held-out perplexity of every teacher, the top-k ensemble and the students.
-
-    The ensemble's perplexity is approximate: its distribution is known only through the top-k
-    union plus a tail bucket, and a true token outside the kept k gets tail / (V - k) (the
-    uniform-tail assumption the sparse ensembling uses).
-    """
+    """Held-out perplexity of every teacher, the ensemble and the students (see
+    `ensemble_true_token_nll` for when the ensemble's is exact)."""
     from .ensemble import NEEDS_LABELS, ensemble_topk
     from .models import CausalLMTeacher
     from .store import to_numpy
@@ -101,25 +115,25 @@ def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: 
     torch.set_num_threads(1)
     windows = to_numpy(test.column("input_ids")).astype(np.int64)
     labels = windows[:, 1:].reshape(-1)
-    models, t_ids, t_lps = {}, [], []
+    models, t_ids, t_lps, t_nll = {}, [], [], []
     for cfg in teachers:
         teacher = CausalLMTeacher(cfg, k)
         ids, lps = teacher(windows)
         t_ids.append(ids.reshape(-1, k))
         t_lps.append(lps.reshape(-1, k))
-        models[cfg["name"]] = {"kind": "teacher", "backend": cfg["backend"],
-                               **_lm_scores(teacher.nll(windows).reshape(-1), t_ids[-1][:, 0], labels),
+        t_nll.append(teacher.nll(windows).reshape(-1))
+        models[cfg["name"]] = {"kind": "teacher", "backend": cfg["backend"], **_lm_scores(t_nll[-1], t_ids[-1][:, 0], labels),
                                "params": count_params(teacher.model), "latency_ms": _latency_ms(teacher, windows)}
     mode = ensemble["mode"] if ensemble["mode"] not in NEEDS_LABELS else "mean_prob"
+    weights = [ensemble["weights"][c["name"]] for c in teachers]
     e_ids, e_lps, tail = ensemble_topk(np.stack(t_ids), np.stack(t_lps), k_out=k, vocab_size=vocab_size, mode=mode,
-                                       temperature=1.0, weights=[ensemble["weights"][c["name"]] for c in teachers],
-                                       tau=ensemble["tau"])
-    hit = e_ids == labels[:, None]
-    p_true = np.where(hit.any(1), np.exp((e_lps * hit).sum(1)), tail / (vocab_size - k))
+                                       temperature=1.0, weights=weights, tau=ensemble["tau"])
+    nll, approximation = ensemble_true_token_nll(np.stack(t_nll), np.asarray(weights), mode, e_ids, e_lps, tail, labels,
+                                                 vocab_size)
     rows = [models[c["name"]] for c in teachers]
-    models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(-np.log(np.clip(p_true, 1e-30, None)), e_ids[:, 0], labels),
+    models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(nll, e_ids[:, 0], labels),
                           "params": sum(m["params"] for m in rows), "latency_ms": sum(m["latency_ms"] for m in rows),
-                          "approximation": f"top-{k} union + tail bucket, uniform tail over the other V-k tokens"}
+                          **({"approximation": approximation} if approximation else {})}
     for name, state in students.items():
         model = build_student(state["spec"])
         model.load_state_dict(state["model"])

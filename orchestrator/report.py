@@ -66,7 +66,10 @@ def write_report(run_dir: Path, run: str, task: str, results: dict, curves: dict
         f"Held-out rows: {results['test_rows']}. Ensemble scored as `{results['ensemble_eval_mode']}` at T=1; "
         "latency is the median of single-sample calls on one thread (the ensemble's is the sum of its teachers').",
         *([f"LM: perplexity over {results['test_tokens']} held-out next tokens; `accuracy` is top-1 next-token "
-           f"accuracy. The ensemble's perplexity is approximate: {results['models']['ensemble']['approximation']}."]
+           "accuracy. The ensemble's perplexity is "
+           + (f"approximate: {results['models']['ensemble']['approximation']}."
+              if "approximation" in results["models"]["ensemble"] else
+              "exact (each teacher's own probability of the true token, mixed by the ensemble's weights).")]
           if task == "lm" else []),
         "",
         table(results["models"], task),

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow as pa
 
 from .ensemble import ensemble_dense, ensemble_topk, teacher_disagreement, teacher_disagreement_topk
-from .store import decode_teachers, decode_topk, encode_dense, encode_topk, teacher_column, to_numpy, topk_columns
+from .store import (SOFT_COLUMN, SOFT_TOPK, decode_teachers, decode_topk, encode_dense, encode_topk, teacher_column,
+                    to_numpy, topk_columns)
 
 
 def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Table, dict]:
@@ -18,14 +19,16 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
 
     Args:
         inputs: the shard's input rows (sample_id, row, features+label or input_ids).
-        outputs: per teacher, in the manifest's teacher order: dense logits [B, C], or top-k
-            (ids [B, P, k], logprobs [B, P, k]) for an LM store.
+        outputs: per teacher name (any order: they are taken in the manifest's teacher order,
+            so the shard's columns and the ensemble's sums never depend on the caller's order):
+            dense logits [B, C], or top-k (ids [B, P, k], logprobs [B, P, k]) for an LM store.
         manifest: the store manifest (label_kind, k, ensemble, lm.vocab_size).
     Returns:
         (table, stats) with stats = mean teacher disagreement (JSD), mean top-k tail mass of the
         ensemble, and the number of labeled token positions (0 for classification).
     """
     ens = manifest["ensemble"]
+    outputs = {t["name"]: outputs[t["name"]] for t in manifest["teachers"]}
     # Ensemble exactly what the store keeps (float32 logits; float16 log-probs), so that
     # re-ensembling stored outputs reproduces a freshly labeled shard bit for bit.
     if manifest["label_kind"] == "topk":
@@ -49,7 +52,7 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
         ids, lps, k_out=k, vocab_size=vocab, mode=ens["mode"], temperature=ens["temperature"],
         weights=weights, tau=ens["tau"], labels=windows[:, 1:].reshape(-1),  # position t predicts token t+1
     )
-    labels = {**outputs, "soft": (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))}
+    labels = {**outputs, SOFT_TOPK: (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))}
     stats = {"disagreement": float(teacher_disagreement_topk(ids, lps, ens["temperature"]).mean()),
              "tail_mass": float(tail.mean()), "tokens": int(ids.shape[1])}
     return encode_topk(inputs, labels, vocab), stats
@@ -60,8 +63,8 @@ def stored_outputs(shard: pa.Table, manifest: dict) -> tuple[pa.Table, dict]:
     names = [t["name"] for t in manifest["teachers"]]
     if manifest["label_kind"] == "topk":
         outputs = {n: decode_topk(shard, n, manifest["k"]) for n in names}
-        labels = [c for n in [*names, "soft"] for c in topk_columns(n)]
+        labels = [c for n in [*names, SOFT_TOPK] for c in topk_columns(n)]
     else:
         outputs = dict(zip(names, decode_teachers(shard, names)))
-        labels = [*(teacher_column(n) for n in names), "soft.probs"]
+        labels = [*(teacher_column(n) for n in names), SOFT_COLUMN]
     return shard.drop_columns(labels), outputs

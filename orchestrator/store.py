@@ -12,6 +12,9 @@ temporary name and moved into place, then their sidecar likewise: a shard counts
 only when its sidecar exists and its bytes match the sidecar's checksum. So a crashed run
 leaves nothing half-written that could be read, and a re-run labels only missing shards.
 Pure pyarrow / numpy: no Ray.
+
+Over 300 lines: the codec, the atomic shard I/O and the manifest's bookkeeping change together
+(a new column kind touches all three), so they stay in one file.
 """
 from __future__ import annotations
 
@@ -170,11 +173,16 @@ class LabelStore:
     def _p(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def shard_path(self, i: int) -> str:
-        return self._p("shards", f"shard-{i:05d}.parquet")
+    @property
+    def generation(self) -> int:
+        """Bumped by each re-ensemble, which writes a whole new set of shard files beside the old."""
+        return (self.manifest or {}).get("generation", 0)
 
-    def _sidecar(self, i: int) -> str:
-        return self._p("shards", f"shard-{i:05d}.json")
+    def shard_path(self, i: int, generation: int | None = None) -> str:
+        return self._p("shards", f"shard-{i:05d}{_gen(self.generation if generation is None else generation)}.parquet")
+
+    def _sidecar(self, i: int, generation: int | None = None) -> str:
+        return self._p("shards", f"shard-{i:05d}{_gen(self.generation if generation is None else generation)}.json")
 
     @property
     def inputs_path(self) -> str:
@@ -244,12 +252,38 @@ class LabelStore:
         with self.fs.open_input_file(self.inputs_path) as f:
             return pq.ParquetFile(f).read_row_group(i)
 
-    def write_shard(self, i: int, table: pa.Table) -> ShardInfo:
+    def write_shard(self, i: int, table: pa.Table, generation: int | None = None) -> ShardInfo:
         data = _table_bytes(table, **shard_write_options(table))
         info = ShardInfo(rows=table.num_rows, bytes=data.size, sha256=hashlib.sha256(data).hexdigest())
-        self._write_atomic(self.shard_path(i), data)
-        self._write_atomic(self._sidecar(i), json.dumps(info.__dict__).encode())
+        self._write_atomic(self.shard_path(i, generation), data)
+        self._write_atomic(self._sidecar(i, generation), json.dumps(info.__dict__).encode())
         return info
+
+    def switch_generation(self, generation: int, ensemble: dict) -> None:
+        """Make a complete set of shards written at `generation` the store's, in one atomic
+        manifest write, then delete every other generation's files. A crash before the
+        manifest write leaves the old store whole (the new files are ignored, and overwritten
+        by the next try); after it, the new one."""
+        old, self.manifest = self.manifest, {**self.manifest, "generation": generation, "ensemble": ensemble}
+        done = self.finished_shards()  # the new files, checked against their sidecars
+        if len(done) != self.num_shards:
+            self.manifest = old
+            raise DistillError(f"store {self.uri}: re-ensembled shards failed their checksums; run it again")
+        self.manifest["shards"] = {str(i): info.__dict__ for i, info in sorted(done.items())}
+        self.save_manifest()
+        keep = {self.shard_path(i).rsplit("/", 1)[1] for i in range(self.num_shards)}
+        keep |= {self._sidecar(i).rsplit("/", 1)[1] for i in range(self.num_shards)}
+        for f in self.fs.get_file_info(pafs.FileSelector(self._p("shards"))):
+            if f.base_name not in keep and f.base_name.startswith("shard-"):
+                self.fs.delete_file(f.path)
+
+    def ensure_writable(self) -> None:
+        """Create the store's folder (nothing else), so an unreachable store.path fails first."""
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except (OSError, pa.ArrowException) as e:
+            raise DistillError(f"store.path: cannot create {self.uri}: {_first_line(e)}; "
+                               "give a writable local path or a reachable URI") from None
 
     def read_shard(self, i: int) -> pa.Table:
         data = self._read_buffer(self.shard_path(i))
@@ -358,6 +392,26 @@ class LabelStore:
             "k": m.get("k"),
             "bytes_per_token": self.bytes_per_token(),
         }
+
+
+def _gen(generation: int) -> str:
+    return f".g{generation}" if generation else ""  # generation 0 keeps the original names
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def open_store(uri: str, field: str = "store.path") -> LabelStore:
+    """A LabelStore whose location answers: an unknown scheme, an unresolvable bucket or an
+    unreadable folder is one DistillError naming `field`, not a pyarrow traceback."""
+    try:
+        store = LabelStore(uri)
+        store.exists()
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise DistillError(f"{field}: cannot reach {uri}: {_first_line(e)}; "
+                           "give a local path or a reachable pyarrow.fs URI") from None
+    return store
 
 
 def _describe_diff(key: str, have, want) -> str:

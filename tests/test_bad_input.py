@@ -111,11 +111,20 @@ def _section(name: str, **kv):
         (_section("dataset", test_fraction=0), r"dataset\.test_fraction: Input should be greater than 0 \(got 0\)"),
         (_section("dataset", test_fraction=1.0), r"dataset\.test_fraction: Input should be less than 1 \(got 1\.0\)"),
         (_teacher(1, name="linear"), r"teachers: teacher names must be unique, repeated: linear"),
+        (_section("lm", k=3), r"lm\.k: not used by task classification; remove it, or set the task that uses it"),
+        (_section("dataset", text="body"), r"dataset\.text: not used by task classification"),
+        (_section("store", path="/proc/distill/store"), r"store\.path: cannot create /proc/distill/store: .*; give a "
+                                                          r"writable local path or a reachable URI"),
+        # A bucket behind an endpoint nobody listens on (loopback): what an unreachable s3:// looks like.
+        (_section("store", path="s3://no-bucket/store?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"),
+         r"store\.path: cannot reach s3://no-bucket/store\?.*: .*(connect|NETWORK).*; give a local path or a reachable"),
     ],
     ids=["mistyped-key", "unknown-section", "wrong-type", "section-not-a-mapping", "negative-size", "negative-limit",
          "unknown-backend", "unknown-mode", "unknown-loss", "unknown-label-executor",
          "missing-teacher-path", "teacher-not-a-model-file",
-         "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names"],
+         "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names",
+         "lm-key-on-classification", "text-column-on-classification", "store-path-not-creatable",
+         "store-path-unreachable-bucket"],
 )
 def test_config_errors(good, tmp_path, capsys, change, expect):
     _check(capsys, good, tmp_path, _like_good(good, change), expect)
@@ -148,6 +157,21 @@ def test_yaml_syntax_error(good, tmp_path, capsys):
 )
 def test_override_errors(good, tmp_path, capsys, override, expect):
     _check(capsys, good, tmp_path, _like_good(good), expect, override)
+
+
+@pytest.mark.parametrize("argv", [["-q", "label", "CFG", "trian.epochs=3"], ["label", "CFG", "-q", "trian.epochs=3"],
+                                  ["label", "CFG", "run.name=tiny", "--quiet", "trian.epochs=3"]],
+                         ids=["before-the-command", "before-the-overrides", "between-overrides"])
+def test_quiet_flag_anywhere_on_the_line(good, tmp_path, capsys, argv):
+    import logging
+
+    path = write_yaml(tmp_path / "c.yaml", _like_good(good))
+    capsys.readouterr()
+    code = main([str(path) if a == "CFG" else a for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.endswith("trian: unknown key (check the spelling)"), err  # the override after -q was read
+    assert logging.getLogger("distill").level == logging.WARNING
+    assert _snapshot(good.run_dir) == good.files
 
 
 def test_console_script_exits_nonzero(good, tmp_path):
@@ -271,7 +295,7 @@ def _bad_rows(store: LabelStore, shard: int):
         (lambda p: save_script(NaNTeacher(), p), NON_FINITE),
         (lambda p: save_script(InfTeacher(), p), NON_FINITE),
         (lambda p: save_script(train_tiny(0, seed=3, num_classes=9, steps=5), p),
-         r"teachers disagree on the number of classes: 'linear' has 10, 'broken' has 9"),
+         r"teachers disagree on the number of classes: 'broken' has 9, 'linear' has 10"),
     ],
     ids=["teacher-nan", "teacher-inf", "teachers-different-class-counts"],
 )

@@ -313,3 +313,16 @@ def test_distill_error_is_always_one_line():
     err = DistillError("bad value\n  in   line two\tand three")
     assert str(err) == "bad value in line two and three"
     assert err.exit_code == 2
+
+
+def test_keys_the_task_never_reads_are_refused_by_name():
+    # Classification reads neither lm.* nor the text column: before, both were silently dropped.
+    assert error_of(minimal(lm={"k": 4})) == ("config: config: lm.k: not used by task classification; "
+                                              "remove it, or set the task that uses it")
+    msg = error_of(minimal(dataset={**MINIMAL["dataset"], "text": "body"}, lm={"max_len": 64, "k": 4}))
+    assert msg.startswith("config: config: dataset.text: not used by task classification (nor lm.k, lm.max_len)")
+    lm = {"task": "lm", "dataset": {"source": "t.parquet", "label": "y"}, "lm": {"student_config": "s.json"},
+          "teachers": [{"name": "a", "backend": "hf", "path": "x"}], "student": {"hidden": [8]}}
+    assert "dataset.label: not used by task lm (nor student.hidden)" in error_of(lm)
+    # Defaults never count, only what the config sets.
+    assert config_from_dict({**lm, "dataset": {"source": "t.parquet"}, "student": {}}).task == "lm"

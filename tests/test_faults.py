@@ -114,6 +114,52 @@ def _wait_gone(pids: list[int], timeout: float = 30) -> None:
 EXECUTORS = pytest.mark.parametrize("executor", ["driver", "ray_data"])  # label.executor: both paths
 
 
+def _shards_by_index(store_dir: Path) -> list[bytes]:
+    store = LabelStore(str(store_dir))
+    store.load_manifest()
+    return [Path(p).read_bytes() for p in store.shard_paths()]
+
+
+def test_killed_reensemble_leaves_the_old_store_whole_and_a_rerun_finishes_it(tmp_path):
+    """SIGKILL `distill label --reensemble` mid-way: the store must stay the old one, whole
+    (before the fix, rewritten shards mixed two ensembles under the old manifest), and running
+    it again gives exactly what an uninterrupted re-ensemble gives."""
+    import shutil
+
+    cfg = _config(tmp_path, tmp_path / "calls.log", delay=0.0)
+    cfg["store"]["shard_size"] = 4  # 315 shards: a re-ensemble long enough to be caught mid-way
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    p = _cli(path, "-q")
+    assert p.wait(timeout=600) == 0, p.stdout.read()
+    store_dir = Path(cfg["output_dir"]) / cfg["run"]["name"] / "store"
+    old = _shards_by_index(store_dir)
+    twin = tmp_path / "twin-store"  # re-ensembled without interruption, for comparison
+    shutil.copytree(store_dir, twin)
+    assert main(["label", str(path), "--reensemble", "-q", "ensemble.mode=entropy", f"store.path={twin}"]) == 0
+
+    sidecars = {f: f.stat().st_mtime_ns for f in (store_dir / "shards").glob("*.json")}
+
+    def rewritten() -> int:  # sidecars written since: in place (before the fix) or beside the old ones
+        return sum(1 for f in (store_dir / "shards").glob("*.json") if sidecars.get(f) != f.stat().st_mtime_ns)
+
+    p = _cli(path, "--reensemble", "ensemble.mode=entropy")
+    _wait_for(lambda: rewritten() or p.poll() is not None, what="the first re-ensembled shard")
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = rewritten()
+    assert 0 < done < len(old), f"re-ensemble not caught mid-way ({done} of {len(old)} shards): make the store bigger"
+
+    # The old config still reads the old store, all of it: no teacher work, the same bytes.
+    calls = teacher_calls(tmp_path / "calls.log")
+    assert main(["label", str(path), "-q"]) == 0
+    assert teacher_calls(tmp_path / "calls.log") == calls
+    assert _shards_by_index(store_dir) == old
+    # Finishing the re-ensemble gives the uninterrupted result, and leaves no stray files.
+    assert main(["label", str(path), "--reensemble", "-q", "ensemble.mode=entropy"]) == 0
+    assert _shards_by_index(store_dir) == _shards_by_index(twin)
+    assert len(list((store_dir / "shards").iterdir())) == 2 * len(old)  # one shard + one sidecar each
+
+
 # Subprocess tests first: each driver starts (and, killed, loses) its own embedded Ray.
 @EXECUTORS
 def test_driver_killed_mid_labeling_resumes_without_loss_or_rework(tmp_path, executor):

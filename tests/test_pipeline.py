@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import pipeline
+from orchestrator import pipeline, training
 from orchestrator.config import config_from_dict
 from orchestrator.ensemble import ensemble_dense
 from orchestrator.errors import DistillError
@@ -79,7 +79,7 @@ def test_both_train_read_paths_give_the_stores_rows(finished_run, rows, monkeypa
     ctx = ray.data.DataContext.get_current()
     monkeypatch.setattr(ctx.execution_options, "preserve_order", True)  # as train's DataConfig sets it
     for path, mb in (("driver", 1e6), ("streamed", 0)):
-        ds = pipeline._train_dataset(store, cols, rows, mb)
+        ds = training.train_dataset(store, cols, rows, mb)
         got[path] = pa.concat_tables(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     expect = table.select(cols).slice(0, rows)
     for path, t in got.items():
@@ -119,6 +119,28 @@ def test_changed_ensemble_is_refused_then_reensembled_without_teachers(finished_
     np.testing.assert_allclose(to_numpy(table.column(SOFT_COLUMN)), expect, rtol=1e-5)
     # Back to the original so the other tests see the store they expect.
     pipeline.label(cfg, pipeline.prepare(cfg), reensemble=True)
+
+
+def test_reordered_teachers_resume_to_the_same_bytes(finished_run, tmp_path):
+    """One teacher order everywhere: a shard relabeled under a config that lists the teachers
+    the other way round is byte-identical to the original (before: columns and ensemble sums
+    followed the config's order)."""
+    import shutil
+
+    cfg, _ = finished_run
+    copy = tmp_path / "store"
+    shutil.copytree(cfg.store_path, copy)
+    flipped = cfg.model_copy(deep=True)
+    flipped.teachers = flipped.teachers[::-1]
+    flipped.store.path = str(copy)
+    store = LabelStore(str(copy))
+    store.load_manifest()
+    original = open(store.shard_path(0), "rb").read()
+    import os
+
+    os.remove(store._sidecar(0))  # shard 0 is unfinished: the next label relabels it
+    pipeline.label(flipped, pipeline.prepare(flipped))
+    assert open(store.shard_path(0), "rb").read() == original
 
 
 def test_training_resumes_from_latest_checkpoint(ray_local, teachers, tmp_path):

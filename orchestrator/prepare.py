@@ -1,0 +1,116 @@
+"""Stage 0, prepare (no Ray): load and split the dataset, tokenize it for LMs, and build the
+identity a store must have been built from (dataset + teacher fingerprints), in one place."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from .config import DistillConfig
+from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
+from .errors import DistillError
+from .models import check_lm_limits, load_tokenizer, teacher_fingerprint, tokenizer_hash
+from .store import SCHEMA_VERSION
+
+log = logging.getLogger("distill")
+
+
+@dataclass
+class Prepared:
+    train: pa.Table  # canonical rows + `row`, the split that is labeled and trained on
+    test: pa.Table  # held out for evaluation only
+    identity: dict  # what the store must have been built from
+    ensemble: dict  # mode, temperature, tau, weights per teacher
+
+
+def prepare(cfg: DistillConfig) -> Prepared:
+    train, test, dataset, label_kind = (_lm_split if cfg.task == "lm" else _classification_split)(cfg)
+    train = train.append_column("row", pa.array(np.arange(train.num_rows), pa.int64()))
+    identity = {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": {"source": cfg.dataset.source, "fingerprint": fingerprint(train), "rows": train.num_rows, **dataset},
+        "teachers": teacher_identities(cfg),
+        "label_kind": label_kind,
+        "k": cfg.lm.k if label_kind == "topk" else None,
+        "shard_size": cfg.store.shard_size,
+    }
+    return Prepared(train, test, identity, ensemble_record(cfg))
+
+
+def ensemble_record(cfg: DistillConfig) -> dict:
+    """The ensemble settings as the manifest records them (weights keyed by teacher)."""
+    return {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
+
+
+def teacher_identities(cfg: DistillConfig) -> list[dict]:
+    """Teachers in one order everywhere: by name (the store's columns, the ensemble's inputs,
+    evaluation), so reordering the config's list never changes a byte of a store."""
+    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump())}
+            for t in sorted(cfg.teachers, key=lambda t: t.name)]
+
+
+def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str]:
+    d = cfg.dataset
+    table = load_dataset(d.source, d.features, d.label, d.id_column, d.limit)
+    if d.test_source:  # a separate held-out file: every row of `source` is labeled and trained on
+        train, test = table, load_dataset(d.test_source, d.features, d.label, d.id_column)
+        if features_of(test).shape[1] != features_of(train).shape[1]:
+            raise DistillError(f"dataset.test_source: {d.test_source} has {features_of(test).shape[1]} features, "
+                               f"dataset.source has {features_of(train).shape[1]}")
+    else:
+        train_idx, test_idx = split_indices(table.num_rows, d.test_fraction, d.seed)
+        if len(train_idx) == 0 or len(test_idx) == 0:
+            raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {table.num_rows} rows")
+        train, test = table.take(train_idx), table.take(test_idx)
+    return train, test, {"feature_dim": features_of(train).shape[1]}, "dense"
+
+
+def check_vocabulary(cfg: DistillConfig) -> str:
+    """One tokenizer per ensemble: every teacher's tokenizer files must hash the same.
+
+    Returns the tokenizer directory the pipeline tokenizes with.
+    """
+    hashes = {t.name: tokenizer_hash(t.path) for t in cfg.teachers}
+    missing = [n for n, h in hashes.items() if h is None]
+    if missing and not cfg.lm.tokenizer:
+        raise DistillError(f"teacher '{missing[0]}': no tokenizer files in its dir; set lm.tokenizer")
+    tok_dir = cfg.lm.tokenizer or cfg.teachers[0].path
+    ref = tokenizer_hash(tok_dir)
+    if ref is None:
+        raise DistillError(f"lm.tokenizer: no tokenizer files in {tok_dir}")
+    names = [n for n, h in hashes.items() if h is not None]
+    for a, b in zip(names, names[1:]):
+        if hashes[a] != hashes[b]:
+            raise DistillError(f"teachers '{a}' and '{b}' use different vocabularies (tokenizer files differ); "
+                               "one ensemble needs one tokenizer")
+    if names and hashes[names[0]] != ref:
+        raise DistillError(f"lm.tokenizer {tok_dir} differs from teacher '{names[0]}' tokenizer")
+    return tok_dir
+
+
+def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str]:
+    """Tokenize once with the ensemble's one tokenizer; pack into windows of lm.max_len."""
+    d = cfg.dataset
+    check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, cfg.lm.student_config)
+    tok_dir = check_vocabulary(cfg)
+    tokenizer = load_tokenizer(tok_dir)
+    texts = load_text(d.source, d.text, d.limit)
+    if d.test_source:
+        test_texts = load_text(d.test_source, d.text)
+    else:
+        tr, te = split_indices(len(texts), d.test_fraction, d.seed)
+        texts, test_texts = [texts[i] for i in tr], [texts[i] for i in te]
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
+    if eos is None:
+        raise DistillError(f"lm.tokenizer: {tok_dir} defines no eos (or pad) token to separate documents")
+
+    def windows(batch: list[str]) -> pa.Table:
+        ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+        return token_table(pack(ids, cfg.lm.max_len, eos))
+
+    train, test = windows(texts), windows(test_texts)
+    log.info("prepare: %d train / %d held-out windows of %d tokens (tokenizer %s)",
+             train.num_rows, test.num_rows, cfg.lm.max_len, tok_dir)
+    return train, test, {"max_len": cfg.lm.max_len, "tokenizer": tokenizer_hash(tok_dir)}, "topk"

@@ -1,0 +1,152 @@
+"""Stage 3, train: Ray Train's TorchTrainer runs actors/student.py:train_loop on the store (KD
+student, and the same student on hard labels as the baseline)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .config import DistillConfig
+from .datasets import features_of
+from .errors import DistillError
+from .prepare import Prepared
+from .session import last_line, reraise_user_error
+from .store import SOFT_COLUMN, SOFT_TOPK, LabelStore, open_store, topk_columns
+
+log = logging.getLogger("distill")
+
+
+def open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
+    """The store training reads, checked first: same setup, every shard present and intact."""
+    store = open_store(cfg.store_path)
+    if not store.exists():
+        raise DistillError(f"no label store at {store.uri}: run `distill label` first")
+    store.check_identity(prep.identity)
+    if missing := store.record_finished():
+        raise DistillError(f"store {store.uri} is not fully labeled: {store.describe_missing(missing)}; "
+                           "run `distill label` to label what is missing")
+    return store
+
+
+def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None = None) -> dict[str, dict]:
+    store = store or open_complete_store(cfg, prep)
+    states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha)}
+    if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
+        states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)
+    return states
+
+
+def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss: str, alpha: float) -> dict:
+    """Train one student with Ray Train; return its final state (also saved in the run folder).
+
+    The Ray Train run is named after the settings that shape the result, so re-running the
+    same settings resumes from the latest checkpoint and changed settings start afresh.
+    """
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from actors.student import EpochLog, load_state, train_loop
+
+    t = cfg.train
+    rows = min(t.max_samples or prep.train.num_rows, prep.train.num_rows)
+    spec, columns = student_spec(cfg, prep.train.slice(0, rows), store.manifest["num_classes"])
+    loop_cfg = {
+        "task": cfg.task, "k": cfg.lm.k, "columns": columns, "run": cfg.run.name, "name": name,
+        "student": spec, "loss": loss, "alpha": alpha, "beta": t.beta, "temperature": cfg.ensemble.temperature,
+        "lr": t.lr, "weight_decay": t.weight_decay, "epochs": t.epochs, "batch_size": t.batch_size,
+        "seed": t.seed, "shuffle_buffer": max(t.batch_size * 4, 256), "threads": 1,
+        # Each worker keeps its shard in memory after the first pass when it is small: a new
+        # streaming execution per epoch costs seconds, far more than a tiny epoch itself.
+        "cache_rows": t.cache_rows,
+    }
+    # `epochs` is left out: raising it resumes the same run and trains the extra epochs.
+    key = {"loop": {k: v for k, v in loop_cfg.items() if k != "epochs"}, "workers": t.workers,
+           "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
+    run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
+
+    ds = train_dataset(store, ["row", *columns], rows, t.read_in_driver_mb)
+    storage = str((cfg.run_dir / "train").resolve()) if "://" not in cfg.output_dir else f"{cfg.output_dir}/{cfg.run.name}/train"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **t.worker_resources,
+                                                           **({"GPU": 1} if t.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(name=run_name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=t.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             logging_config=LoggingConfig(log_level="WARNING"),
+                             callbacks=[EpochLog(name, t.epochs)]),
+        datasets={"train": ds},
+        # Same seed, same student: blocks reach the split in store order and are dealt to the
+        # workers by row count alone (not by node locality), so each worker's rows and their
+        # shuffled order are a function of the seed.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True),
+                                  enable_shard_locality=False),
+    )
+    log.info("train: %s (loss=%s, alpha=%s) on %d rows, %d workers, run %s", name, loss, alpha, rows, t.workers, run_name)
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        reraise_user_error(e, otherwise=f"training '{name}' failed (train.max_failures={t.max_failures}); "
+                                        f"checkpoints kept in {storage}/{run_name}: {last_line(e)}")
+    if result.checkpoint is None:
+        raise DistillError(f"training '{name}' produced no checkpoint (see {storage}/{run_name})")
+    state = load_state(result.checkpoint)
+    state["loss"] = loss
+    out = cfg.run_dir / "students"
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.save(state, out / f"{name}.pt")
+    return state
+
+
+def read_in_driver(store: LabelStore, read_in_driver_mb: float) -> bool:
+    """train.read_in_driver_mb's rule: is this store small enough to be read by the driver?"""
+    return store.shard_bytes / 2**20 <= read_in_driver_mb
+
+
+def train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_driver_mb: float):
+    """The store's first `rows` rows as a Ray Dataset, in store order (for deterministic splits).
+
+    A small store is read here with pyarrow (20k rows: ~0.05 s) and handed over whole:
+    read_parquet over many small shard files spends seconds planning and launching read tasks
+    before the first batch (7.5 s vs 0.4 s for 79 files measured, BENCHMARKS.md), most of a
+    small run's first epoch. A big one streams, so no node needs to hold it all.
+    """
+    import ray.data
+
+    size_mb = store.shard_bytes / 2**20
+    if read_in_driver(store, read_in_driver_mb):
+        log.info("train: store %.1f MB <= train.read_in_driver_mb=%g: read by the driver", size_mb, read_in_driver_mb)
+        table = pq.ParquetDataset(store.shard_paths(), filesystem=store.fs).read(columns=columns)
+        return ray.data.from_arrow(table.slice(0, rows))  # shards hold rows 0..n-1 in order
+    log.info("train: store %.1f MB > train.read_in_driver_mb=%g: streamed with read_parquet", size_mb, read_in_driver_mb)
+    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(columns)
+    return ds.filter(expr=f"row < {rows}") if rows < store.manifest["dataset"]["rows"] else ds
+
+
+def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, list[str]]:
+    """The student's build spec (plain data) and the store columns its loop reads."""
+    if cfg.task == "lm":
+        path = Path(cfg.lm.student_config)
+        try:
+            hf = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DistillError(f"lm.student_config: cannot read {path}: {e}") from None
+        if hf.get("vocab_size") != width:
+            raise DistillError(f"lm.student_config: vocab_size {hf.get('vocab_size')} in {path} "
+                               f"differs from the teachers' {width}")
+        ids, lps = topk_columns(SOFT_TOPK)
+        return {"arch": "causal_lm", "config": hf}, ["input_ids", ids, lps]
+    x = features_of(rows)
+    spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": width, "hidden": cfg.student.hidden,
+            "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}
+    return spec, ["features", "label", SOFT_COLUMN]

@@ -1,0 +1,49 @@
+"""Held-out LM evaluation maths (no Ray): the ensemble's perplexity, exact where it can be."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from orchestrator.evaluate import ensemble_true_token_nll, evaluate_lm
+from orchestrator.models import CausalLMTeacher
+from tests.helpers_lm import make_tokenizer, corpus, make_lm
+
+
+@pytest.fixture(scope="module")
+def tiny_lms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evallm")
+    tok = make_tokenizer(root / "tok", corpus(6), vocab=280)
+    teachers = [{"name": n, "backend": "hf", "path": str(make_lm(root / n, tok, corpus(6), 32, 1, seed=s, steps=5))}
+                for n, s in (("a", 1), ("b", 2))]
+    windows = np.array(tok(" ".join(corpus(6)))["input_ids"][: 4 * 16]).reshape(4, 16)
+    from orchestrator.datasets import token_table
+
+    return teachers, token_table(windows), len(tok)
+
+
+def test_mean_prob_ensemble_perplexity_is_the_exact_mixture(tiny_lms):
+    teachers, test, vocab = tiny_lms
+    ens = {"mode": "mean_prob", "tau": 1.0, "weights": {"a": 1.0, "b": 3.0}}
+    out = evaluate_lm(test, teachers, ens, {}, k=4, vocab_size=vocab)["models"]
+    windows = np.stack(test.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+    p = [np.exp(-CausalLMTeacher(t, 4).nll(windows).astype(np.float64)) for t in teachers]
+    expect = float(np.exp(-np.log(0.25 * p[0] + 0.75 * p[1]).mean()))
+    assert out["ensemble"]["perplexity"] == pytest.approx(expect, rel=1e-6)
+    assert "approximation" not in out["ensemble"]
+
+
+def test_k_equal_to_the_vocabulary_scores_without_dividing_by_zero(tiny_lms):
+    # lm.k == vocab_size is allowed; the approximate path divided the tail by V - k = 0.
+    teachers, test, vocab = tiny_lms
+    ens = {"mode": "mean_logit", "tau": 1.0, "weights": {"a": 1.0, "b": 1.0}}
+    with np.errstate(divide="raise", invalid="raise"):
+        out = evaluate_lm(test, teachers, ens, {}, k=vocab, vocab_size=vocab)["models"]
+    assert np.isfinite(out["ensemble"]["perplexity"]) and out["ensemble"]["perplexity"] > 1.0
+
+
+def test_a_true_token_outside_the_union_gets_its_share_of_the_tail():
+    # V = 10, k = 2: the true token 7 is not kept, so it gets tail / (V - k) = 0.4 / 8.
+    e_ids, e_lps = np.array([[1, 2]]), np.log(np.array([[0.4, 0.2]]))
+    nll, how = ensemble_true_token_nll(np.zeros((1, 1)), np.ones(1), "entropy", e_ids, e_lps, np.array([0.4]),
+                                       np.array([7]), 10)
+    assert nll[0] == pytest.approx(-np.log(0.05)) and "uniform tail" in how
