@@ -1,8 +1,14 @@
-"""Loading teachers (backends ``torch`` and ``hf``) and building students. Pure torch: no Ray.
+"""Loading teachers and building students. Pure torch (+ transformers): no Ray.
 
-A teacher is a callable ``features [B, D] float32 -> logits [B, C] float32`` at T=1. The Serve
-deployment (actors/teacher.py) and the evaluation both load teachers through here, so what is
-served is exactly what is evaluated.
+Teachers, by task (``load_teacher``):
+- classification: ``ClassifierTeacher``, backend ``torch`` (TorchScript, or ``module`` + a
+  state_dict) or ``hf`` (a sequence classifier reading integer features as token ids):
+  ``features [B, D] float32 -> logits [B, C] float32`` at T=1;
+- lm: ``CausalLMTeacher`` (backend ``hf``) or ``VLLMTeacher`` (backend ``vllm``, see
+  orchestrator/vllm_teacher.py): ``windows [B, L] -> (top-k ids, log-probs) [B, L-1, k]``, and
+  ``nll(windows) -> [B, L-1]``.
+The Serve deployment (actors/teacher.py) and the evaluation both load teachers through here, so
+what is served is exactly what is evaluated. Students: ``build_student`` from a plain spec.
 """
 from __future__ import annotations
 
