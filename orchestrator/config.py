@@ -89,8 +89,15 @@ class LabelConfig(_Strict):
 
 
 class StudentConfig(_Strict):
+    # task classification: an MLP over the features
     arch: Literal["mlp"] = "mlp"
     hidden: list[int] = [32]
+    # task lm: where the causal-LM student's weights come from (orchestrator/students.py)
+    init: Literal["scratch", "pretrained", "teacher"] = "scratch"
+    config: Optional[str] = None  # init scratch: an HF config.json (lm.student_config is the same)
+    path: Optional[str] = None  # init pretrained: a local from_pretrained causal-LM dir
+    teacher: Optional[str] = None  # init teacher: the teacher (by name) whose layers the student keeps
+    layers: Optional[list[int]] = None  # init teacher: indices of its decoder layers to keep, in order
 
     @model_validator(mode="after")
     def _positive(self):
@@ -118,6 +125,13 @@ class TrainConfig(_Strict):
     # a larger one streams with ray.data.read_parquet (which costs seconds to plan small files).
     read_in_driver_mb: float = Field(256, ge=0)
     seed: int = 0
+    # The optimiser's schedule (defaults: constant lr, no clipping, one batch per step).
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # after warmup; decays to min_lr_ratio
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm
+    grad_accum: int = Field(1, ge=1)  # batches per optimiser step (global batch = workers x batch_size x this)
+    max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimiser steps (epochs is then a ceiling)
 
 
 class EvalConfig(_Strict):
@@ -136,8 +150,8 @@ class MetricsConfig(_Strict):
 
 # Per task, the keys it never reads (None: the whole section).
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
-    "classification": {"dataset": ("text",), "lm": None},
-    "lm": {"dataset": ("features", "label", "id_column"), "student": None},
+    "classification": {"dataset": ("text",), "lm": None, "student": ("init", "config", "path", "teacher", "layers")},
+    "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden")},
 }
 
 
@@ -164,8 +178,7 @@ class DistillConfig(_Strict):
                              + (f" (nor {', '.join(ignored[1:])})" if ignored[1:] else "")
                              + "; remove it, or set the task that uses it")
         if self.task == "lm":
-            if self.lm.student_config is None:
-                raise ValueError("lm.student_config: required for task lm (an HF config.json for the student)")
+            self._check_lm_student()
             if any(t.backend == "torch" for t in self.teachers):
                 raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
         elif any(t.backend == "vllm" for t in self.teachers):
@@ -182,6 +195,38 @@ class DistillConfig(_Strict):
         if teachers and sum(t.weight for t in teachers) <= 0:
             raise ValueError("at least one teacher needs weight > 0")
         return teachers
+
+    def _check_lm_student(self) -> None:
+        s, need = self.student, {"scratch": "config", "pretrained": "path", "teacher": "teacher"}[self.student.init]
+        if self.lm.student_config and s.config and self.lm.student_config != s.config:
+            raise ValueError("lm.student_config and student.config name different files: keep one")
+        if s.init == "scratch" and not (s.config or self.lm.student_config):
+            raise ValueError("student.config: required for task lm with student.init scratch "
+                             "(an HF config.json; or start from student.init pretrained / teacher)")
+        if s.init != "scratch" and getattr(s, need) is None:
+            raise ValueError(f"student.{need}: required with student.init {s.init}")
+        wrong = [k for k in ("config", "path", "teacher", "layers") if getattr(s, k) is not None
+                 and k not in {"scratch": ("config",), "pretrained": ("path",), "teacher": ("teacher", "layers")}[s.init]]
+        if wrong:
+            raise ValueError(f"student.{wrong[0]}: not used with student.init {s.init}")
+        if s.init == "teacher":
+            if s.teacher not in [t.name for t in self.teachers]:
+                raise ValueError(f"student.teacher: no teacher named '{s.teacher}' "
+                                 f"(teachers: {', '.join(t.name for t in self.teachers)})")
+            if not s.layers:
+                raise ValueError("student.layers: required with student.init teacher (the teacher's decoder "
+                                 "layer indices to keep, e.g. [0, 2, 4])")
+
+    @property
+    def student_spec_source(self) -> dict:
+        """task lm: the student's weights source as orchestrator.students takes it (paths resolved)."""
+        s = self.student
+        if s.init == "scratch":
+            return {"init": "scratch", "config_file": s.config or self.lm.student_config}
+        if s.init == "pretrained":
+            return {"init": "pretrained", "path": s.path}
+        teacher = next(t for t in self.teachers if t.name == s.teacher)
+        return {"init": "teacher", "path": teacher.path, "layers": list(s.layers)}
 
     def ignored_keys(self) -> list[str]:
         """Keys set in the config that the chosen task never reads, as dotted paths: refused,

@@ -58,11 +58,13 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.ensemble.model_dump() == {"mode": "mean_prob", "temperature": 4.0, "tau": 1.0}
     assert cfg.store.model_dump() == {"path": None, "shard_size": 256}
     assert cfg.label.model_dump() == {"executor": "auto", "concurrency": 2, "num_cpus": 0.25}
-    assert cfg.student.model_dump() == {"arch": "mlp", "hidden": [32]}
+    assert cfg.student.model_dump() == {"arch": "mlp", "hidden": [32], "init": "scratch", "config": None, "path": None,
+                                        "teacher": None, "layers": None}
     assert cfg.train.model_dump() == {
         "workers": 2, "cpus_per_worker": 1, "use_gpu": False, "epochs": 20, "batch_size": 64,
         "lr": 3e-3, "weight_decay": 0.0, "loss": "kd", "alpha": 0.1, "beta": 0.5,
         "max_failures": 0, "max_samples": None, "seed": 0, "cache_rows": 200_000, "read_in_driver_mb": 256, "worker_resources": {},
+        "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.1, "grad_clip": None, "grad_accum": 1, "max_steps": None,
     }
     assert cfg.eval.baseline is True
     assert cfg.ray.model_dump() == {"address": None, "num_cpus": None}
@@ -326,3 +328,24 @@ def test_keys_the_task_never_reads_are_refused_by_name():
     assert "dataset.label: not used by task lm (nor student.hidden)" in error_of(lm)
     # Defaults never count, only what the config sets.
     assert config_from_dict({**lm, "dataset": {"source": "t.parquet"}, "student": {}}).task == "lm"
+
+
+def _lm(**student):
+    return {"task": "lm", "dataset": {"source": "t.parquet"}, "student": student,
+            "teachers": [{"name": "big", "backend": "hf", "path": "x"}, {"name": "small", "backend": "hf", "path": "y"}]}
+
+
+def test_lm_student_sources():
+    assert config_from_dict(_lm(config="s.json")).student_spec_source == {"init": "scratch", "config_file": "s.json"}
+    assert config_from_dict(_lm(init="pretrained", path="p")).student_spec_source == {"init": "pretrained", "path": "p"}
+    cfg = config_from_dict(_lm(init="teacher", teacher="big", layers=[0, 2]))
+    assert cfg.student_spec_source == {"init": "teacher", "path": "x", "layers": [0, 2]}
+    assert error_of(_lm()).endswith("student.config: required for task lm with student.init scratch (an HF config.json; "
+                                    "or start from student.init pretrained / teacher)")
+    assert "student.path: required with student.init pretrained" in error_of(_lm(init="pretrained"))
+    assert "student.teacher: no teacher named 'huge' (teachers: big, small)" in error_of(
+        _lm(init="teacher", teacher="huge", layers=[0]))
+    assert "student.layers: required with student.init teacher" in error_of(_lm(init="teacher", teacher="big"))
+    assert "student.path: not used with student.init teacher" in error_of(
+        _lm(init="teacher", teacher="big", layers=[0], path="p"))
+    assert "student.init: not used by task classification" in error_of(minimal(student={"init": "teacher"}))
