@@ -11,7 +11,12 @@ the small probabilities.
 
 The ``TopK*`` losses take a sparse target instead (causal-LM teachers, see
 ``ensemble.ensemble_topk``): per token position the target's top-k ids + log-probs, the
-unlisted mass kept as one tail bucket; they mask padding and prompt positions.
+unlisted mass kept as one tail bucket; they mask padding and prompt positions, and work
+through the positions in chunks (``_ChunkedRows``) so that no float32 copy of the whole
+[B, L, V] logits is made.
+
+(Over 300 lines on purpose: the dense and top-k families share their checks, kl_div and
+``_build``, and reading them side by side shows they compute the same thing.)
 """
 from __future__ import annotations
 
@@ -165,12 +170,7 @@ def build_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5, temperature:
 # ---------------------------------------------------------------------------------------
 
 
-def _topk_buckets(student_logits, target_ids, target_logprobs, temperature: float):
-    """Flatten positions and build both sides' (k+1)-bucket distributions.
-
-    Returns (logits [N, V] upcast, p_s, log p_s, p_t, log p_t), the last four [N, k+1] with
-    the tail bucket last. Padded target slots (id < 0) are 0 on both sides.
-    """
+def _check_topk_shapes(student_logits, target_ids, target_logprobs) -> None:
     if student_logits.dim() < 2 or target_ids.dim() < 2 \
             or student_logits.shape[:-1] != target_ids.shape[:-1] \
             or target_logprobs.shape != target_ids.shape:
@@ -179,6 +179,15 @@ def _topk_buckets(student_logits, target_ids, target_logprobs, temperature: floa
             f"target_logprobs {tuple(target_logprobs.shape)} must be [..., V], [..., k], [..., k] "
             f"with the same leading positions"
         )
+
+
+def _topk_buckets(student_logits, target_ids, target_logprobs, temperature: float):
+    """Flatten positions and build both sides' (k+1)-bucket distributions.
+
+    Returns (logits [N, V] upcast, p_s, log p_s, p_t, log p_t), the last four [N, k+1] with
+    the tail bucket last. Padded target slots (id < 0) are 0 on both sides.
+    """
+    _check_topk_shapes(student_logits, target_ids, target_logprobs)
     dtype = _compute_dtype(student_logits)
     logits = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
     ids = target_ids.reshape(-1, target_ids.shape[-1]).long()
@@ -193,32 +202,116 @@ def _topk_buckets(student_logits, target_ids, target_logprobs, temperature: floa
     return logits, p_s, log_p_s, p_t, safe_log(p_t)
 
 
+class _ChunkedRows(torch.autograd.Function):
+    """values [N] = fn(logits[rows], *rest[rows]) over the rows where ``mask`` is True, in chunks
+    of ``chunk`` positions; 0 at the other rows, which are never read.
+
+    Why: computed at once, a [N, V] loss keeps float32 copies of the whole logits alive (the
+    upcast, log_softmax's output saved for backward, cross-entropy's own log_softmax) -- at
+    N = 4096 positions and V = 151,936 each is 2.5 GB. Here only one chunk's [chunk, V]
+    intermediates exist at a time: each chunk's gradient d values / d logits (one row of
+    logits feeds only its own value) is taken in the forward pass, written into one [N, V]
+    buffer in the logits' dtype -- the size of the logits' gradient, which backward needs
+    anyway -- and backward scales that buffer in place by the incoming per-row weights.
+    The target tensors get no gradient; backward runs once (no retain_graph re-use).
+
+    Shapes: logits [..., V] (N = the leading sizes' product, row-major), mask [N] bool,
+    rest: tensors [N, ...] or None -> values [N].
+    """
+
+    @staticmethod
+    def forward(ctx, logits, fn, chunk, mask, *rest):
+        need_grad = ctx.needs_input_grad[0]
+        lead = logits.shape[:-1]  # [B, L] or [N]: rows are read in place, so a strided view
+        values = torch.zeros(lead.numel(), dtype=_compute_dtype(logits), device=logits.device)
+        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if need_grad else None
+        for start in range(0, lead.numel(), chunk):
+            rows = mask[start:start + chunk].nonzero().squeeze(1) + start
+            if rows.numel() == 0:
+                continue  # a chunk of prompt or padding: nothing to compute
+            where = torch.unravel_index(rows, lead)
+            x = logits[where]  # [c, V], a copy of one chunk only (logits[:, :-1] is never copied whole)
+            args = [None if a is None else a.index_select(0, rows) for a in rest]
+            if need_grad:
+                with torch.enable_grad():
+                    x.requires_grad_(True)
+                    v = fn(x, *args)
+                    (g,) = torch.autograd.grad(v.sum(), x)  # row i's gradient of its own value
+                grad[where] = g
+            else:
+                v = fn(x, *args)
+            values.index_copy_(0, rows, v.detach())
+        ctx.grad = grad
+        return values
+
+    @staticmethod
+    def backward(ctx, grad_values):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("the chunked top-k loss backpropagates once; recompute the loss to do it again")
+        grad.mul_(grad_values.view(*grad.shape[:-1], 1).to(grad.dtype))  # in place: no second [N, V] buffer
+        return (grad, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+# Positions per chunk: at V = 151,936 one float32 [1024, V] slice is 0.6 GB.
+DEFAULT_CHUNK = 1024
+
+
 class _TopKLoss(nn.Module):
     """Shared forward of the top-k losses; subclasses give the per-position loss.
 
     Shapes: student_logits [N, V] (or [B, L, V]), target_ids [N, k] long (padding id -1),
     target_logprobs [N, k] (softened at T, as ``ensemble_topk`` writes them), labels [N]
-    long, mask [N] bool (default all True); [B, L, ...] inputs are flattened to N = B * L.
+    long, mask [N] bool (default all True): the positions that carry loss (for a causal LM,
+    the response tokens; prompt and padding positions are False). [B, L, ...] inputs are
+    flattened to N = B * L (so a window's [B, L-1] logits go with a [B, L-1] mask).
     Returns the mean over positions where mask is True (0 when none is): a scalar.
+
+    chunk_size: positions per chunk (see ``_ChunkedRows``); masked positions are skipped and
+    their logits never read. None computes every position at once, as the unchunked loss
+    did (the benchmark's reference): same values, more memory.
     """
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK):
         super().__init__()
         _check_temperature(temperature)
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
         self.temperature = temperature
+        self.chunk_size = chunk_size
 
     def forward(self, student_logits, target_ids, target_logprobs, labels=None, mask=None):
-        logits, p_s, log_p_s, p_t, log_p_t = _topk_buckets(
-            student_logits, target_ids, target_logprobs, self.temperature)
+        _check_topk_shapes(student_logits, target_ids, target_logprobs)
+        n = target_ids.shape[:-1].numel()
         if mask is None:
-            mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+            mask = torch.ones(n, dtype=torch.bool, device=student_logits.device)
         elif mask.shape != target_ids.shape[:-1]:
             raise ValueError(f"mask {tuple(mask.shape)} must be {tuple(target_ids.shape[:-1])}, "
                              f"one flag per position")
         mask = mask.reshape(-1).bool()
-        per_position = self._per_position(logits, p_s, log_p_s, p_t, log_p_t, labels, mask)
+        self._check_labels(labels, n)
+        labels = None if labels is None else labels.reshape(-1)
+        self._soft_sum = 0.0
+        if self.chunk_size is None:
+            per_position = self._rows(student_logits, target_ids, target_logprobs, labels, mask)
+        else:
+            per_position = _ChunkedRows.apply(
+                student_logits, self._rows, self.chunk_size, mask,
+                target_ids.reshape(n, -1), target_logprobs.reshape(n, -1), labels)
         per_position = torch.where(mask, per_position, 0.0)  # masked junk (even NaN) never leaks
-        return per_position.sum() / mask.sum().clamp_min(1)
+        count = mask.sum().clamp_min(1)
+        self.last_soft = (self._soft_sum / count).detach() if torch.is_tensor(self._soft_sum) else None
+        return per_position.sum() / count
+
+    def _rows(self, logits, ids, logprobs, labels, mask=None):
+        """Per-position loss of some rows: logits [c, V], ids / logprobs [c, k], labels [c] -> [c]."""
+        logits, p_s, log_p_s, p_t, log_p_t = _topk_buckets(logits, ids, logprobs, self.temperature)
+        if mask is None:  # chunked: only rows that carry loss are passed
+            mask = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        return self._per_position(logits, p_s, log_p_s, p_t, log_p_t, labels, mask)
+
+    def _check_labels(self, labels, n: int) -> None:
+        pass
 
     def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
         raise NotImplementedError
@@ -241,8 +334,8 @@ class TopKReverseKL(_TopKLoss):
 class TopKJSD(_TopKLoss):
     """T^2 * generalised JSD (see ``JSD``) over the k listed tokens + the tail bucket."""
 
-    def __init__(self, beta: float = 0.5, temperature: float = 1.0):
-        super().__init__(temperature)
+    def __init__(self, beta: float = 0.5, temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK):
+        super().__init__(temperature, chunk_size)
         _check_unit("beta", beta)
         self.beta = beta
 
@@ -257,25 +350,33 @@ class TopKKDLoss(_TopKLoss):
     """alpha * CE(student at T=1, labels) + (1 - alpha) * T^2 * KL(p_t || p_s) over k+1 buckets.
 
     labels are required; a masked position's label is never read (it may be -100).
+    ``last_soft``: the soft term alone, mean over the masked-in positions (for metrics).
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 1.0):
-        super().__init__(temperature)
+    def __init__(self, alpha: float = 0.5, temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK):
+        super().__init__(temperature, chunk_size)
         _check_unit("alpha", alpha)
         self.alpha = alpha
 
-    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
-        if labels is None or labels.numel() != logits.shape[0]:
-            raise ValueError(f"kd needs one label per position ({logits.shape[0]}), got "
+    def _check_labels(self, labels, n: int) -> None:
+        if labels is None or labels.numel() != n:
+            raise ValueError(f"kd needs one label per position ({n}), got "
                              f"{None if labels is None else tuple(labels.shape)}")
-        hard = F.cross_entropy(logits, torch.where(mask, labels.reshape(-1), 0), reduction="none")
+
+    def _per_position(self, logits, p_s, log_p_s, p_t, log_p_t, labels, mask):
+        hard = F.cross_entropy(logits, torch.where(mask, labels, 0), reduction="none")
         soft = self.temperature**2 * kl_div(p_t, log_p_t, log_p_s)
-        self.last_soft = (torch.where(mask, soft, 0.0).sum() / mask.sum().clamp_min(1)).detach()  # for metrics
+        self._soft_sum = self._soft_sum + torch.where(mask, soft, 0.0).sum().detach()  # summed over chunks
         return self.alpha * hard + (1.0 - self.alpha) * soft
 
 
-def build_topk_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5,
-                    temperature: float = 1.0) -> nn.Module:
-    """Top-k (sparse target) loss module by name (one of ``LOSSES``); alpha for "kd", beta for "jsd"."""
+def build_topk_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5, temperature: float = 1.0,
+                    chunk_size: int | None = DEFAULT_CHUNK) -> nn.Module:
+    """Top-k (sparse target) loss module by name (one of ``LOSSES``); alpha for "kd", beta for "jsd";
+    chunk_size positions at a time (None: all at once)."""
     family = {"kd": TopKKDLoss, "forward_kl": TopKForwardKL, "reverse_kl": TopKReverseKL, "jsd": TopKJSD}
-    return _build(family, name, alpha, beta, temperature)
+    loss = _build(family, name, alpha, beta, temperature)
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    loss.chunk_size = chunk_size
+    return loss

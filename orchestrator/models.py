@@ -254,12 +254,12 @@ class MLPStudent(nn.Module):
 
 def build_student(spec: dict) -> nn.Module:
     """spec: {arch, in_dim, num_classes, hidden, mean, std} (all plain data, so it pickles),
-    or {arch: "causal_lm", config: HF config dict} for a causal LM trained from scratch."""
+    or {arch: "causal_lm", init: ..., ...}: a causal LM, see orchestrator.students (init defaults
+    to "scratch", {arch: "causal_lm", config: HF config dict} as before)."""
     if spec["arch"] == "causal_lm":
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from .students import build_lm_student
 
-        cfg = dict(spec["config"])
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+        return build_lm_student({"init": "scratch", **{k: v for k, v in spec.items() if k != "arch"}})
     if spec["arch"] != "mlp":
         raise DistillError(f"student.arch: unknown '{spec['arch']}' (allowed: mlp)")
     return MLPStudent(spec["in_dim"], spec["num_classes"], spec["hidden"], spec.get("mean"), spec.get("std"))

@@ -1,0 +1,145 @@
+"""Student sources: scratch, pretrained and teacher-initialised (kept layers) causal LMs.
+
+Teachers are tiny Llama / Qwen3 / Mistral models built from configs with random weights and
+saved with save_pretrained, so every check runs in seconds and without a hub.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchestrator.errors import DistillError
+from orchestrator.models import build_student
+from orchestrator.students import build_lm_student, check_student_vocab, lm_student_config
+
+VOCAB = 97
+
+
+def tiny(model_type: str, layers: int = 4, **extra) -> dict:
+    return {"model_type": model_type, "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, **extra}
+
+
+def save_teacher(root, cfg: dict, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_lm_student({"init": "scratch", "config": cfg}).eval()
+    with torch.no_grad():  # norms start at exactly 1: make them distinct, so a wrong copy shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    path = root / cfg["model_type"]
+    model.save_pretrained(str(path))
+    return path, model
+
+
+@pytest.fixture(params=[
+    tiny("llama"),
+    tiny("qwen3", tie_word_embeddings=True),
+    # Qwen2 with sliding attention on layers >= 2: the kept layers carry their own types
+    tiny("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2),
+], ids=["llama", "qwen3-tied", "qwen2-sliding"])
+def teacher(request, tmp_path):
+    return save_teacher(tmp_path, request.param)
+
+
+def test_kept_layers_are_the_teachers(teacher):
+    path, t = teacher
+    s = build_lm_student({"init": "teacher", "path": str(path), "layers": [0, 2]}).eval()
+    assert s.config.num_hidden_layers == 2 and len(s.model.layers) == 2
+    ts, ss = t.state_dict(), s.state_dict()
+    for j, i in enumerate([0, 2]):
+        layer = {k.split(".", 3)[3]: v for k, v in ts.items() if k.startswith(f"model.layers.{i}.")}
+        assert layer and all(torch.equal(ss[f"model.layers.{j}.{k}"], v) for k, v in layer.items())
+        assert s.model.layers[j].self_attn.layer_idx == j  # indexes the KV cache
+    for k in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(ss[k], ts[k]), k
+    assert s.config.tie_word_embeddings == t.config.tie_word_embeddings
+    if t.config.tie_word_embeddings:
+        assert s.lm_head.weight.data_ptr() == s.model.embed_tokens.weight.data_ptr()
+    if getattr(t.config, "layer_types", None):
+        assert s.config.layer_types == [t.config.layer_types[0], t.config.layer_types[2]]
+    if t.config.model_type == "qwen2":
+        assert s.config.layer_types == ["full_attention", "sliding_attention"]
+        assert s.model.layers[1].self_attn.sliding_window == 8 and s.model.layers[0].self_attn.sliding_window is None
+    # generate() runs on the renumbered KV cache, and matches a full forward pass (greedy)
+    prompt = torch.tensor([[5, 17, 3, 42]])
+    out = s.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 10)
+    with torch.no_grad():
+        assert torch.equal(s(out[:, :-1]).logits[0, 3:].argmax(-1), out[0, 4:])
+
+
+def test_all_layers_give_the_teachers_logits(teacher):
+    path, t = teacher
+    s = build_lm_student({"init": "teacher", "path": str(path), "layers": [0, 1, 2, 3]}).eval()
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(s(x).logits, t(x).logits, atol=1e-5, rtol=0)
+
+
+def test_reordered_layers_differ_from_the_teacher(tmp_path):
+    path, t = save_teacher(tmp_path, tiny("llama"))
+    s = build_lm_student({"init": "teacher", "path": str(path), "layers": [3, 2, 1, 0]}).eval()
+    assert torch.equal(s.model.layers[0].mlp.up_proj.weight, t.model.layers[3].mlp.up_proj.weight)
+    x = torch.randint(0, VOCAB, (1, 12))
+    with torch.no_grad():
+        assert (s(x).logits - t(x).logits).abs().max() > 1e-3
+
+
+def test_pretrained_and_scratch(tmp_path):
+    path, t = save_teacher(tmp_path, tiny("mistral", layers=2))
+    s = build_lm_student({"init": "pretrained", "path": str(path)})
+    assert s.training and all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), t.state_dict().values()))
+    scratch = build_student({"arch": "causal_lm", "config": tiny("llama", layers=3)})  # the old spec still builds
+    assert scratch.config.num_hidden_layers == 3 and scratch.config.vocab_size == VOCAB
+    assert lm_student_config({"init": "teacher", "path": str(path), "layers": [1]}).num_hidden_layers == 1
+    bf16 = build_lm_student({"init": "scratch", "config": tiny("llama", layers=1), "dtype": "bfloat16"})
+    assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_vocab_check_names_the_field(tmp_path):
+    path, _ = save_teacher(tmp_path, tiny("llama", layers=2))
+    check_student_vocab({"init": "pretrained", "path": str(path)}, VOCAB)
+    check_student_vocab({"init": "teacher", "path": str(path), "layers": [0]}, VOCAB)
+    with pytest.raises(DistillError, match=r"^student.path: the student's vocab_size 97 differs from the teachers' 100"):
+        check_student_vocab({"init": "pretrained", "path": str(path)}, 100)
+    with pytest.raises(DistillError, match=r"^student.config: the student's vocab_size 97 differs"):
+        check_student_vocab({"init": "scratch", "config": tiny("llama")}, 50)
+
+
+def test_gpt2_teacher_is_a_clear_error(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)).save_pretrained(
+        str(tmp_path / "gpt2"))
+    with pytest.raises(DistillError) as e:
+        build_lm_student({"init": "teacher", "path": str(tmp_path / "gpt2"), "layers": [0]})
+    msg = str(e.value)
+    assert "GPT2LMHeadModel" in msg and "gpt2" in msg and "llama, mistral, qwen2, qwen3" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("layers, match", [
+    ([], "non-empty"), (None, "non-empty"), ([0, 4], r"\[4\] out of range; the teacher has 4 layers"),
+    ([-1], "out of range"), ([1, 2, 1], r"\[1\] repeated"), ([0.5], "out of range"),
+])
+def test_bad_layers_name_the_field(tmp_path, layers, match):
+    path, _ = save_teacher(tmp_path, tiny("llama"))
+    with pytest.raises(DistillError, match=r"^student.layers: .*" + match):
+        build_lm_student({"init": "teacher", "path": str(path), "layers": layers})
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(DistillError, match="^student.init: unknown 'copy'"):
+        build_lm_student({"init": "copy"})
+    with pytest.raises(DistillError, match="^student.path: required with init: pretrained"):
+        build_lm_student({"init": "pretrained"})
+    with pytest.raises(DistillError, match="^student.path: .* is not a from_pretrained directory"):
+        build_lm_student({"init": "pretrained", "path": str(tmp_path)})
+    path, _ = save_teacher(tmp_path, tiny("llama", layers=2))
+    (path / "model.safetensors").unlink()
+    with pytest.raises(DistillError, match="^student.path: init: teacher reads safetensors"):
+        build_lm_student({"init": "teacher", "path": str(path), "layers": [0]})
+    assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 2  # nothing written
