@@ -7,6 +7,8 @@ latest epoch with the same history.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -20,6 +22,7 @@ import ray.train
 import ray.train.torch
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student
+from orchestrator.schedule import lr_lambda
 from orchestrator.store import SOFT_COLUMN
 
 STATE_FILE = "state.pt"
@@ -135,6 +138,14 @@ def _lm_step(model, loss_fn, batch: dict, config: dict):
     return loss_fn(logits, target_ids, target_lps, x[:, 1:]), b * (x.shape[1] - 1)
 
 
+def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_loop(config: dict) -> None:
     # Ray Train's worker narrates every report at INFO through loggers we cannot name: warn only.
     logging.getLogger().setLevel(logging.WARNING)
@@ -143,12 +154,17 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     model = build_student(config["student"])
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
+        schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))
     start, history, resumes = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # restarted after a failure, or a re-run of the same run name: resume
         state = load_state(checkpoint)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if "scheduler" in state:
+            sched.load_state_dict(state["scheduler"])
         start, history = state["epoch"] + 1, state["history"]
         resumes = state.get("resumed_after_epoch", []) + [state["epoch"]]
         if ctx.get_world_rank() == 0:
@@ -163,18 +179,37 @@ def train_loop(config: dict) -> None:
 
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
                                  config["shuffle_buffer"], config["cache_rows"])
-    live = LiveMetrics(config, ctx.get_world_rank(), step=sum(h.get("steps", 0) for h in history))
+    done_steps = sum(h.get("steps", 0) for h in history)  # optimiser steps, over all epochs so far
+    live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps)
+    accum, max_steps = config["grad_accum"], config["max_steps"]
+    # bf16 autocast on a GPU (float32 master weights; the losses upcast to float32 inside).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.get("use_gpu") else contextlib.nullcontext()
     for epoch in range(start, config["epochs"]):
+        if max_steps is not None and done_steps >= max_steps:
+            break
         model.train()
-        t0, seen, total, steps = time.perf_counter(), 0, 0.0, 0
+        t0, seen, total, steps, micro = time.perf_counter(), 0, 0.0, 0, 0
+        opt.zero_grad(set_to_none=True)
         for batch in epoch_batches(epoch):
-            loss, n = (_lm_step if lm else _classifier_step)(model, loss_fn, batch, config)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen, steps = seen + n, steps + 1
-            total += loss.item() * n
+            micro += 1
+            step_now = micro % accum == 0
+            # DDP all-reduces on every backward; between optimiser steps the gradients only add up.
+            sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast:
+                    loss, n = (_lm_step if lm else _classifier_step)(model, loss_fn, batch, config)
+                (loss / accum).backward()
+            seen, total = seen + n, total + loss.item() * n
             live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
+            if step_now:
+                _optimiser_step(model, opt, sched, config["grad_clip"])
+                steps += 1
+                if max_steps is not None and done_steps + steps >= max_steps:
+                    break
+        if micro % accum:  # an epoch's last, partial accumulation still makes a step
+            _optimiser_step(model, opt, sched, config["grad_clip"])
+            steps += 1
+        done_steps += steps
         elapsed = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
@@ -191,7 +226,7 @@ def train_loop(config: dict) -> None:
             ckpt = None
             if ctx.get_world_rank() == 0:
                 raw = model.module if hasattr(model, "module") else model
-                state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
                          "history": history, "spec": config["student"], "worker_nodes": nodes,
                          "resumed_after_epoch": resumes}
                 torch.save(state, os.path.join(d, STATE_FILE))

@@ -1,4 +1,4 @@
-"""`distill` command line: run | label | train | eval | inspect.
+"""`distill` command line: run | label | train | eval | export | inspect.
 
 Every user error (config, data, teacher, store) ends as one line `error: ...` and exit 2.
 `-q` / `--quiet` may stand anywhere: before or after the command, between overrides.
@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "label":
             s.add_argument("--reensemble", action="store_true",
                            help="recompute the soft labels from stored teacher outputs (no teacher calls)")
+    s = sub.add_parser("export", help="task lm: a student checkpoint as a save_pretrained dir (transformers, vLLM)")
+    s.add_argument("config", help="run config YAML")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    s.add_argument("--checkpoint", help="a Ray Train checkpoint dir or state file (default: the run's final student)")
+    s.add_argument("--name", default="student", help="which student: student or student_hard")
+    s.add_argument("--out", help="output dir (default: output_dir/run/students/NAME)")
     s = sub.add_parser("inspect", help="describe a label store")
     s.add_argument("store", help="store folder or URI")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -78,6 +84,11 @@ def _command(args, cfg, quiet: bool) -> None:
             with pipeline.ray_session(cfg, quiet):
                 store = pipeline.label(cfg, prep)
         _inspect(store.uri, as_json=False)
+        return
+    elif args.command == "export":
+        from .training import export_checkpoint
+
+        print(f"exported: {export_checkpoint(cfg, pipeline.prepare(cfg), args.checkpoint, args.name, args.out)}")
         return
     else:  # train: a missing or damaged store is refused before Ray starts
         prep = pipeline.prepare(cfg)

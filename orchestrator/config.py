@@ -229,14 +229,14 @@ class DistillConfig(_Strict):
         return {"init": "teacher", "path": teacher.path, "layers": list(s.layers)}
 
     def ignored_keys(self) -> list[str]:
-        """Keys set in the config that the chosen task never reads, as dotted paths: refused,
-        so that nothing a user wrote is silently dropped."""
-        unused = TASK_UNUSED[self.task]
+        """Keys set in the config, to other than their defaults, that the chosen task never reads,
+        as dotted paths: refused, so that nothing a user wrote is silently dropped (a dumped
+        config, every default written out, still loads)."""
         found = []
-        for section, keys in unused.items():
-            if section in self.model_fields_set:
-                given = getattr(self, section).model_fields_set
-                found += [f"{section}.{k}" for k in sorted(given if keys is None else given & set(keys))]
+        for section, keys in TASK_UNUSED[self.task].items():
+            sub = getattr(self, section)
+            given = sub.model_fields_set if keys is None else sub.model_fields_set & set(keys)
+            found += [f"{section}.{k}" for k in sorted(given) if getattr(sub, k) != type(sub).model_fields[k].default]
         return found
 
     # Derived locations: one folder per run.

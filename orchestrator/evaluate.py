@@ -134,10 +134,10 @@ def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: 
     models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(nll, e_ids[:, 0], labels),
                           "params": sum(m["params"] for m in rows), "latency_ms": sum(m["latency_ms"] for m in rows),
                           **({"approximation": approximation} if approximation else {})}
+    from .students import from_state
+
     for name, state in students.items():
-        model = build_student(state["spec"])
-        model.load_state_dict(state["model"])
-        model.eval()
+        model = from_state({k: v for k, v in state["spec"].items() if k != "arch"}, state["model"])
 
         @torch.inference_mode()
         def logits_of(w: np.ndarray, model=model) -> np.ndarray:

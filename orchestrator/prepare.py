@@ -2,8 +2,10 @@
 identity a store must have been built from (dataset + teacher fingerprints), in one place."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -23,10 +25,11 @@ class Prepared:
     test: pa.Table  # held out for evaluation only
     identity: dict  # what the store must have been built from
     ensemble: dict  # mode, temperature, tau, weights per teacher
+    tokenizer: str | None = None  # task lm: the ensemble's one tokenizer dir (exported with the student)
 
 
 def prepare(cfg: DistillConfig) -> Prepared:
-    train, test, dataset, label_kind = (_lm_split if cfg.task == "lm" else _classification_split)(cfg)
+    train, test, dataset, label_kind, tokenizer = (_lm_split if cfg.task == "lm" else _classification_split)(cfg)
     train = train.append_column("row", pa.array(np.arange(train.num_rows), pa.int64()))
     identity = {
         "schema_version": SCHEMA_VERSION,
@@ -36,7 +39,7 @@ def prepare(cfg: DistillConfig) -> Prepared:
         "k": cfg.lm.k if label_kind == "topk" else None,
         "shard_size": cfg.store.shard_size,
     }
-    return Prepared(train, test, identity, ensemble_record(cfg))
+    return Prepared(train, test, identity, ensemble_record(cfg), tokenizer)
 
 
 def ensemble_record(cfg: DistillConfig) -> dict:
@@ -51,7 +54,7 @@ def teacher_identities(cfg: DistillConfig) -> list[dict]:
             for t in sorted(cfg.teachers, key=lambda t: t.name)]
 
 
-def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str]:
+def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, None]:
     d = cfg.dataset
     table = load_dataset(d.source, d.features, d.label, d.id_column, d.limit)
     if d.test_source:  # a separate held-out file: every row of `source` is labeled and trained on
@@ -64,7 +67,7 @@ def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict,
         if len(train_idx) == 0 or len(test_idx) == 0:
             raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {table.num_rows} rows")
         train, test = table.take(train_idx), table.take(test_idx)
-    return train, test, {"feature_dim": features_of(train).shape[1]}, "dense"
+    return train, test, {"feature_dim": features_of(train).shape[1]}, "dense", None
 
 
 def check_vocabulary(cfg: DistillConfig) -> str:
@@ -90,10 +93,13 @@ def check_vocabulary(cfg: DistillConfig) -> str:
     return tok_dir
 
 
-def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str]:
+def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
     """Tokenize once with the ensemble's one tokenizer; pack into windows of lm.max_len."""
     d = cfg.dataset
-    check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, cfg.lm.student_config)
+    source = cfg.student_spec_source
+    check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, source.get("config_file"))
+    if source["init"] != "scratch":  # the student's own config.json: vocabulary and positions, before any work
+        _check_student_source(cfg)
     tok_dir = check_vocabulary(cfg)
     tokenizer = load_tokenizer(tok_dir)
     texts = load_text(d.source, d.text, d.limit)
@@ -113,4 +119,32 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str]:
     train, test = windows(texts), windows(test_texts)
     log.info("prepare: %d train / %d held-out windows of %d tokens (tokenizer %s)",
              train.num_rows, test.num_rows, cfg.lm.max_len, tok_dir)
-    return train, test, {"max_len": cfg.lm.max_len, "tokenizer": tokenizer_hash(tok_dir)}, "topk"
+    return train, test, {"max_len": cfg.lm.max_len, "tokenizer": tokenizer_hash(tok_dir)}, "topk", tok_dir
+
+
+def lm_student_spec(cfg: DistillConfig) -> dict:
+    """task lm: the student spec orchestrator.students builds from (plain data, pickles to Ray)."""
+    source = dict(cfg.student_spec_source)
+    if source["init"] == "scratch":
+        path = Path(source.pop("config_file"))
+        field = "student.config" if cfg.student.config else "lm.student_config"
+        try:
+            source["config"] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DistillError(f"{field}: cannot read {path}: {e}") from None
+    return source
+
+
+def _check_student_source(cfg: DistillConfig) -> None:
+    from .models import POSITION_KEYS
+    from .students import check_student_vocab, lm_student_config
+
+    spec = lm_student_spec(cfg)
+    vocab = json.loads((Path(cfg.teachers[0].path) / "config.json").read_text()).get("vocab_size")
+    if isinstance(vocab, int):
+        check_student_vocab(spec, vocab)
+    hf = lm_student_config(spec).to_dict()
+    limit = next((int(hf[key]) for key in POSITION_KEYS if isinstance(hf.get(key), int)), None)
+    if limit is not None and cfg.lm.max_len > limit:
+        raise DistillError(f"lm.max_len: {cfg.lm.max_len} tokens is longer than the student takes ({limit} positions); "
+                           f"set lm.max_len <= {limit}")

@@ -204,6 +204,22 @@ def check_student_vocab(spec: dict, vocab_size: int) -> None:
 # ---- export ----------------------------------------------------------------------------------
 
 
+def from_state(spec: dict, state: dict):
+    """A trained student rebuilt from its state dict: the architecture from ``lm_student_config``
+    alone (a teacher-initialised student does not read the teacher's weights again), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(lm_student_config(spec), dtype=_dtype(spec))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise DistillError(f"export: the checkpoint does not fit the student spec "
+                           f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
+    if model.config.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
+
+
 def export_student(model_or_state, spec: dict, out_dir, tokenizer_dir, generation_config=None) -> Path:
     """Write a trained student as a from_pretrained directory: config.json, model.safetensors,
     the tokenizer files and generation_config.json; loadable by AutoModelForCausalLM and vllm.LLM.
@@ -216,15 +232,7 @@ def export_student(model_or_state, spec: dict, out_dir, tokenizer_dir, generatio
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     out = Path(out_dir)
-    if isinstance(model_or_state, dict):
-        model = AutoModelForCausalLM.from_config(lm_student_config(spec), dtype=_dtype(spec))
-        missing, unexpected = model.load_state_dict(model_or_state, strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise DistillError(f"export: the checkpoint does not fit the student spec "
-                               f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})")
-    else:
-        model = model_or_state
+    model = from_state(spec, model_or_state) if isinstance(model_or_state, dict) else model_or_state
     try:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as e:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from .config import DistillConfig
 from .datasets import features_of
 from .errors import DistillError
-from .prepare import Prepared
+from .prepare import Prepared, lm_student_spec
 from .session import last_line, reraise_user_error
 from .store import SOFT_COLUMN, SOFT_TOPK, LabelStore, open_store, topk_columns
 
@@ -63,6 +63,9 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         # Each worker keeps its shard in memory after the first pass when it is small: a new
         # streaming execution per epoch costs seconds, far more than a tiny epoch itself.
         "cache_rows": t.cache_rows,
+        "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio,
+        "grad_clip": t.grad_clip, "grad_accum": t.grad_accum, "max_steps": t.max_steps, "use_gpu": t.use_gpu,
+        "total_steps": total_steps(rows, t),
     }
     # `epochs` is left out: raising it resumes the same run and trains the extra epochs.
     key = {"loop": {k: v for k, v in loop_cfg.items() if k != "epochs"}, "workers": t.workers,
@@ -104,8 +107,47 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    torch.save(state, out / f"{name}.pt")
+    torch.save(state, out / f"{name}.pt")  # the full state (optimiser too), for resuming and `distill export`
+    if cfg.task == "lm":
+        state["export"] = str(export(state, prep, out / name))
     return state
+
+
+def export(state: dict, prep: Prepared, out: Path) -> Path:
+    """A trained LM student as a save_pretrained dir with the ensemble's tokenizer (transformers, vLLM)."""
+    from .students import export_student
+
+    spec = {k: v for k, v in state["spec"].items() if k != "arch"}
+    path = export_student(state["model"], spec, out, prep.tokenizer)
+    log.info("train: exported %s (transformers / vLLM: from_pretrained this dir)", path)
+    return path
+
+
+def export_checkpoint(cfg: DistillConfig, prep: Prepared, checkpoint: str | None = None, name: str = "student",
+                      out: str | None = None) -> Path:
+    """`distill export`: a chosen checkpoint (a Ray Train checkpoint dir, or a state file; default
+    the run's final `students/NAME.pt`) as a save_pretrained dir (default `students/NAME/`)."""
+    import torch
+
+    from actors.student import STATE_FILE
+
+    if cfg.task != "lm":
+        raise DistillError(f"distill export: task {cfg.task} students are not transformers models; "
+                           "their state is in students/NAME.pt")
+    path = Path(checkpoint) if checkpoint else cfg.run_dir / "students" / f"{name}.pt"
+    path = path / STATE_FILE if path.is_dir() else path
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # not there, not a torch file (a snapshot .json, say), truncated
+        raise DistillError(f"--checkpoint: cannot read a student state from {path}: {type(e).__name__}: {e}; "
+                           "give a checkpoint_* dir of the run or a students/NAME.pt file") from None
+    return export(state, prep, Path(out) if out else cfg.run_dir / "students" / name)
+
+
+def total_steps(rows: int, t) -> int:
+    """Optimiser steps the schedule spans: train.max_steps, else every epoch's steps on one worker."""
+    batches = -(-(-(-rows // t.workers)) // t.batch_size)  # per worker, per epoch
+    return t.max_steps or t.epochs * -(-batches // t.grad_accum)
 
 
 def read_in_driver(store: LabelStore, read_in_driver_mb: float) -> bool:
@@ -136,16 +178,12 @@ def train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_driv
 def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, list[str]]:
     """The student's build spec (plain data) and the store columns its loop reads."""
     if cfg.task == "lm":
-        path = Path(cfg.lm.student_config)
-        try:
-            hf = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise DistillError(f"lm.student_config: cannot read {path}: {e}") from None
-        if hf.get("vocab_size") != width:
-            raise DistillError(f"lm.student_config: vocab_size {hf.get('vocab_size')} in {path} "
-                               f"differs from the teachers' {width}")
+        from .students import check_student_vocab
+
+        spec = lm_student_spec(cfg)
+        check_student_vocab(spec, width)
         ids, lps = topk_columns(SOFT_TOPK)
-        return {"arch": "causal_lm", "config": hf}, ["input_ids", ids, lps]
+        return {"arch": "causal_lm", **spec}, ["input_ids", ids, lps]
     x = features_of(rows)
     spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": width, "hidden": cfg.student.hidden,
             "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}

@@ -326,8 +326,10 @@ def test_keys_the_task_never_reads_are_refused_by_name():
     lm = {"task": "lm", "dataset": {"source": "t.parquet", "label": "y"}, "lm": {"student_config": "s.json"},
           "teachers": [{"name": "a", "backend": "hf", "path": "x"}], "student": {"hidden": [8]}}
     assert "dataset.label: not used by task lm (nor student.hidden)" in error_of(lm)
-    # Defaults never count, only what the config sets.
+    # Defaults never count, only what the config sets: a dumped config (all defaults written) loads.
     assert config_from_dict({**lm, "dataset": {"source": "t.parquet"}, "student": {}}).task == "lm"
+    dumped = config_from_dict({**lm, "dataset": {"source": "t.parquet"}, "student": {}}).model_dump(mode="json")
+    assert config_from_dict(dumped).task == "lm"
 
 
 def _lm(**student):

@@ -124,3 +124,55 @@ def test_teachers_with_different_vocabularies_are_refused(lm_setup, tmp_path):
         pipeline.prepare(cfg)
     code = main(["label", str(write_yaml(tmp_path / "c.yaml", raw))])
     assert code == 2 and not LabelStore(cfg.store_path).exists()
+
+
+def test_exported_student_loads_with_transformers_and_reproduces_the_reported_nll(lm_run):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, _ = lm_run
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    windows = np.stack(pipeline.prepare(cfg).test.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
+    for name in ("student", "student_hard"):
+        out = cfg.run_dir / "students" / name
+        model = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
+        assert len(AutoTokenizer.from_pretrained(str(out), local_files_only=True)) == 300
+        with torch.inference_mode():
+            logits = model(input_ids=torch.from_numpy(windows)).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.from_numpy(windows[:, 1:])).item()
+        assert abs(nll - report["models"][name]["nll"]) < 1e-3, (name, nll, report["models"][name]["nll"])
+
+
+def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
+    """student.init teacher (the large teacher's second layer), trained for 3 optimiser steps of 2
+    accumulated batches with warmup, cosine decay and clipping, from the same store (no labeling);
+    `distill export --checkpoint` writes a loadable dir from its Ray Train checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, _ = lm_run
+    raw = cfg.model_dump(mode="json")
+    raw["run"]["name"] = "tinylm_from_teacher"
+    raw["store"]["path"] = cfg.store_path
+    raw["lm"]["student_config"] = None
+    raw["student"] = {"init": "teacher", "teacher": "large", "layers": [1]}
+    raw["train"].update(max_steps=3, grad_accum=2, warmup_steps=1, schedule="cosine", grad_clip=1.0, epochs=5)
+    raw["eval"]["baseline"] = False
+    for key in ("arch", "hidden", "config", "path"):
+        raw["student"].pop(key, None)
+    path = write_yaml(tmp_path / "c.yaml", {k: v for k, v in raw.items()})
+    new = config_from_dict(raw)
+    out = pipeline.run(new)
+    state = torch.load(new.run_dir / "students" / "student.pt", weights_only=False)
+    assert sum(h["steps"] for h in state["history"]) == 3
+    assert state["spec"]["init"] == "teacher" and out["models"]["student"]["perplexity"] < 300
+    student = AutoModelForCausalLM.from_pretrained(str(new.run_dir / "students" / "student"), local_files_only=True)
+    assert student.config.num_hidden_layers == 1 and student.config.hidden_size == 48  # the large teacher's width
+    ckpt = sorted(p for p in (new.run_dir / "train").glob("student-*/checkpoint_*") if p.is_dir())[-1]
+    # A file that is no checkpoint (Ray Train's snapshot beside them): one error line, exit 2.
+    snapshot = next((new.run_dir / "train").glob("student-*/checkpoint_manager_snapshot.json"))
+    assert main(["export", str(path), "--checkpoint", str(snapshot), "-q"]) == 2
+    assert main(["export", str(path), "--checkpoint", str(ckpt), "--out", str(tmp_path / "exported"), "-q"]) == 0
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
+    for a, b in zip(student.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
