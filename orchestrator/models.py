@@ -216,6 +216,16 @@ class CausalLMTeacher:
         return top.indices.int().cpu().numpy(), top.values.cpu().numpy()
 
     @torch.inference_mode()
+    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One forward pass: (top-k ids, top-k log-probs) [B, L-1, k] and the true next token's
+        NLL [B, L-1] (evaluation needs both; two passes would double its time)."""
+        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)
+        logp = torch.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
+        top = logp.topk(self.k, dim=-1)
+        nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)
+        return top.indices.int().cpu().numpy(), top.values.cpu().numpy(), nll.cpu().numpy()
+
+    @torch.inference_mode()
     def nll(self, windows: np.ndarray) -> np.ndarray:
         """Per-position negative log-likelihood of the true next token, [B, L-1]."""
         x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)

@@ -21,7 +21,10 @@ def tiny_lms(tmp_path_factory):
     return teachers, token_table(windows), len(tok)
 
 
-def test_mean_prob_ensemble_perplexity_is_the_exact_mixture(tiny_lms):
+def test_mean_prob_ensemble_perplexity_is_the_exact_mixture(tiny_lms, monkeypatch):
+    import orchestrator.evaluate
+
+    monkeypatch.setattr(orchestrator.evaluate, "EVAL_BATCH", 3)  # 4 windows: batches of 3 and 1
     teachers, test, vocab = tiny_lms
     ens = {"mode": "mean_prob", "tau": 1.0, "weights": {"a": 1.0, "b": 3.0}}
     out = evaluate_lm(test, teachers, ens, {}, k=4, vocab_size=vocab)["models"]
