@@ -3,6 +3,9 @@
 ``load_config(path, overrides)`` returns a ``DistillConfig`` or raises ``DistillError`` with
 one line naming every bad field path and what is allowed. Overrides are ``section.key=value``
 strings (value parsed as YAML, list items addressed by index: ``teachers.0.weight=2``).
+
+Over 300 lines: it is the whole config schema, one small model per section, and the checks
+that span sections (keys a task never reads, the LM student's source) sit beside them.
 """
 from __future__ import annotations
 
