@@ -15,8 +15,8 @@ unlisted mass kept as one tail bucket; they mask padding and prompt positions, a
 through the positions in chunks (``_ChunkedRows``) so that no float32 copy of the whole
 [B, L, V] logits is made.
 
-(Over 300 lines on purpose: the dense and top-k families share their checks, kl_div and
-``_build``, and reading them side by side shows they compute the same thing.)
+Over 300 lines: the dense and top-k families share their checks, kl_div and
+``_build``, and reading them side by side shows they compute the same thing.
 """
 from __future__ import annotations
 
