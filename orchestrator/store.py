@@ -325,7 +325,7 @@ class LabelStore:
         info = self._recorded(i)
         if info and not checksum_ok(data, info.checksum):
             raise DistillError(f"store {self.uri}: shard {i} does not match its checksum; re-run `distill label`")
-        return resolve_soft(pq.read_table(pa.BufferReader(data)))
+        return resolve_soft(pq.ParquetFile(pa.BufferReader(data)).read())
 
     def read_table(self, columns: list[str]) -> pa.Table:
         """The finished shards' ``columns``, in store order, soft.* resolved (the train read;
