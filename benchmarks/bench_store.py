@@ -4,8 +4,9 @@
 
 The table is a real LM shard: 64 windows x 127 positions, two teachers + the ensemble at k=32
 over a 32k vocabulary (synthetic top-k as in bench_lm_bytes), built with build_shard (codec +
-ensemble + encode_topk). Per repeat, in alternating order, each variant writes (then reads) the
-same table ``iters`` times to the local disk:
+ensemble + encode_topk). Per repeat, each variant writes (then reads) the same table ``iters``
+times to the local disk, ROUNDS times, the variants interleaved in alternating order; the
+median round counts:
 
   store            LabelStore.write_shard / read_shard as they are: Parquet into one pyarrow
                    Buffer, xxh3-128 of it, temp file + rename, JSON sidecar temp + rename; read:
@@ -80,6 +81,9 @@ def _store(path: Path, rows: int):
     return store
 
 
+ROUNDS = 5
+
+
 def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
     """Seconds per write and per read for each variant (``order`` alternates the sequence)."""
     from orchestrator.store import checksum, shard_write_options
@@ -125,11 +129,16 @@ def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
     reads = [("store", r_store), ("pyarrow", r_plain), ("pyarrow_default", r_default), ("checksum", r_checksum)]
     for _, fn in writes:  # warm-up, and the files the reads need
         fn()
+    # ROUNDS passes per variant, interleaved (A B C, C B A, ...): one pass of 20 reads is ~0.1 s,
+    # short enough for a burst of other load on the 2 cores to decide a ratio; the median pass counts.
     for phase, steps in (("write", writes), ("read", reads)):
-        for name, fn in (steps if order % 2 == 0 else steps[::-1]):
-            t0 = time.perf_counter()
-            fn()
-            out[f"{phase}_{name}"] = (time.perf_counter() - t0) / iters
+        times = {name: [] for name, _ in steps}
+        for rnd in range(ROUNDS):
+            for name, fn in (steps if (order + rnd) % 2 == 0 else steps[::-1]):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) / iters)
+        out.update({f"{phase}_{name}": float(np.median(t)) for name, t in times.items()})
     return out
 
 
