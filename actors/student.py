@@ -20,6 +20,7 @@ import torch
 import ray
 import ray.train
 import ray.train.torch
+from orchestrator import codec
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student
 from orchestrator.schedule import lr_lambda
@@ -127,13 +128,20 @@ def _classifier_step(model, loss_fn, batch: dict, config: dict):
     return loss_fn(model(x), target, y), len(y)
 
 
+def decode_topk_batch(ids: torch.Tensor, lps: torch.Tensor, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored top-k columns of a batch of b windows -> (ids long, logprobs float), each [b, P, k]."""
+    if lps.dtype == torch.uint8:  # schema version 2: through the store's codec
+        ids_np, lps_np = codec.decode(ids.numpy().reshape(-1, k), lps.numpy().reshape(-1, k + 1))
+        ids, lps = torch.from_numpy(ids_np), torch.from_numpy(lps_np)
+    return ids.long().view(b, -1, k), lps.float().view(b, -1, k)
+
+
 def _lm_step(model, loss_fn, batch: dict, config: dict):
     """Packed windows [B, L]: position t's logits vs the top-k target for token t+1."""
     _, ids_col, lps_col = config["columns"]
     x = batch["input_ids"].long()
     b, k = x.shape[0], config["k"]
-    target_ids = batch[ids_col].long().view(b, -1, k)
-    target_lps = batch[lps_col].float().view(b, -1, k)
+    target_ids, target_lps = decode_topk_batch(batch[ids_col], batch[lps_col], b, k)
     logits = model(input_ids=x).logits[:, :-1]
     return loss_fn(logits, target_ids, target_lps, x[:, 1:]), b * (x.shape[1] - 1)
 

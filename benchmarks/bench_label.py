@@ -6,7 +6,7 @@ Setup: three TorchScript MLP teachers (64 -> hidden x layers -> 10, random weigh
 digits repeated to ~20k rows, shard_size 256 = max_batch_size 256, label.concurrency 2.
 
 Phase 1 (teachers deployed once, deploy time reported apart): per repeat, side by side and
-in alternating order, the labeling phase alone (pipeline._label_shards into a fresh store):
+in alternating order, the labeling phase alone (labeling.label_shards into a fresh store):
 
   pipe_driver   1 replica per teacher, label.executor "driver" (the default on one node:
                 one Labeler in the driver, label.concurrency shards in flight on threads)
@@ -45,12 +45,12 @@ def _fresh_store(cfg, prep, num_classes: int, path: Path):
 
 
 def _pipeline_label_phase(cfg, prep, apps, path: Path) -> dict:
-    from orchestrator import pipeline
+    from orchestrator import labeling
 
     store = _fresh_store(cfg, prep, 10, path)
     shards = list(range(store.num_shards))
     t0 = time.perf_counter()
-    pipeline._label_shards(cfg, store, apps, shards)
+    labeling.label_shards(cfg, store, apps, shards)
     t1 = time.perf_counter()
     missing = store.record_finished()  # what pipeline.label does next: verify every shard
     t2 = time.perf_counter()
@@ -61,7 +61,7 @@ def _pipeline_label_phase(cfg, prep, apps, path: Path) -> dict:
 
 def main(quick: bool, repeats: int) -> None:
     from actors import teacher as serve_teachers
-    from orchestrator import pipeline
+    from orchestrator import labeling, pipeline
     from orchestrator.config import config_from_dict
     from orchestrator.datasets import features_of
 
@@ -80,7 +80,7 @@ def main(quick: bool, repeats: int) -> None:
             # The same deployment ("r1") serves both 1-replica executors; "r2" has 2 replicas per teacher.
             cfg_driver, cfg_ray_data = config("r1", 1, "driver"), config("r1", 1, "ray_data")
             cfg2 = config("r2", 2)  # label.executor: the default ("auto")
-            default_executor = pipeline._label_executor(cfg2)
+            default_executor = labeling.label_executor(cfg2)
             notes["default_executor"] = default_executor
             prep = pipeline.prepare(cfg_driver)
             rows = prep.train.num_rows

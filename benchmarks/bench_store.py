@@ -3,26 +3,24 @@
     python -m benchmarks.bench_store [--quick] [--repeats N]
 
 The table is a real LM shard: 64 windows x 127 positions, two teachers + the ensemble at k=32
-over a 32k vocabulary (synthetic top-k as in bench_lm_bytes), built with build_shard /
-encode_topk. Per repeat, in alternating order, each variant writes (then reads) the same table
-``iters`` times to the local disk:
+over a 32k vocabulary (synthetic top-k as in bench_lm_bytes), built with build_shard (codec +
+ensemble + encode_topk). Per repeat, each variant writes (then reads) the same table ``iters``
+times to the local disk, ROUNDS times, the variants interleaved in alternating order; the
+median round counts:
 
   store            LabelStore.write_shard / read_shard as they are: Parquet into one pyarrow
-                   Buffer, sha256 of it, temp file + rename, JSON sidecar temp + rename; read:
-                   the file into one Buffer, sha256 on a helper thread while pyarrow parses the
-                   same Buffer, compared with the manifest
-  before           the same steps as the store before the no-copy / overlapped-hash change
-                   (write: the Buffer copied to bytes first; read: the file read into bytes,
-                   hashed, then parsed), inlined here for the before -> after in the same run
+                   Buffer, xxh3-128 of it, temp file + rename, JSON sidecar temp + rename; read:
+                   the file into one Buffer, checksum compared with the manifest, parse
   pyarrow          pq.write_table(table, path, **the store's Parquet options) / pq.read_table(path):
                    the same encoding, so the ratio is what the store adds on top of pyarrow
   pyarrow_default  pq.write_table(table, path) with pyarrow's defaults (dictionary + snappy), for
-                   reference: the store's codec choice vs the default
+                   reference: the store's Parquet options vs the default
 
-and, on the read side, ``sha256`` alone over the same file's bytes: seconds of sha256 /
-seconds of read_shard is reported as store_read_sha256_share. The store's read now overlaps
-the hash with the parse, so this share is how much hashing there is to hide, not a part of
-read_shard's time any more (read_shard takes about max(parse, hash) plus a thread hand-off).
+and, on the read side, ``checksum`` alone (xxh3-128 over the same file's bytes): its seconds /
+read_shard's seconds is store_read_checksum_share. The codec's own costs, outside write_shard /
+read_shard, are timed once per repeat: encoding the three top-k column pairs of the shard
+(store_codec_encode_ms, part of build_shard) and decoding them (store_codec_decode_ms, what
+the train step does with the batches it reads).
 
 Throughput is the table's in-memory Arrow size (MB) per second. A small dense
 (classification) shard, 256 rows of 64 features + 3 teachers x 10 logits, is measured the same
@@ -30,7 +28,6 @@ way: there, per-file costs (two renames, the sidecar) dominate.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import time
@@ -84,43 +81,15 @@ def _store(path: Path, rows: int):
     return store
 
 
-def store_write_options(table: pa.Table) -> dict:
-    """The Parquet options LabelStore.write_shard uses for this table (none before the store chose any)."""
-    import orchestrator.store as st
-
-    return st.shard_write_options(table) if hasattr(st, "shard_write_options") else {}
-
-
-def write_shard_before(store, i: int, table: pa.Table, opts: dict):
-    """LabelStore.write_shard before the no-copy change: the Parquet Buffer copied into bytes."""
-    import json
-
-    from orchestrator.store import ShardInfo
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **opts)
-    data = sink.getvalue().to_pybytes()
-    info = ShardInfo(rows=table.num_rows, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    store._write_atomic(store.shard_path(i), data)
-    store._write_atomic(store._sidecar(i), json.dumps(info.__dict__).encode())
-    return info
-
-
-def read_shard_before(store, i: int) -> pa.Table:
-    """LabelStore.read_shard before the change: the file read into bytes, hashed, then parsed."""
-    with store.fs.open_input_stream(store.shard_path(i)) as f:
-        data = f.read()
-    want = store.manifest["shards"].get(str(i), {}).get("sha256")
-    if want and hashlib.sha256(data).hexdigest() != want:
-        raise ValueError(f"shard {i} does not match its checksum")
-    return pq.read_table(pa.BufferReader(data))
+ROUNDS = 5
 
 
 def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
     """Seconds per write and per read for each variant (``order`` alternates the sequence)."""
-    opts = store_write_options(table)
+    from orchestrator.store import checksum, shard_write_options
+
+    opts = shard_write_options(table)
     store = _store(work / "store", table.num_rows)
-    before = _store(work / "before", table.num_rows)
     plain, default = work / "plain", work / "default"
     plain.mkdir(parents=True, exist_ok=True)
     default.mkdir(parents=True, exist_ok=True)
@@ -130,11 +99,6 @@ def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
         for i in range(iters):
             info = store.write_shard(i, table)
         store.manifest["shards"] = {str(i): info.__dict__ for i in range(iters)}  # same bytes each time
-
-    def w_before():
-        for i in range(iters):
-            info = write_shard_before(before, i, table, opts)
-        before.manifest["shards"] = {str(i): info.__dict__ for i in range(iters)}
 
     def w_plain():  # the same Parquet options as the store: what the store adds on top of pyarrow
         for i in range(iters):
@@ -148,10 +112,6 @@ def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
         for i in range(iters):
             store.read_shard(i)
 
-    def r_before():
-        for i in range(iters):
-            read_shard_before(before, i)
-
     def r_plain():
         for i in range(iters):
             pq.read_table(str(plain / f"shard-{i:05d}.parquet"))
@@ -160,22 +120,44 @@ def measure(table: pa.Table, work: Path, iters: int, order: int) -> dict:
         for i in range(iters):
             pq.read_table(str(default / f"shard-{i:05d}.parquet"))
 
-    def r_sha256():  # the store's integrity check alone, on the same file's bytes
-        data = (plain / "shard-00000.parquet").read_bytes()
+    def r_checksum():  # the store's integrity check alone, on the same file's bytes
+        data = pa.py_buffer((plain / "shard-00000.parquet").read_bytes())
         for _ in range(iters):
-            hashlib.sha256(data).hexdigest()
+            checksum(data)
 
-    writes = [("store", w_store), ("pyarrow", w_plain), ("before", w_before), ("pyarrow_default", w_default)]
-    reads = [("store", r_store), ("pyarrow", r_plain), ("before", r_before), ("pyarrow_default", r_default),
-             ("sha256", r_sha256)]
+    writes = [("store", w_store), ("pyarrow", w_plain), ("pyarrow_default", w_default)]
+    reads = [("store", r_store), ("pyarrow", r_plain), ("pyarrow_default", r_default), ("checksum", r_checksum)]
     for _, fn in writes:  # warm-up, and the files the reads need
         fn()
+    # ROUNDS passes per variant, interleaved (A B C, C B A, ...): one pass of 20 reads is ~0.1 s,
+    # short enough for a burst of other load on the 2 cores to decide a ratio; the median pass counts.
     for phase, steps in (("write", writes), ("read", reads)):
-        for name, fn in (steps if order % 2 == 0 else steps[::-1]):
-            t0 = time.perf_counter()
-            fn()
-            out[f"{phase}_{name}"] = (time.perf_counter() - t0) / iters
+        times = {name: [] for name, _ in steps}
+        for rnd in range(ROUNDS):
+            for name, fn in (steps if (order + rnd) % 2 == 0 else steps[::-1]):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) / iters)
+        out.update({f"{phase}_{name}": float(np.median(t)) for name, t in times.items()})
     return out
+
+
+def codec_ms(table: pa.Table) -> tuple[float, float]:
+    """Milliseconds to encode and to decode the shard's top-k column pairs (codec alone)."""
+    from orchestrator import codec
+    from orchestrator.store import stored_topk
+
+    names = [c[: -len(".topk_ids")] for c in table.column_names if c.endswith(".topk_ids")]
+    k = 32
+    coded = [stored_topk(table, n.removeprefix("teacher."), k) for n in names]
+    decoded = [codec.decode(*c) for c in coded]
+    t0 = time.perf_counter()
+    for ids, lps in decoded:
+        codec.encode(ids, lps)
+    t1 = time.perf_counter()
+    for c in coded:
+        codec.decode(*c)
+    return (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
 
 
 def main(quick: bool, repeats: int) -> None:
@@ -195,24 +177,25 @@ def main(quick: bool, repeats: int) -> None:
                 for key, sec in t.items():
                     samples.add(f"{tag}_{key}_mb_s", mb / sec)
                 log(f"store repeat {r} {tag}: " + ", ".join(f"{k} {mb / v:,.0f} MB/s" for k, v in t.items()))
+            enc, dec = codec_ms(lm)
+            samples.add("codec_encode_ms", enc)
+            samples.add("codec_decode_ms", dec)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ratios, figures = {}, {}
     for tag, suffix in (("lm", ""), ("dense", "_dense")):
         for phase in ("write", "read"):
             ratio_samples(samples, f"{tag}_{phase}_ratio", f"{tag}_{phase}_store_mb_s", f"{tag}_{phase}_pyarrow_mb_s")
-            ratio_samples(samples, f"{tag}_{phase}_before_ratio", f"{tag}_{phase}_before_mb_s", f"{tag}_{phase}_pyarrow_mb_s")
-            ratio_samples(samples, f"{tag}_{phase}_vs_before", f"{tag}_{phase}_store_mb_s", f"{tag}_{phase}_before_mb_s")
             ratio_samples(samples, f"{tag}_{phase}_vs_default", f"{tag}_{phase}_store_mb_s", f"{tag}_{phase}_pyarrow_default_mb_s")
             ratios[f"store_{phase}_vs_pyarrow{suffix}"] = f"{tag}_{phase}_ratio"
-            ratios[f"store_{phase}_before_vs_pyarrow{suffix}"] = f"{tag}_{phase}_before_ratio"
-            ratios[f"store_{phase}_vs_before{suffix}"] = f"{tag}_{phase}_vs_before"
             ratios[f"store_{phase}_vs_pyarrow_defaults{suffix}"] = f"{tag}_{phase}_vs_default"
-            for v in ("store", "pyarrow", "before", "pyarrow_default"):
+            for v in ("store", "pyarrow", "pyarrow_default"):
                 figures[f"store_{phase}_{v}{suffix}_mb_per_s"] = f"{tag}_{phase}_{v}_mb_s"
-        for a, b in zip(samples.values[f"{tag}_read_store_mb_s"], samples.values[f"{tag}_read_sha256_mb_s"]):
-            samples.add(f"{tag}_sha256_share", a / b)  # seconds of sha256 alone / seconds of read_shard
-        figures[f"store_read_sha256_share{suffix}"] = f"{tag}_sha256_share"
+        for a, b in zip(samples.values[f"{tag}_read_store_mb_s"], samples.values[f"{tag}_read_checksum_mb_s"]):
+            samples.add(f"{tag}_checksum_share", a / b)  # seconds of the checksum alone / seconds of read_shard
+        figures[f"store_read_checksum_share{suffix}"] = f"{tag}_checksum_share"
+    figures["store_codec_encode_ms"] = "codec_encode_ms"
+    figures["store_codec_decode_ms"] = "codec_decode_ms"
     emit(ratios=ratios, figures=figures, samples=samples, notes=notes)
 
 

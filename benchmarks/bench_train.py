@@ -20,7 +20,7 @@ by the driver with pyarrow and handed to Ray Data with ray.data.from_arrow):
             (the path before the fix), for the before/after of the driver read
 
 After the runs of a repeat, one pass over the store in the driver (batches of 64, no Train)
-through pipeline._train_dataset with read_in_driver_mb 0 (read_parquet) and with a limit above
+through training.train_dataset with read_in_driver_mb 0 (read_parquet) and with a limit above
 the store's size (pyarrow + from_arrow): the read path's own cost without Ray Train around it.
 
 Throughput: the run history's per-epoch samples_per_s (rank 0's rows / epoch time) times the
@@ -62,25 +62,25 @@ class hard_only_patch:
 
     def __enter__(self):
         import actors.student as student
-        from orchestrator import pipeline
+        from orchestrator import training
         from orchestrator.store import SOFT_COLUMN
 
-        self.saved = (pipeline._student_spec, student.train_loop)
-        original = pipeline._student_spec
+        self.saved = (training.student_spec, student.train_loop)
+        original = training.student_spec
 
         def spec(cfg, rows, width):
             s, columns = original(cfg, rows, width)
             return s, [c for c in columns if c != SOFT_COLUMN]
 
-        pipeline._student_spec = spec
+        training.student_spec = spec
         student.train_loop = hard_only_loop
         return self
 
     def __exit__(self, *exc):
         import actors.student as student
-        from orchestrator import pipeline
+        from orchestrator import training
 
-        pipeline._student_spec, student.train_loop = self.saved
+        training.student_spec, student.train_loop = self.saved
 
 
 # ---- the store ----------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ def _throughput(state: dict, epochs: slice = slice(None)) -> tuple[float, float]
 
 
 def main(quick: bool, repeats: int) -> None:
-    from orchestrator import pipeline
+    from orchestrator import pipeline, training
     from orchestrator.config import config_from_dict
 
     s = sizes(quick)
@@ -129,9 +129,9 @@ def main(quick: bool, repeats: int) -> None:
         store = pipeline.open_complete_store(cfg, prep)
         notes.update(rows=prep.train.num_rows, shards=store.num_shards, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size,
                      student=f"MLP 64-{cfg.student.hidden}-10")
-        # Which path the default config takes for this store (pipeline._train_dataset's rule).
+        # Which path the default config takes for this store (training.train_dataset's rule).
         notes.update(store_mb=round(store.shard_bytes / 2**20, 2), read_in_driver_mb_default=cfg.train.read_in_driver_mb,
-                     default_read="driver" if pipeline.read_in_driver(store, cfg.train.read_in_driver_mb) else "streamed")
+                     default_read="driver" if training.read_in_driver(store, cfg.train.read_in_driver_mb) else "streamed")
         log(f"train: store of {prep.train.num_rows} rows ready")
 
         def run(tag: str, r: int, workers: int, alpha: float, hard: bool = False, streamed: bool = False) -> None:
@@ -167,11 +167,11 @@ def main(quick: bool, repeats: int) -> None:
                 f"pipeline.train {wall:.1f}s of which {secs:.1f}s in epochs")
 
         def store_pass(r: int) -> None:
-            """One pass over the store in the driver: pipeline._train_dataset streamed vs read by the driver."""
+            """One pass over the store in the driver: training.train_dataset streamed vs read by the driver."""
             cols = ["row", "features", "label", "soft.probs"]
             rows, big = prep.train.num_rows, float(2**30)
-            makers = [("read_parquet", lambda: pipeline._train_dataset(store, cols, rows, 0)),
-                      ("pyarrow", lambda: pipeline._train_dataset(store, cols, rows, big))]
+            makers = [("read_parquet", lambda: training.train_dataset(store, cols, rows, 0)),
+                      ("pyarrow", lambda: training.train_dataset(store, cols, rows, big))]
             for name, make in (makers if r % 2 == 0 else makers[::-1]):
                 t0 = time.perf_counter()
                 n = sum(len(b["row"]) for b in make().iter_torch_batches(batch_size=64))

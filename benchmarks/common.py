@@ -138,7 +138,7 @@ def ray_running(num_cpus: int = 2):
 
     import ray
 
-    from orchestrator import pipeline
+    from orchestrator import pipeline, session
 
     os.environ.update(pipeline.RAY_ENV)
     # Ray Train's PlacementGroupCleaner asks the state API whether the Train controller is
@@ -152,7 +152,7 @@ def ray_running(num_cpus: int = 2):
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{_closed_port()}"
     # Workers inherit the driver's environment: they import benchmarks.* and tests-free modules.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    pipeline.quiet_ray_loggers()
+    session.quiet_ray_loggers()
     # address="local": always a new embedded Ray, even while another `ray start` head runs here.
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     try:

@@ -1,4 +1,4 @@
-"""Where the labeling time goes: a breakdown of pipeline._label_shards per label.executor, plus cProfile.
+"""Where the labeling time goes: a breakdown of labeling.label_shards per label.executor, plus cProfile.
 
     python -m benchmarks.profile_label [--quick] [--repeats N] [--out DIR]
 
@@ -172,7 +172,7 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
     from actors.labeler import Labeler
     from benchmarks.bench_label import _fresh_store
     from benchmarks.direct import load_teachers
-    from orchestrator import pipeline
+    from orchestrator import labeling, pipeline
     from orchestrator.config import config_from_dict
     from orchestrator.datasets import features_of
 
@@ -224,7 +224,7 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
                 sampler = CpuSampler()
                 sampler.start()
                 t0 = time.perf_counter()
-                pipeline._label_shards(cfgs[executor], store, apps, list(range(shards)))
+                labeling.label_shards(cfgs[executor], store, apps, list(range(shards)))
                 wall = time.perf_counter() - t0
                 cpu = sampler.stop()
                 if os.environ.get("BENCH_DEBUG"):  # the top processes by CPU, to see what a role holds
@@ -246,7 +246,7 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
                     + f"; useful compute {compute_s:.2f}")
 
             for e in EXECUTORS:  # warm-up (untimed): worker processes, Serve routers
-                pipeline._label_shards(cfgs[e], _fresh_store(cfg, prep, 10, work / f"warm-{e}"), apps,
+                labeling.label_shards(cfgs[e], _fresh_store(cfg, prep, 10, work / f"warm-{e}"), apps,
                                        list(range(shards)))
             for r in range(repeats):
                 samples.add("compute_cpu_s", compute_s)

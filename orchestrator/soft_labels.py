@@ -9,9 +9,23 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from . import codec
 from .ensemble import ensemble_dense, ensemble_topk, teacher_disagreement, teacher_disagreement_topk
-from .store import (SOFT_COLUMN, SOFT_TOPK, decode_teachers, decode_topk, encode_dense, encode_topk, teacher_column,
+from .store import (SOFT_COLUMN, SOFT_REF_KEY, SOFT_TOPK, decode_teachers, encode_dense, encode_topk, stored_topk, teacher_column,
                     to_numpy, topk_columns)
+
+# Modes whose ensemble of a single teacher at T=1 is that teacher's distribution: then the
+# shard keeps no soft columns of its own but refers to the teacher's (store.soft_same_as).
+IDENTITY_MODES = ("mean_prob", "mean_logit", "entropy")
+
+
+def soft_same_as(manifest: dict, names: list[str]) -> str | None:
+    """The teacher whose stored top-k equals the ensemble's, or None."""
+    ens = manifest["ensemble"]
+    if manifest["label_kind"] == "topk" and len(names) == 1 and ens["temperature"] == 1.0 \
+            and ens["mode"] in IDENTITY_MODES and ens["weights"][names[0]] > 0:
+        return names[0]
+    return None
 
 
 def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Table, dict]:
@@ -29,10 +43,14 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
     """
     ens = manifest["ensemble"]
     outputs = {t["name"]: outputs[t["name"]] for t in manifest["teachers"]}
-    # Ensemble exactly what the store keeps (float32 logits; float16 log-probs), so that
-    # re-ensembling stored outputs reproduces a freshly labeled shard bit for bit.
+    # Ensemble exactly what the store keeps (float32 logits; top-k through the codec), so that
+    # re-ensembling stored outputs reproduces a freshly labeled shard bit for bit: the stored
+    # codes go back unchanged, and the ensemble sees their decoded values either way.
     if manifest["label_kind"] == "topk":
-        outputs = {n: (np.asarray(i), np.asarray(lp).astype(np.float16).astype(np.float32)) for n, (i, lp) in outputs.items()}
+        k = manifest["k"]
+        coded = {n: (i, lp) if codec.is_coded(lp) else codec.encode(np.asarray(i).reshape(-1, k), np.asarray(lp).reshape(-1, k))
+                 for n, (i, lp) in outputs.items()}
+        outputs = {n: codec.decode(*c) for n, c in coded.items()}
     else:
         outputs = {n: np.asarray(o, dtype=np.float32) for n, o in outputs.items()}
     weights = [ens["weights"][n] for n in outputs]
@@ -52,19 +70,23 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
         ids, lps, k_out=k, vocab_size=vocab, mode=ens["mode"], temperature=ens["temperature"],
         weights=weights, tau=ens["tau"], labels=windows[:, 1:].reshape(-1),  # position t predicts token t+1
     )
-    labels = {**outputs, SOFT_TOPK: (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))}
+    labels = {n: (c[0].reshape(b, -1), c[1].reshape(b, -1)) for n, c in coded.items()}
+    labels[SOFT_TOPK] = (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))
     stats = {"disagreement": float(teacher_disagreement_topk(ids, lps, ens["temperature"]).mean()),
              "tail_mass": float(tail.mean()), "tokens": int(ids.shape[1])}
-    return encode_topk(inputs, labels, vocab), stats
+    return encode_topk(inputs, labels, vocab, soft_same_as=soft_same_as(manifest, list(outputs))), stats
 
 
 def stored_outputs(shard: pa.Table, manifest: dict) -> tuple[pa.Table, dict]:
-    """Split a stored shard back into (inputs, per-teacher outputs) as `build_shard` takes them."""
+    """Split a stored shard back into (inputs, per-teacher outputs) as `build_shard` takes them
+    (top-k as stored: the codes go back into the shard unchanged)."""
     names = [t["name"] for t in manifest["teachers"]]
     if manifest["label_kind"] == "topk":
-        outputs = {n: decode_topk(shard, n, manifest["k"]) for n in names}
+        outputs = {n: stored_topk(shard, n, manifest["k"]) for n in names}
         labels = [c for n in [*names, SOFT_TOPK] for c in topk_columns(n)]
     else:
         outputs = dict(zip(names, decode_teachers(shard, names)))
         labels = [*(teacher_column(n) for n in names), SOFT_COLUMN]
-    return shard.drop_columns(labels), outputs
+    shard = shard.drop_columns([c for c in labels if c in shard.column_names])
+    meta = {k: v for k, v in (shard.schema.metadata or {}).items() if k != SOFT_REF_KEY}
+    return shard.replace_schema_metadata(meta or None), outputs

@@ -5,16 +5,24 @@ Layout (local path or URI such as ``s3://bucket/run/store``)::
     manifest.json            identity (dataset, teachers, kind, k, ensemble) + finished shards
     inputs.parquet           the labelled split, one row group per shard (what labelers read)
     shards/shard-00003.parquet   rows [3*S, 4*S) of the inputs, with teacher + soft columns
-    shards/shard-00003.json      sidecar written after the shard: rows, bytes, sha256
+    shards/shard-00003.json      sidecar written after the shard: rows, bytes, checksum
 
 Shards are keyed by deterministic row ranges (not Ray block boundaries), written to a
 temporary name and moved into place, then their sidecar likewise: a shard counts as finished
 only when its sidecar exists and its bytes match the sidecar's checksum. So a crashed run
 leaves nothing half-written that could be read, and a re-run labels only missing shards.
+Checksums are xxh3-128 (``xxhash``: ~30x sha256's speed, so checking every read costs about
+2% of it; BENCHMARKS.md); version-1 sidecars with sha256 still verify.
+
+Schema version 2 stores top-k labels through ``orchestrator.codec`` (about 2.2 bytes per
+kept entry instead of 3); version-1 shards (float16 log-probs) still decode. When the
+ensemble is one teacher's output unchanged (one teacher at T=1), the shard keeps no soft
+columns: its metadata names the teacher (``distill.soft_same_as``) and every read here
+(``read_shard``, ``read_table``, ``parquet_columns``) resolves ``soft.*`` to that teacher's.
 Pure pyarrow / numpy: no Ray.
 
-Over 300 lines: the codec, the atomic shard I/O and the manifest's bookkeeping change together
-(a new column kind touches all three), so they stay in one file.
+Over 300 lines: the atomic shard I/O, the checksums and the manifest's bookkeeping (shards,
+generations) change together, so they stay in one file; the column codec is columns.py.
 """
 from __future__ import annotations
 
@@ -24,19 +32,38 @@ import logging
 import os
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import xxhash
 
+from .columns import (  # noqa: F401  (re-exported: the store's column layout, imported from here)
+    SOFT_COLUMN,
+    SOFT_REF_KEY,
+    SOFT_TOPK,
+    column_sizes,
+    decode_teachers,
+    decode_topk,
+    encode_dense,
+    encode_topk,
+    fixed_list,
+    id_type,
+    physical_columns,
+    resolve_soft,
+    shard_write_options,
+    soft_same_as,
+    stored_topk,
+    teacher_column,
+    to_numpy,
+    topk_columns,
+)
 from .errors import DistillError
 
 log = logging.getLogger("distill")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: top-k through orchestrator.codec, xxh3 checksums, soft columns by reference
 # Manifest keys that define what the store holds; any difference on re-open is refused.
 IDENTITY_KEYS = ("schema_version", "dataset", "teachers", "label_kind", "k", "shard_size")
 
@@ -48,90 +75,6 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-# ---- codec: numpy <-> Arrow columns --------------------------------------------------------
-
-
-def fixed_list(x: np.ndarray, dtype=pa.float32()) -> pa.FixedSizeListArray:
-    x = np.ascontiguousarray(x)
-    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), dtype), x.shape[1])
-
-
-def to_numpy(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """A fixed_size_list column as a [rows, width] array (zero-copy when possible)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    width = arr.type.list_size
-    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), width)
-
-
-def teacher_column(name: str) -> str:
-    return f"teacher.{name}.logits"
-
-
-SOFT_COLUMN = "soft.probs"
-
-
-def encode_dense(inputs: pa.Table, teacher_logits: dict[str, np.ndarray], soft: np.ndarray) -> pa.Table:
-    """Inputs rows + one logits column per teacher + the ensembled distribution."""
-    table = inputs
-    for name, logits in teacher_logits.items():
-        table = table.append_column(teacher_column(name), fixed_list(logits.astype(np.float32)))
-    return table.append_column(SOFT_COLUMN, fixed_list(soft.astype(np.float32)))
-
-
-def decode_teachers(table: pa.Table, names: list[str]) -> np.ndarray:
-    """Per-teacher logits [M, B, C] from a dense shard."""
-    return np.stack([to_numpy(table.column(teacher_column(n))) for n in names])
-
-
-# Top-k labels (task lm): per window of L tokens, P = L-1 positions x k entries, flattened
-# into one fixed-size list per row. Ids take the narrowest signed type the vocabulary allows
-# (signed: the ensemble pads a short union with id -1), log-probs float16.
-SOFT_TOPK = "soft"
-
-
-def topk_columns(name: str) -> tuple[str, str]:
-    """Column names of a teacher's (or, with name 'soft', the ensemble's) top-k labels."""
-    prefix = SOFT_TOPK if name == SOFT_TOPK else f"teacher.{name}"
-    return f"{prefix}.topk_ids", f"{prefix}.topk_logprobs"
-
-
-def id_type(vocab_size: int) -> pa.DataType:
-    return pa.int16() if vocab_size <= np.iinfo(np.int16).max else pa.int32()
-
-
-def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray]], vocab_size: int) -> pa.Table:
-    """Inputs rows + (ids, logprobs) [B, P, k] per teacher and for 'soft' (the ensemble)."""
-    table, itype = inputs, id_type(vocab_size)
-    for name, (ids, logprobs) in labels.items():
-        ic, lc = topk_columns(name)
-        b = len(ids)
-        table = table.append_column(ic, fixed_list(ids.reshape(b, -1).astype(itype.to_pandas_dtype()), itype))
-        table = table.append_column(lc, fixed_list(logprobs.reshape(b, -1).astype(np.float16), pa.float16()))
-    return table
-
-
-def decode_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, logprobs float32), each [B, P, k]."""
-    ic, lc = topk_columns(name)
-    ids, lps = to_numpy(table.column(ic)), to_numpy(table.column(lc))
-    return ids.astype(np.int64).reshape(len(ids), -1, k), lps.astype(np.float32).reshape(len(lps), -1, k)
-
-
-def shard_write_options(table: pa.Table) -> dict:
-    """Parquet options for a shard: top-k label columns as BYTE_STREAM_SPLIT + zstd.
-
-    Measured (benchmarks/bench_lm_bytes.py, 32k vocabulary, k=32): 129 -> 95 bytes per token
-    per teacher, and faster to write and read. Parquet's default dictionary encoding overflows
-    on 32k distinct ids and falls back to plain; splitting the int16/float16 bytes into streams
-    lets zstd find the structure (high bytes of ids, exponents of log-probs). Readers need no
-    change: the encoding is in the file.
-    """
-    topk = [f"{f.name}.list.element" for f in table.schema if f.name.endswith((".topk_ids", ".topk_logprobs"))]
-    if not topk:
-        return {}
-    return {"compression": "zstd", "use_dictionary": False, "use_byte_stream_split": topk}
-
-
 # ---- the store ------------------------------------------------------------------------------
 
 
@@ -139,27 +82,29 @@ def shard_write_options(table: pa.Table) -> dict:
 class ShardInfo:
     rows: int
     bytes: int
-    sha256: str
+    checksum: str  # "xxh3_128:<hex>" (version 1: "sha256:<hex>")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardInfo":
+        if "sha256" in d:  # a version-1 sidecar / manifest entry
+            return cls(rows=d["rows"], bytes=d["bytes"], checksum=f"sha256:{d['sha256']}")
+        return cls(rows=d["rows"], bytes=d["bytes"], checksum=d["checksum"])
+
+
+def checksum(data, algo: str = "xxh3_128") -> str:
+    if algo == "sha256":
+        return f"sha256:{hashlib.sha256(data).hexdigest()}"
+    return f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}"
+
+
+def checksum_ok(data, want: str) -> bool:
+    return checksum(data, want.split(":", 1)[0]) == want
 
 
 def _table_bytes(table: pa.Table, **kw) -> pa.Buffer:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **kw)
     return sink.getvalue()  # a Buffer: hashed and written as is (to_pybytes() would copy it)
-
-
-def column_sizes(meta: pq.FileMetaData) -> dict[str, int]:
-    """Compressed bytes per top-level column of a Parquet file (list values count to their column)."""
-    sizes: dict[str, int] = {}
-    for rg in range(meta.num_row_groups):
-        for c in range(meta.num_columns):
-            col = meta.row_group(rg).column(c)
-            name = col.path_in_schema.split(".list.")[0].split(".element")[0]
-            sizes[name] = sizes.get(name, 0) + col.total_compressed_size
-    return sizes
-
-
-_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-sha256")
 
 
 class LabelStore:
@@ -254,7 +199,7 @@ class LabelStore:
 
     def write_shard(self, i: int, table: pa.Table, generation: int | None = None) -> ShardInfo:
         data = _table_bytes(table, **shard_write_options(table))
-        info = ShardInfo(rows=table.num_rows, bytes=data.size, sha256=hashlib.sha256(data).hexdigest())
+        info = ShardInfo(rows=table.num_rows, bytes=data.size, checksum=checksum(data))
         self._write_atomic(self.shard_path(i, generation), data)
         self._write_atomic(self._sidecar(i, generation), json.dumps(info.__dict__).encode())
         return info
@@ -285,23 +230,40 @@ class LabelStore:
             raise DistillError(f"store.path: cannot create {self.uri}: {_first_line(e)}; "
                                "give a writable local path or a reachable URI") from None
 
+    def _recorded(self, i: int) -> ShardInfo | None:
+        entry = self.manifest["shards"].get(str(i)) if self.manifest else None
+        return ShardInfo.from_dict(entry) if entry else None
+
     def read_shard(self, i: int) -> pa.Table:
+        """Shard i, checked against its recorded checksum, with soft.* resolved."""
         data = self._read_buffer(self.shard_path(i))
-        want = self.manifest["shards"].get(str(i), {}).get("sha256") if self.manifest else None
-        if not want:
-            return pq.read_table(pa.BufferReader(data))
-        # sha256 releases the GIL: hash on a thread while pyarrow parses the same buffer
-        # (the hash alone is ~20% of a top-k shard's read, BENCHMARKS.md).
-        digest = _HASHER.submit(lambda: hashlib.sha256(data).hexdigest())
-        try:
-            table, error = pq.read_table(pa.BufferReader(data)), None
-        except (pa.ArrowException, OSError) as e:
-            table, error = None, e
-        if digest.result() != want:
+        info = self._recorded(i)
+        if info and not checksum_ok(data, info.checksum):
             raise DistillError(f"store {self.uri}: shard {i} does not match its checksum; re-run `distill label`")
-        if error is not None:
-            raise error
-        return table
+        return resolve_soft(pq.ParquetFile(pa.BufferReader(data)).read())
+
+    def read_table(self, columns: list[str]) -> pa.Table:
+        """The finished shards' ``columns``, in store order, soft.* resolved (the train read;
+        the shards were verified when the store was opened)."""
+        parts = []
+        for path in self.shard_paths():
+            with self.fs.open_input_file(path) as f:
+                pf = pq.ParquetFile(f)
+                ref = soft_same_as(pf.schema_arrow)
+                phys = physical_columns(columns, ref)
+                t = pf.read(columns=list(dict.fromkeys(phys)))
+            parts.append(pa.table({c: t.column(p) for c, p in zip(columns, phys)}))
+        return pa.concat_tables(parts)
+
+    def parquet_columns(self, columns: list[str]) -> tuple[list[str], dict[str, str]]:
+        """For a reader of the shard files themselves (ray.data.read_parquet): the columns to
+        select and {stored name: name} renames that give ``columns`` (soft.* by reference)."""
+        ref = None
+        if self.manifest and self.manifest["shards"]:
+            with self.fs.open_input_file(self.shard_paths()[0]) as f:
+                ref = soft_same_as(pq.read_schema(f))
+        phys = physical_columns(columns, ref)
+        return phys, {p: c for c, p in zip(columns, phys) if p != c}
 
     def finished_shards(self, verify: bool = True) -> dict[int, ShardInfo]:
         """Shards whose sidecar exists and (with verify) whose bytes match it.
@@ -312,8 +274,8 @@ class LabelStore:
         found, self.damaged = {}, {}
         for i in range(self.num_shards):
             try:
-                info = ShardInfo(**json.loads(self._read(self._sidecar(i))))
-            except (OSError, ValueError, TypeError):
+                info = ShardInfo.from_dict(json.loads(self._read(self._sidecar(i))))
+            except (OSError, ValueError, TypeError, KeyError):
                 continue  # no sidecar, or a torn one: the shard is not finished
             if verify:
                 try:
@@ -321,8 +283,8 @@ class LabelStore:
                 except OSError:
                     self.damaged[i] = "file missing"
                     continue
-                if hashlib.sha256(data).hexdigest() != info.sha256:
-                    self.damaged[i] = ("truncated" if data.size < info.bytes else "altered") + " (sha256 mismatch)"
+                if not checksum_ok(data, info.checksum):
+                    self.damaged[i] = ("truncated" if data.size < info.bytes else "altered") + " (checksum mismatch)"
                     continue
             found[i] = info
         return found
@@ -363,6 +325,8 @@ class LabelStore:
         out = {}
         for who in [t["name"] for t in m["teachers"]] + [SOFT_TOPK]:
             out[who] = sum(sizes.get(c, 0) for c in topk_columns(who)) / positions
+        if ref := soft_same_as(meta.schema.to_arrow_schema()):
+            out[SOFT_TOPK] = out[ref]  # what reading soft.* costs; stored once, under the teacher
         return out
 
     @property
@@ -391,6 +355,7 @@ class LabelStore:
             "columns": [f"{f.name}: {f.type}" for f in schema] if schema else [],
             "k": m.get("k"),
             "bytes_per_token": self.bytes_per_token(),
+            "soft_same_as": soft_same_as(schema) if schema is not None else None,
         }
 
 

@@ -229,7 +229,7 @@ def export_student(model_or_state, spec: dict, out_dir, tokenizer_dir, generatio
     (the model's own, else one from its config), with bos/eos/pad filled from the tokenizer.
     The directory appears complete or not at all (written beside it, then renamed).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoTokenizer, GenerationConfig
 
     out = Path(out_dir)
     model = from_state(spec, model_or_state) if isinstance(model_or_state, dict) else model_or_state

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .config import DistillConfig
 from .datasets import features_of
@@ -168,10 +167,12 @@ def train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_driv
     size_mb = store.shard_bytes / 2**20
     if read_in_driver(store, read_in_driver_mb):
         log.info("train: store %.1f MB <= train.read_in_driver_mb=%g: read by the driver", size_mb, read_in_driver_mb)
-        table = pq.ParquetDataset(store.shard_paths(), filesystem=store.fs).read(columns=columns)
+        table = store.read_table(columns)  # soft.* resolved when stored by reference
         return ray.data.from_arrow(table.slice(0, rows))  # shards hold rows 0..n-1 in order
     log.info("train: store %.1f MB > train.read_in_driver_mb=%g: streamed with read_parquet", size_mb, read_in_driver_mb)
-    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(columns)
+    stored, renames = store.parquet_columns(columns)  # soft.* resolved when stored by reference
+    ds = ray.data.read_parquet(store.shard_paths(), filesystem=store.fs).select_columns(stored)
+    ds = ds.rename_columns(renames) if renames else ds
     return ds.filter(expr=f"row < {rows}") if rows < store.manifest["dataset"]["rows"] else ds
 
 

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from orchestrator import pipeline
+from orchestrator import codec, pipeline
 from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.ensemble import ensemble_topk
@@ -42,9 +42,10 @@ def test_topk_store_rows_types_and_soft_labels(lm_run, lm_setup):
     k, positions = 8, cfg.lm.max_len - 1
     for who in ("small", "large", "soft"):
         ids_col, lps_col = topk_columns(who)
-        for col, want in ((ids_col, pa.int16()), (lps_col, pa.float16())):
+        # schema version 2 (orchestrator/codec.py): gap-coded ids, k + 1 uint8 codes per position
+        for col, want, width in ((ids_col, pa.int16(), k), (lps_col, pa.uint8(), k + 1)):
             t = table.schema.field(col).type
-            assert (t.value_type, t.list_size) == (want, positions * k)
+            assert (t.value_type, t.list_size) == (want, positions * width)
     # Stored soft labels are the configured top-k ensemble of the stored teacher labels.
     order = [t["name"] for t in store.manifest["teachers"]]  # the store's one teacher order: by name
     assert order == ["large", "small"]
@@ -52,10 +53,11 @@ def test_topk_store_rows_types_and_soft_labels(lm_run, lm_setup):
     lps = np.stack([decode_topk(table, n, k)[1].reshape(-1, k) for n in order])
     e_ids, e_lps, _ = ensemble_topk(ids, lps, k_out=k, vocab_size=store.manifest["lm"]["vocab_size"],
                                     mode="mean_prob", temperature=2.0)
-    # The labeler ensembles the float16 log-probs it stores, so recomputing is exact.
+    # The labeler ensembles the decoded labels it stores, so recomputing (and storing) is exact.
     s_ids, s_lps = decode_topk(table, "soft", k)
-    np.testing.assert_array_equal(s_ids.reshape(-1, k), e_ids)
-    np.testing.assert_array_equal(s_lps.reshape(-1, k), e_lps.astype(np.float16).astype(np.float32))
+    want_ids, want_lps = codec.roundtrip(e_ids, e_lps)
+    np.testing.assert_array_equal(s_ids.reshape(-1, k), want_ids)
+    np.testing.assert_array_equal(s_lps.reshape(-1, k), want_lps)
 
 
 def test_reensemble_topk_store_without_teachers(lm_run, monkeypatch):
@@ -77,9 +79,9 @@ def test_reensemble_topk_store_without_teachers(lm_run, monkeypatch):
     ids = np.stack([decode_topk(table, n, k)[0].reshape(-1, k) for n in order])
     lps = np.stack([decode_topk(table, n, k)[1].reshape(-1, k) for n in order])
     windows = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False))
-    e_ids, _, _ = ensemble_topk(ids, lps, k_out=k, vocab_size=vocab, mode="ca_mkd", temperature=2.0,
-                                weights=[3.0, 1.0], labels=windows[:, 1:].reshape(-1))
-    np.testing.assert_array_equal(decode_topk(table, "soft", k)[0].reshape(-1, k), e_ids)
+    e_ids, e_lps, _ = ensemble_topk(ids, lps, k_out=k, vocab_size=vocab, mode="ca_mkd", temperature=2.0,
+                                    weights=[3.0, 1.0], labels=windows[:, 1:].reshape(-1))
+    np.testing.assert_array_equal(decode_topk(table, "soft", k)[0].reshape(-1, k), codec.roundtrip(e_ids, e_lps)[0])
     assert LabelStore(cfg.store_path).load_manifest()["ensemble"]["mode"] == "ca_mkd"
     # Back to the original settings: the shards are byte-identical to the labeled ones.
     pipeline.label(cfg, pipeline.prepare(cfg), reensemble=True)

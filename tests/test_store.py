@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 
 from orchestrator.datasets import content_ids, fingerprint, make_table
 from orchestrator.errors import DistillError
@@ -111,7 +112,8 @@ def shard_file(store: LabelStore, i: int) -> Path:
 
 
 def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The checksum a sidecar records for this file: xxh3-128, computed here with xxhash itself."""
+    return "xxh3_128:" + xxhash.xxh3_128_hexdigest(path.read_bytes())
 
 
 # ---- create / inputs ------------------------------------------------------------------------
@@ -198,8 +200,8 @@ def test_write_shard_returns_info_and_writes_sidecar(store):
     info, _, _ = label_shard(store, 2)
     path = shard_file(store, 2)
     assert path.name == "shard-00002.parquet"
-    assert info == ShardInfo(rows=2, bytes=path.stat().st_size, sha256=sha(path))
-    assert json.loads(path.with_suffix(".json").read_text()) == {"rows": 2, "bytes": info.bytes, "sha256": info.sha256}
+    assert info == ShardInfo(rows=2, bytes=path.stat().st_size, checksum=sha(path))
+    assert json.loads(path.with_suffix(".json").read_text()) == {"rows": 2, "bytes": info.bytes, "checksum": info.checksum}
 
 
 def test_no_temporary_files_left_after_writes(store, tmp_path):
@@ -224,7 +226,7 @@ def test_missing_shards_are_listed(store):
     info, _, _ = label_shard(store, 1)
     assert store.finished_shards() == {1: info}
     assert store.record_finished() == [0, 2]
-    assert store.manifest["shards"] == {"1": {"rows": 4, "bytes": info.bytes, "sha256": info.sha256}}
+    assert store.manifest["shards"] == {"1": {"rows": 4, "bytes": info.bytes, "checksum": info.checksum}}
     assert not store.complete
     label_shard(store, 0)
     label_shard(store, 2)
@@ -237,7 +239,7 @@ def test_record_finished_persists_to_manifest_json(store, tmp_path):
     info, _, _ = label_shard(store, 0)
     store.record_finished()
     on_disk = json.loads((tmp_path / "store" / "manifest.json").read_text())
-    assert on_disk["shards"] == {"0": {"rows": 4, "bytes": info.bytes, "sha256": info.sha256}}
+    assert on_disk["shards"] == {"0": {"rows": 4, "bytes": info.bytes, "checksum": info.checksum}}
 
 
 def test_truncated_shard_is_not_finished(store):
@@ -282,7 +284,7 @@ def test_relabeled_shard_replaces_the_old_one(store):
     inputs = store.read_inputs(0)
     logits, soft = fake_labels(inputs.num_rows, seed=99)
     new = store.write_shard(0, encode_dense(inputs, logits, soft))
-    assert new.sha256 != old.sha256
+    assert new.checksum != old.checksum
     assert store.finished_shards() == {0: new}
     store.record_finished()
     np.testing.assert_array_equal(decode_teachers(store.read_shard(0), ["a"])[0], logits["a"].astype(np.float32))
