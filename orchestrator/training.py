@@ -66,8 +66,9 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         "grad_clip": t.grad_clip, "grad_accum": t.grad_accum, "max_steps": t.max_steps, "use_gpu": t.use_gpu,
         "total_steps": total_steps(rows, t),
     }
-    # `epochs` is left out: raising it resumes the same run and trains the extra epochs.
-    key = {"loop": {k: v for k, v in loop_cfg.items() if k != "epochs"}, "workers": t.workers,
+    # `epochs` (and the schedule length it implies) is left out: raising it resumes the same run
+    # and trains the extra epochs, the lr schedule stretched over the new length.
+    key = {"loop": {k: v for k, v in loop_cfg.items() if k not in ("epochs", "total_steps")}, "workers": t.workers,
            "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
     run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 
