@@ -1,6 +1,13 @@
-"""Teachers as Ray Serve deployments: one application per teacher, dynamic batching by rows."""
+"""Teachers as Ray Serve deployments: one application per teacher, dynamic batching by rows.
+
+Health under long forward passes: the model runs on a worker thread (not on the replica's user
+event loop), and the health check never waits for the model: it answers from the verdict of the
+last probe and starts a new probe in the background only when the model is idle. A replica is
+restarted when its model gives non-finite outputs on the probe row, never because it is busy.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,7 +22,7 @@ def app_name(run: str, teacher: str) -> str:
     return f"distill-{run}-{teacher}"
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
+@serve.deployment(max_ongoing_requests=64)
 class Teacher:
     def __init__(self, cfg: dict, task: str = "classification", k: int = 8, run: str = "service"):
         import torch
@@ -31,7 +38,8 @@ class Teacher:
         # call at a time, since vLLM's engine is not safe to call concurrently (seen: "dictionary
         # changed size during iteration" when the health check ran during the probe).
         self._model_lock = threading.Lock()
-        self.probe: np.ndarray | None = None
+        self.probe: np.ndarray | None = None  # one real input row, set by info()
+        self._sick: str | None = None  # why the last probe failed; None: healthy
         # Batches are measured in rows (a request is a [rows, D] array), not in requests.
         self.predict.set_max_batch_size(cfg["max_batch_size"])
         self.predict.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
@@ -47,7 +55,8 @@ class Teacher:
         out = self._run(self.probe)
         width = getattr(self.model, "vocab_size", None) if isinstance(out, tuple) else out.shape[-1]
         return {"name": self.cfg["name"], "num_classes": int(width),
-                "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id()}
+                "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id(),
+                "engine": getattr(self.model, "engine_settings", None)}  # vllm: each setting and why
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
     async def predict(self, batches: list[np.ndarray]) -> list:
@@ -57,7 +66,9 @@ class Teacher:
         """
         t0 = time.perf_counter()
         x = np.concatenate(batches)
-        out = self._run(x)
+        # On a worker thread: a forward pass run on this (the user code) event loop would block
+        # it, and Serve's health check, which is scheduled on that loop, with it.
+        out = await asyncio.to_thread(self._run, x)
         self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
         self.metrics["requests"].inc(len(batches), tags=self.tags)
         self.metrics["rows"].inc(len(x), tags=self.tags)
@@ -71,10 +82,28 @@ class Teacher:
             return self.model(x)
 
     def check_health(self):
-        # Serve restarts a replica whose model no longer produces finite outputs.
-        out = self._run(self.probe) if self.probe is not None else None
-        if out is not None and not all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,))):
-            raise RuntimeError(f"teacher '{self.cfg['name']}' produces non-finite outputs")
+        """Called by Serve every health_check_period_s; must answer within health_check_timeout_s.
+
+        Never waits on the model lock: a busy replica (a long forward pass) is healthy. When the
+        model is idle, a probe on the info() row starts in the background (holding the lock, so
+        still one model call at a time) and its verdict is what the next check reports: Serve
+        restarts a replica whose model no longer produces finite outputs (or raises).
+        """
+        if self.probe is not None and self._model_lock.acquire(blocking=False):
+            threading.Thread(target=self._probe_locked, daemon=True, name="teacher-probe").start()
+        if self._sick is not None:
+            raise RuntimeError(self._sick)
+
+    def _probe_locked(self) -> None:
+        """Runs the probe with the model lock already held (by check_health); releases it."""
+        try:
+            out = self.model(self.probe)
+            finite = all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
+            self._sick = None if finite else f"teacher '{self.cfg['name']}' produces non-finite outputs"
+        except Exception as e:  # noqa: BLE001  (a model that raises on a row it took before is broken)
+            self._sick = f"teacher '{self.cfg['name']}': probe failed: {type(e).__name__}: {e}"
+        finally:
+            self._model_lock.release()
 
 
 def build_app(args: dict):
@@ -89,11 +118,26 @@ def build_app(args: dict):
     task, k = args.pop("task", "classification"), args.pop("k", 8)  # task lm: top-k per position
     run = args.pop("run", "service")  # the `run` tag of its metrics
     cfg = TeacherConfig.model_validate(args).model_dump()
-    return Teacher.options(
-        name=f"teacher-{cfg['name']}",
-        num_replicas=cfg["replicas"],
-        ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]},
-    ).bind(cfg, task, k, run)
+    return Teacher.options(**deployment_options(cfg)).bind(cfg, task, k, run)
+
+
+def deployment_options(cfg: dict) -> dict:
+    """Serve options of one teacher's deployment (a validated teachers[] entry).
+
+    A tensor-parallel vLLM teacher (engine.tensor_parallel_size N > 1) gets a placement group per
+    replica, one bundle per GPU, all on one node (STRICT_PACK: the shards talk over NVLink/PCIe).
+    The replica actor itself sits in bundle 0 with its CPUs but takes no GPU: the GPUs are for
+    vLLM's N Ray workers, which it starts in that placement group.
+    """
+    tp = (cfg.get("engine") or {}).get("tensor_parallel_size") or 1
+    actor = {"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]}
+    opts = {"name": f"teacher-{cfg['name']}", "num_replicas": cfg["replicas"], "ray_actor_options": actor,
+            "health_check_period_s": cfg["health_check_period_s"], "health_check_timeout_s": cfg["health_check_timeout_s"]}
+    if tp > 1:
+        actor["num_gpus"] = 0
+        opts["placement_group_bundles"] = [{"CPU": cfg["num_cpus"], "GPU": 1, **cfg["resources"]}] + [{"GPU": 1}] * (tp - 1)
+        opts["placement_group_strategy"] = "STRICT_PACK"
+    return opts
 
 
 def deploy(run: str, teachers: list[dict], task: str = "classification", k: int = 8) -> dict[str, str]:
