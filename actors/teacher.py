@@ -1,9 +1,17 @@
-"""Teachers as Ray Serve deployments: one application per teacher, dynamic batching by rows."""
+"""Teachers as Ray Serve deployments: one application per teacher, dynamic batching by rows.
+
+Health under long forward passes: the model runs on its own thread (not on the replica's user
+event loop), and the health check never waits for the model: it answers from the verdict of the
+last probe and queues a new probe only when the model is idle. A replica is restarted when its
+model gives non-finite outputs on the probe row, never because it is busy.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 from ray import serve
@@ -15,26 +23,50 @@ def app_name(run: str, teacher: str) -> str:
     return f"distill-{run}-{teacher}"
 
 
-@serve.deployment(max_ongoing_requests=64, health_check_period_s=5)
+@serve.deployment(max_ongoing_requests=64)
 class Teacher:
     def __init__(self, cfg: dict, task: str = "classification", k: int = 8, run: str = "service"):
-        import torch
-
         from actors import metrics
-        from orchestrator.models import load_teacher
 
-        torch.set_num_threads(max(1, int(cfg.get("num_cpus") or 1)))
         self.cfg = cfg
         self.metrics, self.tags = metrics.teacher(), {"run": run, "teacher": cfg["name"]}
-        self.model = load_teacher(cfg, task, k)
-        # Serve runs sync methods (info, check_health) on threads beside predict: one model
-        # call at a time, since vLLM's engine is not safe to call concurrently (seen: "dictionary
-        # changed size during iteration" when the health check ran during the probe).
-        self._model_lock = threading.Lock()
-        self.probe: np.ndarray | None = None
+        _log_to_stderr()
+        # Every model call (the load included) runs on this one thread, never on Serve's event
+        # loop (a long forward pass there blocks the health check) nor on Serve's request threads:
+        # - one call at a time: vLLM's engine is not safe to call concurrently (seen: "dictionary
+        #   changed size during iteration" when the health check ran during the probe);
+        # - one thread: OpenMP thread counts are per thread, and vLLM's CPU attention checks that
+        #   the forward pass runs with its load-time count (seen on a pool thread:
+        #   "cpu_attn_impl.hpp: Check failed: input->metadata->thread_num == thread_num (2 vs. 1)").
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"teacher-{cfg['name']}")
+        self._calls, self._calls_lock = 0, threading.Lock()  # model calls submitted and not yet finished
+        self.model = self._call(self._load, cfg, task, k).result()
+        self.probe: np.ndarray | None = None  # one real input row, set by info()
+        self._sick: str | None = None  # why the last probe failed; None: healthy
         # Batches are measured in rows (a request is a [rows, D] array), not in requests.
         self.predict.set_max_batch_size(cfg["max_batch_size"])
         self.predict.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
+
+    @staticmethod
+    def _load(cfg: dict, task: str, k: int):
+        import torch
+
+        from orchestrator.models import load_teacher
+
+        torch.set_num_threads(max(1, int(cfg.get("num_cpus") or 1)))  # of this (the model) thread
+        return load_teacher(cfg, task, k)
+
+    def _call(self, fn, *args) -> Future:
+        """Queue fn(*args) on the model thread."""
+        with self._calls_lock:  # callers: the event loop and Serve's threads
+            self._calls += 1
+        future = self._model_thread.submit(fn, *args)
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, _: Future) -> None:
+        with self._calls_lock:
+            self._calls -= 1
 
     def info(self, sample: np.ndarray) -> dict:
         """Output width on a real input row (mismatched teachers are caught before labeling),
@@ -44,10 +76,11 @@ class Teacher:
         from orchestrator.models import teacher_fingerprint
 
         self.probe = sample[:1]
-        out = self._run(self.probe)
+        out = self._call(self.model, self.probe).result()
         width = getattr(self.model, "vocab_size", None) if isinstance(out, tuple) else out.shape[-1]
         return {"name": self.cfg["name"], "num_classes": int(width),
-                "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id()}
+                "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id(),
+                "engine": getattr(self.model, "engine_settings", None)}  # vllm: each setting and why
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
     async def predict(self, batches: list[np.ndarray]) -> list:
@@ -57,7 +90,7 @@ class Teacher:
         """
         t0 = time.perf_counter()
         x = np.concatenate(batches)
-        out = self._run(x)
+        out = await asyncio.wrap_future(self._call(self.model, x))  # the event loop stays free meanwhile
         self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
         self.metrics["requests"].inc(len(batches), tags=self.tags)
         self.metrics["rows"].inc(len(x), tags=self.tags)
@@ -66,15 +99,39 @@ class Teacher:
             return list(zip(*(np.split(o, cuts) for o in out)))
         return np.split(out, cuts)
 
-    def _run(self, x: np.ndarray):
-        with self._model_lock:
-            return self.model(x)
-
     def check_health(self):
-        # Serve restarts a replica whose model no longer produces finite outputs.
-        out = self._run(self.probe) if self.probe is not None else None
-        if out is not None and not all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,))):
-            raise RuntimeError(f"teacher '{self.cfg['name']}' produces non-finite outputs")
+        """Called by Serve every health_check_period_s; must answer within health_check_timeout_s.
+
+        Never waits on the model: a busy replica (a long forward pass) is healthy. When the model
+        is idle, a probe on the info() row is queued on the model thread, and its verdict is what
+        the next checks report: Serve restarts a replica whose model no longer produces finite
+        outputs (or raises).
+        """
+        if self.probe is not None and self._calls == 0:
+            self._call(self._probe)
+        if self._sick is not None:
+            raise RuntimeError(self._sick)
+
+    def _probe(self) -> None:
+        try:
+            out = self.model(self.probe)
+            finite = all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
+            self._sick = None if finite else f"teacher '{self.cfg['name']}' produces non-finite outputs"
+        except Exception as e:  # noqa: BLE001  (a model that raises on a row it took before is broken)
+            self._sick = f"teacher '{self.cfg['name']}': probe failed: {type(e).__name__}: {e}"
+
+
+def _log_to_stderr() -> None:
+    """In a replica process nothing configures our "distill" logger: send its INFO lines (the vLLM
+    engine settings and why) to stderr, i.e. the replica's log file, and the driver's console
+    unless the run is quiet."""
+    log = logging.getLogger("distill")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def build_app(args: dict):
@@ -89,11 +146,26 @@ def build_app(args: dict):
     task, k = args.pop("task", "classification"), args.pop("k", 8)  # task lm: top-k per position
     run = args.pop("run", "service")  # the `run` tag of its metrics
     cfg = TeacherConfig.model_validate(args).model_dump()
-    return Teacher.options(
-        name=f"teacher-{cfg['name']}",
-        num_replicas=cfg["replicas"],
-        ray_actor_options={"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]},
-    ).bind(cfg, task, k, run)
+    return Teacher.options(**deployment_options(cfg)).bind(cfg, task, k, run)
+
+
+def deployment_options(cfg: dict) -> dict:
+    """Serve options of one teacher's deployment (a validated teachers[] entry).
+
+    A tensor-parallel vLLM teacher (engine.tensor_parallel_size N > 1) gets a placement group per
+    replica, one bundle per GPU, all on one node (STRICT_PACK: the shards talk over NVLink/PCIe).
+    The replica actor itself sits in bundle 0 with its CPUs but takes no GPU: the GPUs are for
+    vLLM's N Ray workers, which it starts in that placement group.
+    """
+    tp = (cfg.get("engine") or {}).get("tensor_parallel_size") or 1
+    actor = {"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]}
+    opts = {"name": f"teacher-{cfg['name']}", "num_replicas": cfg["replicas"], "ray_actor_options": actor,
+            "health_check_period_s": cfg["health_check_period_s"], "health_check_timeout_s": cfg["health_check_timeout_s"]}
+    if tp > 1:
+        actor["num_gpus"] = 0
+        opts["placement_group_bundles"] = [{"CPU": cfg["num_cpus"], "GPU": 1, **cfg["resources"]}] + [{"GPU": 1}] * (tp - 1)
+        opts["placement_group_strategy"] = "STRICT_PACK"
+    return opts
 
 
 def deploy(run: str, teachers: list[dict], task: str = "classification", k: int = 8) -> dict[str, str]:

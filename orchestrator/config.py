@@ -41,6 +41,19 @@ class DatasetConfig(_Strict):
     limit: Optional[int] = Field(None, gt=0)  # first N rows only (smoke tests)
 
 
+class EngineConfig(_Strict):
+    """teachers[].engine (backend vllm): passed to vllm.LLM. Unset keys are decided inside the
+    replica by platform (orchestrator/vllm_teacher.py engine_args, which logs each decision)."""
+
+    dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = None  # GPU: auto (checkpoint's); CPU: float32
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)  # GPU: 0.9 x the replica's share of its GPU
+    max_model_len: Optional[int] = Field(None, ge=2)  # default: the checkpoint's max_position_embeddings
+    tensor_parallel_size: int = Field(1, ge=1)  # > 1: one GPU per shard, a placement group per replica
+    enforce_eager: Optional[bool] = None  # GPU: false (CUDA graphs); CPU: true
+    kv_cache_gib: Optional[float] = Field(None, gt=0)  # CPU: 1; GPU: unset (sized by gpu_memory_utilization)
+    max_num_seqs: Optional[int] = Field(None, ge=1)  # vLLM's default
+
+
 class TeacherConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     backend: Literal["torch", "hf", "vllm"]
@@ -59,6 +72,23 @@ class TeacherConfig(_Strict):
     # Attach to this already-running Serve application (e.g. a RayService) instead of
     # deploying one; it is left running. `path` must still name the same weights.
     serve_app: Optional[str] = None
+    # Serve's health check of each replica; it answers while a forward pass runs (actors/teacher.py).
+    health_check_period_s: float = Field(5.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)  # Serve's default
+    engine: Optional[EngineConfig] = None  # backend vllm only
+
+    @model_validator(mode="after")
+    def _engine_fits(self):
+        if self.engine is None:
+            return self
+        if self.backend != "vllm":
+            raise ValueError(f"engine: vLLM engine settings apply to backend vllm only (teacher '{self.name}' "
+                             f"is {self.backend}); remove engine")
+        tp = self.engine.tensor_parallel_size
+        if tp > 1 and self.num_gpus != tp:
+            raise ValueError(f"engine.tensor_parallel_size: {tp} shards need num_gpus: {tp} (one GPU each) on teacher "
+                             f"'{self.name}' (got num_gpus: {self.num_gpus:g})")
+        return self
 
 
 class LMConfig(_Strict):

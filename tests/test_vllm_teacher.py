@@ -82,6 +82,29 @@ def test_vllm_errors_are_one_line(vllm_installed, tmp_path):
         load_teacher({"name": "v", "backend": "vllm", "path": str(tmp_path / "nope")}, task="lm", k=K)
 
 
+def test_vllm_engine_settings_reach_the_engine(vllm_installed, tiny_llama, caplog):
+    """teachers[].engine is passed to vllm.LLM; unset keys take the CPU defaults, each logged with its reason."""
+    import logging
+
+    import torch
+
+    caplog.set_level(logging.INFO, logger="distill")
+    path, windows = tiny_llama
+    engine = {"max_model_len": 24, "kv_cache_gib": 0.5, "max_num_seqs": 4}
+    teacher = load_teacher({"name": "e", "backend": "vllm", "path": str(path), "engine": engine}, task="lm", k=K)
+    vcfg = teacher.llm.llm_engine.vllm_config
+    assert vcfg.model_config.max_model_len == teacher.max_len == 24
+    assert vcfg.cache_config.kv_cache_memory_bytes == 2**29  # 0.5 GiB
+    assert vcfg.scheduler_config.max_num_seqs == 4
+    assert vcfg.model_config.dtype == torch.float32 and vcfg.model_config.enforce_eager  # the CPU defaults
+    for line in ("max_model_len=24 (teachers[].engine.max_model_len)", "dtype=float32 (CPU: float32",
+                 "enforce_eager=True (CPU", "kv_cache_gib=0.5 (teachers[].engine.kv_cache_gib)"):
+        assert line in caplog.text, caplog.text
+    assert teacher(windows[:2, :23])[0].shape == (2, 22, K)
+    with pytest.raises(DistillError, match=r"windows of 24 tokens need max_model_len > 24 \(vLLM adds one generated token; it is 24\)"):
+        teacher(windows[:2, :24])  # a prompt of max_model_len tokens leaves no room for vLLM's generated token
+
+
 def test_vllm_teacher_on_serve(vllm_teacher, tiny_llama, ray_local):
     from ray import serve
 
@@ -93,6 +116,8 @@ def test_vllm_teacher_on_serve(vllm_teacher, tiny_llama, ray_local):
                        name="vllm-test", route_prefix=None)
     print(f"\nvLLM teacher deployed on Serve in {time.perf_counter() - t0:.1f}s")
     try:
+        info = handle.info.remote(windows[:1]).result(timeout_s=120)  # a model call from a Serve thread, then predict
+        assert "dtype=float32 (CPU: float32, as the hf backend)" in info["engine"], info
         # Two callers at once: Serve batches their rows into one engine call.
         r1, r2 = handle.predict.remote(windows[:5]), handle.predict.remote(windows[5:])
         (ids1, lp1), (ids2, lp2) = r1.result(timeout_s=120), r2.result(timeout_s=120)
