@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "label": ("benchmarks.bench_label", ()),
     "profile_label": ("benchmarks.profile_label", ("--out", "{out}")),
     "train": ("benchmarks.bench_train", ()),
+    "kd_loss": ("benchmarks.bench_kd_loss", ()),
 }
 # Goals (ISSUES / DESIGN): name -> (">=" or "<=", threshold). Shown in results.md beside the value.
 GOALS = {
