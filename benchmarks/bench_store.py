@@ -52,6 +52,7 @@ def lm_shard(windows: int, length: int = 128, k: int = 32, seed: int = 0):
                        "row": pa.array(np.arange(windows), pa.int64())})
     names = ["teacher0", "teacher1"]
     manifest = {"label_kind": "topk", "k": k, "lm": {"vocab_size": VOCAB, "max_len": length},
+                "teachers": [{"name": n} for n in names],
                 "ensemble": {"mode": "mean_prob", "temperature": 1.0, "tau": 1.0, "weights": {n: 1.0 for n in names}}}
     outputs = {n: (ids[m].reshape(windows, length - 1, k), lps[m].reshape(windows, length - 1, k))
                for m, n in enumerate(names)}
@@ -67,7 +68,7 @@ def dense_shard(rows: int = 256, seed: int = 0):
     inputs = make_table(content_ids(x), x, rng.integers(0, 10, rows))
     inputs = inputs.append_column("row", pa.array(np.arange(rows), pa.int64()))
     names = ["t0", "t1", "t2"]
-    manifest = {"label_kind": "dense",
+    manifest = {"label_kind": "dense", "teachers": [{"name": n} for n in names],
                 "ensemble": {"mode": "mean_prob", "temperature": 4.0, "tau": 1.0, "weights": {n: 1.0 for n in names}}}
     return build_shard(inputs, {n: rng.normal(size=(rows, 10)) for n in names}, manifest)[0]
 

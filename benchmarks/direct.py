@@ -36,7 +36,7 @@ def label_direct(cfg, train: pa.Table, out_dir: Path, teachers: dict | None = No
         if teachers is None:
             teachers = load_teachers(cfg)
         t_loaded = time.perf_counter()
-        manifest = {"label_kind": "dense", "ensemble": ensemble}
+        manifest = {"label_kind": "dense", "ensemble": ensemble, "teachers": [{"name": n} for n in sorted(teachers)]}
         chunk = {t.name: t.max_batch_size for t in cfg.teachers}
         size = cfg.store.shard_size
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -77,7 +77,6 @@ def test_vllm_serves_it_with_the_same_nll(exported):
     out, windows, _, nll, tok = exported
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as orchestrator/vllm_teacher.py
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     try:
         from vllm import LLM, SamplingParams
@@ -85,7 +84,9 @@ def test_vllm_serves_it_with_the_same_nll(exported):
         pytest.fail(f"the export test needs the vllm package (vllm-cpu on CPU machines): {e}", pytrace=False)
 
     # the exported dir as is: its own tokenizer, config and generation config
-    llm = LLM(model=str(out), dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
+    # The KV cache as an argument, not VLLM_CPU_KVCACHE_SPACE: an environment variable would outlive
+    # this test and override the engine settings of later vLLM tests in the same process.
+    llm = LLM(model=str(out), dtype="float32", enforce_eager=True, max_model_len=128, seed=0, kv_cache_memory_bytes=2**30,
               max_logprobs=1, enable_prefix_caching=False, disable_log_stats=True)
     params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": row.tolist()} for row in windows.numpy()], params, use_tqdm=False)
