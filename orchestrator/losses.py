@@ -192,7 +192,8 @@ def _topk_buckets(student_logits, target_ids, target_logprobs, temperature: floa
     logits = student_logits.reshape(-1, student_logits.shape[-1]).to(dtype)
     ids = target_ids.reshape(-1, target_ids.shape[-1]).long()
     listed = ids >= 0
-    log_s = F.log_softmax(logits / temperature, dim=-1).gather(-1, ids.clamp_min(0))
+    scaled = logits if temperature == 1.0 else logits / temperature  # x / 1 == x: skip an [N, V] pass
+    log_s = F.log_softmax(scaled, dim=-1).gather(-1, ids.clamp_min(0))
     p_s = torch.where(listed, log_s.exp(), 0.0)
     tail_s = (1.0 - p_s.sum(-1, keepdim=True)).clamp_min(PROB_FLOOR)
     p_s = torch.cat([p_s, tail_s], dim=-1)
@@ -224,7 +225,10 @@ class _ChunkedRows(torch.autograd.Function):
         need_grad = ctx.needs_input_grad[0]
         lead = logits.shape[:-1]  # [B, L] or [N]: rows are read in place, so a strided view
         values = torch.zeros(lead.numel(), dtype=_compute_dtype(logits), device=logits.device)
-        grad = torch.zeros(logits.shape, dtype=logits.dtype, device=logits.device) if need_grad else None
+        grad = None
+        if need_grad:  # every row is written below: zero only the rows that carry no loss
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            grad[torch.unravel_index((~mask).nonzero().squeeze(1), lead)] = 0
         for start in range(0, lead.numel(), chunk):
             rows = mask[start:start + chunk].nonzero().squeeze(1) + start
             if rows.numel() == 0:
