@@ -82,27 +82,57 @@ def test_vllm_errors_are_one_line(vllm_installed, tmp_path):
         load_teacher({"name": "v", "backend": "vllm", "path": str(tmp_path / "nope")}, task="lm", k=K)
 
 
-def test_vllm_engine_settings_reach_the_engine(vllm_installed, tiny_llama, caplog):
+# Run in a fresh interpreter: a second vLLM engine in this process would share vLLM's process-wide
+# parallel state with the module's `vllm_teacher`, and tearing one down breaks the other (seen:
+# "pipeline model parallel group is not initialized" in the next direct call).
+ENGINE_PROBE = """
+import json, logging, sys
+import numpy as np, torch
+from orchestrator.errors import DistillError
+from orchestrator.models import load_teacher
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+logging.getLogger("distill").setLevel(logging.INFO)
+path, windows = sys.argv[1], np.load(sys.argv[2])
+engine = {"max_model_len": 24, "kv_cache_gib": 0.5, "max_num_seqs": 4}
+t = load_teacher({"name": "e", "backend": "vllm", "path": path, "engine": engine}, task="lm", k=8)
+v = t.llm.llm_engine.vllm_config
+out = {"max_model_len": v.model_config.max_model_len, "max_len": t.max_len, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
+       "max_num_seqs": v.scheduler_config.max_num_seqs, "dtype": str(v.model_config.dtype),
+       "eager": v.model_config.enforce_eager, "settings": t.engine_settings, "shape": list(t(windows[:2, :23])[0].shape)}
+try:
+    t(windows[:2, :24])
+except DistillError as e:
+    out["error"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_vllm_engine_settings_reach_the_engine(vllm_installed, tiny_llama, tmp_path):
     """teachers[].engine is passed to vllm.LLM; unset keys take the CPU defaults, each logged with its reason."""
-    import logging
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import torch
-
-    caplog.set_level(logging.INFO, logger="distill")
     path, windows = tiny_llama
-    engine = {"max_model_len": 24, "kv_cache_gib": 0.5, "max_num_seqs": 4}
-    teacher = load_teacher({"name": "e", "backend": "vllm", "path": str(path), "engine": engine}, task="lm", k=K)
-    vcfg = teacher.llm.llm_engine.vllm_config
-    assert vcfg.model_config.max_model_len == teacher.max_len == 24
-    assert vcfg.cache_config.kv_cache_memory_bytes == 2**29  # 0.5 GiB
-    assert vcfg.scheduler_config.max_num_seqs == 4
-    assert vcfg.model_config.dtype == torch.float32 and vcfg.model_config.enforce_eager  # the CPU defaults
-    for line in ("max_model_len=24 (teachers[].engine.max_model_len)", "dtype=float32 (CPU: float32",
-                 "enforce_eager=True (CPU", "kv_cache_gib=0.5 (teachers[].engine.kv_cache_gib)"):
-        assert line in caplog.text, caplog.text
-    assert teacher(windows[:2, :23])[0].shape == (2, 22, K)
-    with pytest.raises(DistillError, match=r"windows of 24 tokens need max_model_len > 24 \(vLLM adds one generated token; it is 24\)"):
-        teacher(windows[:2, :24])  # a prompt of max_model_len tokens leaves no room for vLLM's generated token
+    np.save(tmp_path / "windows.npy", windows)
+    root = str(Path(__file__).resolve().parents[1])
+    p = subprocess.run([sys.executable, "-c", ENGINE_PROBE, str(path), str(tmp_path / "windows.npy")],
+                       capture_output=True, text=True, cwd=root, timeout=600)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    assert out["max_model_len"] == out["max_len"] == 24
+    assert out["kv_bytes"] == 2**29  # 0.5 GiB
+    assert out["max_num_seqs"] == 4
+    assert out["dtype"] == "torch.float32" and out["eager"] is True  # the CPU defaults
+    for line in ("max_model_len=24 (teachers[].engine.max_model_len)", "dtype=float32 (CPU: float32, as the hf backend)",
+                 "enforce_eager=True (CPU: no graphs to capture)", "kv_cache_gib=0.5 (teachers[].engine.kv_cache_gib)"):
+        assert line in out["settings"], out["settings"]
+        assert line in p.stderr  # the log line
+    assert out["shape"] == [2, 22, K]
+    # A prompt of max_model_len tokens leaves no room for vLLM's generated token.
+    assert "windows of 24 tokens need max_model_len > 24 (vLLM adds one generated token; it is 24)" in out["error"]
 
 
 def test_vllm_teacher_on_serve(vllm_teacher, tiny_llama, ray_local):
