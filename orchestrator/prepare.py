@@ -136,15 +136,12 @@ def lm_student_spec(cfg: DistillConfig) -> dict:
 
 
 def _check_student_source(cfg: DistillConfig) -> None:
-    from .models import POSITION_KEYS
+    from .models import _check_positions
     from .students import check_student_vocab, lm_student_config
 
     spec = lm_student_spec(cfg)
     vocab = json.loads((Path(cfg.teachers[0].path) / "config.json").read_text()).get("vocab_size")
     if isinstance(vocab, int):
         check_student_vocab(spec, vocab)
-    hf = lm_student_config(spec).to_dict()
-    limit = next((int(hf[key]) for key in POSITION_KEYS if isinstance(hf.get(key), int)), None)
-    if limit is not None and cfg.lm.max_len > limit:
-        raise DistillError(f"lm.max_len: {cfg.lm.max_len} tokens is longer than the student takes ({limit} positions); "
-                           f"set lm.max_len <= {limit}")
+    path = Path(spec["path"]) / "config.json"  # the pretrained dir, or the teacher whose layers it keeps
+    _check_positions(f"the student (student.init {spec['init']})", path, lm_student_config(spec).to_dict(), cfg.lm.max_len)

@@ -44,7 +44,6 @@ def engine_args(cfg: dict, on_gpu: bool, max_model_len: int) -> tuple[dict, list
     engine = cfg.get("engine") or {}
     tp = int(engine.get("tensor_parallel_size") or 1)
     share = 1.0 if tp > 1 else min(1.0, float(cfg.get("num_gpus") or 0) or 1.0)
-    platform = "GPU" if on_gpu else "CPU"
     defaults = {  # key: (value, why), per platform
         "dtype": ("auto", "GPU: the checkpoint's dtype") if on_gpu else ("float32", "CPU: float32, as the hf backend"),
         "enforce_eager": (False, "GPU: CUDA graphs") if on_gpu else (True, "CPU: no graphs to capture"),
