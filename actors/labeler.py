@@ -16,7 +16,8 @@ from ray import exceptions, serve
 from orchestrator.datasets import features_of
 from orchestrator.errors import DistillError
 from orchestrator.soft_labels import build_shard
-from orchestrator.store import LabelStore, to_numpy
+from orchestrator.instruct import rows_of, targets
+from orchestrator.store import LabelStore
 
 log = logging.getLogger("distill")
 
@@ -67,14 +68,20 @@ class Labeler:
                 time.sleep(min(2 ** attempt, 10))
                 response = self.handles[name].predict.remote(rows)
 
-    def _check(self, outputs: dict, inputs, shard: int) -> None:
+    def _check(self, outputs: dict, inputs, x: np.ndarray, shard: int) -> None:
         rows = inputs.num_rows
+        # Packed instruction rows: teachers answer only the positions that carry loss, in row order.
+        counts = targets(x).sum(axis=1) if self.lm and x.ndim == 3 else None
+        expect = int(counts.sum()) if counts is not None else rows
         for name, out in outputs.items():
             first = out[0] if self.lm else out
-            if first.shape[0] != rows:
-                raise DistillError(f"teacher '{name}' returned {first.shape[0]} rows for {rows} in shard {shard}")
+            if first.shape[0] != expect:
+                what = "labeled positions" if counts is not None else "rows"
+                raise DistillError(f"teacher '{name}' returned {first.shape[0]} {what} for {expect} in shard {shard}")
             values = out[1] if self.lm else out
-            bad = ~np.isfinite(values.reshape(rows, -1)).all(axis=1)
+            bad = ~np.isfinite(values.reshape(expect, -1)).all(axis=1)
+            if counts is not None:  # per position -> per row
+                bad = np.add.reduceat(bad, np.r_[0, np.cumsum(counts)[:-1]]) > 0
             if bad.any():
                 sid = inputs.column("sample_id")[int(np.argmax(bad))].as_py()
                 raise DistillError(
@@ -87,9 +94,9 @@ class Labeler:
 
     def label_shard(self, shard: int) -> dict:
         inputs = self.store.read_inputs(shard)
-        x = to_numpy(inputs.column("input_ids")) if self.lm else features_of(inputs)
+        x = rows_of(inputs) if self.lm else features_of(inputs)
         outputs = self._ask_all(x)
-        self._check(outputs, inputs, shard)
+        self._check(outputs, inputs, x, shard)
         table, stats = build_shard(inputs, {n: outputs[n] for n in self.handles}, self.store.manifest)
         info = self.store.write_shard(shard, table)
         m = self.metrics

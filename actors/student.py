@@ -15,14 +15,16 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 import ray
 import ray.train
 import ray.train.torch
+from ray.data.collate_fn import ArrowBatchCollateFn
 from orchestrator import codec
 from orchestrator.losses import build_loss, build_topk_loss
-from orchestrator.models import build_student
+from orchestrator.models import build_student, check_packing
 from orchestrator.schedule import lr_lambda
 from orchestrator.store import SOFT_COLUMN
 
@@ -55,8 +57,8 @@ class EpochBatches:
     small stores a new streaming execution per epoch costs more than the epoch itself.
     """
 
-    def __init__(self, shard, batch_size: int, seed: int, shuffle_buffer: int, max_rows: int):
-        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+    def __init__(self, shard, batch_size: int, seed: int, shuffle_buffer: int, max_rows: int, collate_fn=None):
+        self.shard, self.batch_size, self.seed, self.collate_fn = shard, batch_size, seed, collate_fn
         self.shuffle_buffer, self.max_rows = shuffle_buffer, max_rows
         self.cache: dict[str, torch.Tensor] | None = None
 
@@ -69,6 +71,7 @@ class EpochBatches:
             return
         kept, rows = [], 0
         stream = self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=self.shuffle_buffer,
+                                               collate_fn=self.collate_fn,
                                                local_shuffle_seed=self.seed + epoch)
         for batch in stream:
             rows += len(next(iter(batch.values())))
@@ -128,22 +131,60 @@ def _classifier_step(model, loss_fn, batch: dict, config: dict):
     return loss_fn(model(x), target, y), len(y)
 
 
-def decode_topk_batch(ids: torch.Tensor, lps: torch.Tensor, b: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored top-k columns of a batch of b windows -> (ids long, logprobs float), each [b, P, k]."""
-    if lps.dtype == torch.uint8:  # schema version 2: through the store's codec
-        ids_np, lps_np = codec.decode(ids.numpy().reshape(-1, k), lps.numpy().reshape(-1, k + 1))
-        ids, lps = torch.from_numpy(ids_np), torch.from_numpy(lps_np)
-    return ids.long().view(b, -1, k), lps.float().view(b, -1, k)
+class LMBatch(ArrowBatchCollateFn):
+    """An Arrow batch of LM store rows -> tensors, top-k still coded (decoded per step, at the
+    positions that carry loss only).
+
+    Out: input_ids [B, L] long; sel [B, L-1] bool (the positions that carry loss; all for text
+    windows); gaps [B, L-1, k] and codes [B, L-1, w] as stored (zero where not selected: packed
+    stores keep only the selected positions, as variable-length lists); position_ids [B, L]
+    for packed instruction rows. Per-row tensors, so EpochBatches can cache and reshuffle them.
+    """
+
+    def __init__(self, columns: list[str], k: int):
+        self.ids_col, self.lps_col, self.k = columns[-2], columns[-1], k
+
+    def __call__(self, batch):
+        from orchestrator.columns import list_values, to_numpy
+
+        x = to_numpy(batch.column("input_ids")).astype(np.int64)
+        b, p = x.shape[0], x.shape[1] - 1
+        packed = "loss_mask" in batch.column_names
+        sel = to_numpy(batch.column("loss_mask"))[:, 1:].astype(bool) if packed else np.ones((b, p), bool)
+        n = int(sel.sum())
+        gaps, codes = list_values(batch.column(self.ids_col)), list_values(batch.column(self.lps_col))
+        gaps, codes = gaps.reshape(n, -1), codes.reshape(n, -1)
+        dense_g = np.zeros((b, p, gaps.shape[1]), gaps.dtype)
+        dense_c = np.zeros((b, p, codes.shape[1]), codes.dtype)
+        dense_g[sel], dense_c[sel] = gaps, codes
+        out = {"input_ids": torch.from_numpy(x), "sel": torch.from_numpy(sel),
+               "gaps": torch.from_numpy(dense_g), "codes": torch.from_numpy(dense_c)}
+        if packed:
+            out["position_ids"] = torch.from_numpy(to_numpy(batch.column("position_ids")).astype(np.int64))
+        return out
+
+
+def decode_targets(gaps: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored top-k of N positions -> (ids long, logprobs float), each [N, k]."""
+    if codes.dtype == torch.uint8:  # schema version 2: through the store's codec
+        ids_np, lps_np = codec.decode(gaps.numpy().reshape(len(gaps), -1), codes.numpy().reshape(len(codes), -1))
+        gaps, codes = torch.from_numpy(ids_np), torch.from_numpy(lps_np)
+    return gaps.long().view(-1, k), codes.float().view(-1, k)
 
 
 def _lm_step(model, loss_fn, batch: dict, config: dict):
-    """Packed windows [B, L]: position t's logits vs the top-k target for token t+1."""
-    _, ids_col, lps_col = config["columns"]
-    x = batch["input_ids"].long()
-    b, k = x.shape[0], config["k"]
-    target_ids, target_lps = decode_topk_batch(batch[ids_col], batch[lps_col], b, k)
-    logits = model(input_ids=x).logits[:, :-1]
-    return loss_fn(logits, target_ids, target_lps, x[:, 1:]), b * (x.shape[1] - 1)
+    """Rows [B, L]: at each position that carries loss (all of a text window's; a packed
+    instruction row's response tokens), its logits vs the top-k target for the next token."""
+    x, sel = batch["input_ids"].long(), batch["sel"]
+    cpu_sel = sel.cpu()  # the codec is numpy
+    target_ids, target_lps = decode_targets(batch["gaps"].cpu()[cpu_sel], batch["codes"].cpu()[cpu_sel], config["k"])
+    sel = sel.to(x.device)
+    # Packed rows: position ids restart per example, which keeps attention within it (and the
+    # cache off, without which transformers would not look for packed sequences).
+    kwargs = {"position_ids": batch["position_ids"].long(), "use_cache": False} if "position_ids" in batch else {}
+    logits = model(input_ids=x, **kwargs).logits[:, :-1][sel]  # [N, V]
+    dev = logits.device
+    return loss_fn(logits, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel]), int(sel.sum())
 
 
 def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
@@ -177,6 +218,8 @@ def train_loop(config: dict) -> None:
         resumes = state.get("resumed_after_epoch", []) + [state["epoch"]]
         if ctx.get_world_rank() == 0:
             print(f"train: resuming after epoch {state['epoch'] + 1} from its checkpoint", flush=True)
+    if "position_ids" in config.get("columns", []):  # packed instruction rows: examples must stay apart
+        check_packing(model, "the student")
     model = ray.train.torch.prepare_model(model)
     # Where every worker runs (rank order): kept in the checkpoint so placement can be checked.
     nodes = [None] * ctx.get_world_size()
@@ -186,7 +229,8 @@ def train_loop(config: dict) -> None:
     loss_fn = make_loss(config["loss"], alpha=config["alpha"], beta=config["beta"], temperature=config["temperature"])
 
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
-                                 config["shuffle_buffer"], config["cache_rows"])
+                                 config["shuffle_buffer"], config["cache_rows"],
+                                 LMBatch(config["columns"], config["k"]) if lm else None)
     done_steps = sum(h.get("steps", 0) for h in history)  # optimiser steps, over all epochs so far
     live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps)
     accum, max_steps = config["grad_accum"], config["max_steps"]

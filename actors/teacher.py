@@ -17,6 +17,7 @@ import numpy as np
 from ray import serve
 
 from orchestrator.errors import DistillError
+from orchestrator.instruct import targets
 
 
 def app_name(run: str, teacher: str) -> str:
@@ -95,6 +96,8 @@ class Teacher:
         self.metrics["requests"].inc(len(batches), tags=self.tags)
         self.metrics["rows"].inc(len(x), tags=self.tags)
         cuts = np.cumsum([len(b) for b in batches])[:-1]
+        if isinstance(out, tuple) and x.ndim == 3:  # packed LM rows: answers for their loss positions only
+            cuts = np.cumsum(targets(x).sum(axis=1))[cuts - 1]
         if isinstance(out, tuple):
             return list(zip(*(np.split(o, cuts) for o in out)))
         return np.split(out, cuts)

@@ -68,11 +68,13 @@ def id_type(vocab_size: int) -> pa.DataType:
 
 
 def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray]], vocab_size: int,
-                soft_same_as: str | None = None) -> pa.Table:
+                soft_same_as: str | None = None, counts: np.ndarray | None = None) -> pa.Table:
     """Inputs rows + the stored top-k columns per teacher and for 'soft' (the ensemble).
 
     ``labels``: per name, (ids [B, P, k], logprobs [B, P, k]) to encode, or an already coded
     pair (gaps [B, P*k] or [B, P, k], uint8 codes) as ``stored_topk`` returns it, kept as is.
+    ``counts``: packed instruction rows: positions per row (labels are then [N = sum, k], the
+    labeled positions in row order) and the columns are variable-length lists.
     ``soft_same_as``: a teacher whose columns stand for the soft ones (none are written).
     """
     table, itype = inputs, id_type(vocab_size)
@@ -84,25 +86,56 @@ def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray
             k = ids.shape[-1]
             ids, lps = codec.encode(np.asarray(ids).reshape(-1, k), np.asarray(lps).reshape(-1, k))
         ic, lc = topk_columns(name)
-        table = table.append_column(ic, fixed_list(ids.reshape(b, -1).astype(itype.to_pandas_dtype()), itype))
-        table = table.append_column(lc, fixed_list(lps.reshape(b, -1), pa.uint8()))
+        ids = np.asarray(ids).astype(itype.to_pandas_dtype())
+        if counts is None:
+            table = table.append_column(ic, fixed_list(ids.reshape(b, -1), itype))
+            table = table.append_column(lc, fixed_list(lps.reshape(b, -1), pa.uint8()))
+        else:
+            table = table.append_column(ic, ragged_list(ids, counts, itype))
+            table = table.append_column(lc, ragged_list(lps, counts, pa.uint8()))
     if soft_same_as:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), SOFT_REF_KEY: soft_same_as.encode()})
     return table
+
+
+def ragged_list(per_position: np.ndarray, counts: np.ndarray, dtype) -> pa.ListArray:
+    """[N, w] values, ``counts`` positions per row -> one list of counts[i] * w values per row."""
+    width = per_position.reshape(len(per_position), -1).shape[1] if len(per_position) else 0
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int32) * width
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(np.ascontiguousarray(per_position).reshape(-1), dtype))
+
+
+def list_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """All values of a (fixed-size or variable) list column, rows concatenated."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return arr.flatten().to_numpy(zero_copy_only=False)
 
 
 def stored_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
     """A top-k column pair as stored, one row per position: version 2 (gaps [N, k], codes
     [N, k + 1] uint8), version 1 (ids [N, k], float16 log-probs [N, k])."""
     ic, lc = topk_columns(name)
-    ids, lps = to_numpy(table.column(ic)), to_numpy(table.column(lc))
+    ids, lps = list_values(table.column(ic)), list_values(table.column(lc))
     return ids.reshape(-1, k), lps.reshape(-1, k + 1 if codec.is_coded(lps) else k)
 
 
+def positions_per_row(table: pa.Table, k: int) -> np.ndarray | None:
+    """Labeled positions in each row of a packed (ragged) top-k shard, or None for windows."""
+    col = table.column(topk_columns(SOFT_TOPK)[0] if topk_columns(SOFT_TOPK)[0] in table.column_names else
+                       next(c for c in table.column_names if c.endswith(".topk_ids")))
+    if pa.types.is_fixed_size_list(col.type):
+        return None
+    arr = col.combine_chunks()
+    return np.diff(arr.offsets.to_numpy()) // k
+
+
 def decode_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids int64, logprobs float32), each [B, P, k]. Version 2: ids ascending per position."""
+    """(ids int64, logprobs float32): [B, P, k] for windows; [N, k] (the labeled positions in
+    row order) for packed instruction rows. Version 2: ids ascending per position."""
     b = table.num_rows
     ids, lps = codec.decode(*stored_topk(table, name, k))
+    if positions_per_row(table, k) is not None:
+        return ids, lps
     return ids.reshape(b, -1, k), lps.reshape(b, -1, k)
 
 

@@ -33,7 +33,14 @@ class DatasetConfig(_Strict):
     source: str  # "sklearn:digits" or a local .parquet / .csv path
     features: str | list[str] = "features"
     label: str = "label"
-    text: str = "text"  # task lm: the text column
+    text: str = "text"  # task lm, format text: the text column
+    # task lm: text (raw text packed into windows, loss on every token), prompt_response (loss on
+    # the response tokens only) or chat (a list of {role, content} messages rendered with the
+    # tokenizer's chat template; loss on the assistant turns only). See orchestrator/instruct.py.
+    format: Literal["text", "prompt_response", "chat"] = "text"
+    prompt: str = "prompt"  # format prompt_response: the prompt column
+    response: str = "response"  # format prompt_response: the response column
+    messages: str = "messages"  # format chat: the messages column
     test_source: Optional[str] = None  # a separate held-out file instead of test_fraction
     id_column: Optional[str] = None
     test_fraction: float = Field(0.3, gt=0, lt=1)
@@ -99,6 +106,9 @@ class LMConfig(_Strict):
     max_len: int = Field(128, ge=2)
     k: int = Field(8, ge=1)
     student_config: Optional[str] = None  # HF config.json: a causal LM trained from scratch
+    # formats prompt_response / chat: several examples per window, kept apart (position ids
+    # restart at each example, so no attention crosses one), or false: one example per window.
+    packing: bool = True
 
 
 class EnsembleConfig(_Strict):
@@ -183,7 +193,7 @@ class MetricsConfig(_Strict):
 
 # Per task, the keys it never reads (None: the whole section).
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
-    "classification": {"dataset": ("text",), "lm": None, "student": ("init", "config", "path", "teacher", "layers")},
+    "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "student": ("init", "config", "path", "teacher", "layers")},
     "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden")},
 }
 

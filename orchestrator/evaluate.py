@@ -109,25 +109,28 @@ def ensemble_true_token_nll(teacher_nll: np.ndarray, weights: np.ndarray, mode: 
 
 def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: dict[str, dict], k: int,
                 vocab_size: int) -> dict:
-    """Held-out perplexity of every teacher, the ensemble and the students (see
-    `ensemble_true_token_nll` for when the ensemble's is exact)."""
+    """Held-out perplexity of every teacher, the ensemble and the students over the positions
+    that carry loss (every position of text windows; the response tokens of instruction rows),
+    see `ensemble_true_token_nll` for when the ensemble's is exact."""
     from .ensemble import NEEDS_LABELS, ensemble_topk
-    from .models import CausalLMTeacher
-    from .store import to_numpy
+    from .instruct import rows_of, targets
+    from .models import CausalLMTeacher, logits_at, split_rows
 
     torch.set_num_threads(1)
-    windows = to_numpy(test.column("input_ids")).astype(np.int64)
-    labels = windows[:, 1:].reshape(-1)
-    batches = [windows[i:i + EVAL_BATCH] for i in range(0, len(windows), EVAL_BATCH)]
+    rows = rows_of(test).astype(np.int64)
+    sel = targets(rows)
+    labels = (rows if rows.ndim == 2 else rows[:, 0])[:, 1:][sel]
+    batches = [rows[i:i + EVAL_BATCH] for i in range(0, len(rows), EVAL_BATCH)]
     models, t_ids, t_lps, t_nll = {}, [], [], []
     for cfg in teachers:
         teacher = CausalLMTeacher(cfg, k)
-        ids, lps, nll = (np.concatenate(parts) for parts in zip(*(teacher.score(w) for w in batches)))
+        ids, lps, nll = (np.concatenate([p.reshape(-1, *p.shape[2:]) if rows.ndim == 2 else p for p in parts])
+                         for parts in zip(*(teacher.score(b) for b in batches)))
         t_ids.append(ids.reshape(-1, k))
         t_lps.append(lps.reshape(-1, k))
         t_nll.append(nll.reshape(-1))
         models[cfg["name"]] = {"kind": "teacher", "backend": cfg["backend"], **_lm_scores(t_nll[-1], t_ids[-1][:, 0], labels),
-                               "params": count_params(teacher.model), "latency_ms": _latency_ms(teacher, windows)}
+                               "params": count_params(teacher.model), "latency_ms": _latency_ms(teacher, rows)}
         del teacher  # one teacher in memory at a time
     mode = ensemble["mode"] if ensemble["mode"] not in NEEDS_LABELS else "mean_prob"
     weights = [ensemble["weights"][c["name"]] for c in teachers]
@@ -135,9 +138,10 @@ def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: 
                                        temperature=1.0, weights=weights, tau=ensemble["tau"])
     nll, approximation = ensemble_true_token_nll(np.stack(t_nll), np.asarray(weights), mode, e_ids, e_lps, tail, labels,
                                                  vocab_size)
-    rows = [models[c["name"]] for c in teachers]
+    teacher_rows = [models[c["name"]] for c in teachers]
     models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(nll, e_ids[:, 0], labels),
-                          "params": sum(m["params"] for m in rows), "latency_ms": sum(m["latency_ms"] for m in rows),
+                          "params": sum(m["params"] for m in teacher_rows),
+                          "latency_ms": sum(m["latency_ms"] for m in teacher_rows),
                           **({"approximation": approximation} if approximation else {})}
     from .students import from_state
 
@@ -145,17 +149,18 @@ def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: 
         model = from_state({k: v for k, v in state["spec"].items() if k != "arch"}, state["model"])
 
         @torch.inference_mode()
-        def logits_of(w: np.ndarray, model=model) -> np.ndarray:
-            return model(input_ids=torch.from_numpy(w)).logits[:, :-1].float()
+        def logits_of(r: np.ndarray, model=model) -> tuple[torch.Tensor, torch.Tensor]:
+            """[N, V] logits at the batch's selected positions, and their true next tokens."""
+            ids, kwargs, chosen = split_rows(torch.from_numpy(r))
+            return logits_at(model, ids, kwargs, chosen).float(), ids[:, 1:][chosen]
 
         nll, top1 = [], []
-        for w in batches:  # [EVAL_BATCH, L, V] logits at a time, never the whole split's
-            lg = logits_of(w)
-            nll.append(torch.nn.functional.cross_entropy(lg.transpose(1, 2), torch.from_numpy(w[:, 1:]),
-                                                         reduction="none").reshape(-1).numpy())
-            top1.append(lg.argmax(-1).reshape(-1).numpy())
+        for b in batches:  # [EVAL_BATCH, L, V] logits at most at a time, never the whole split's
+            lg, y = logits_of(b)
+            nll.append(torch.nn.functional.cross_entropy(lg, y, reduction="none").numpy())
+            top1.append(lg.argmax(-1).numpy())
         nll, top1 = np.concatenate(nll), np.concatenate(top1)
         models[name] = {"kind": "student", "loss": state.get("loss"), **_lm_scores(nll, top1, labels),
-                        "params": count_params(model), "latency_ms": _latency_ms(logits_of, windows),
+                        "params": count_params(model), "latency_ms": _latency_ms(logits_of, rows),
                         "agreement_with_ensemble": float((top1 == e_ids[:, 0]).mean())}
-    return {"models": models, "test_rows": int(len(windows)), "test_tokens": int(labels.size), "ensemble_eval_mode": mode}
+    return {"models": models, "test_rows": int(len(rows)), "test_tokens": int(labels.size), "ensemble_eval_mode": mode}

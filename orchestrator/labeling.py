@@ -13,6 +13,7 @@ from . import metrics
 from .config import DistillConfig
 from .datasets import features_of
 from .errors import DistillError
+from .instruct import rows_of
 from .prepare import Prepared
 from .session import reraise_user_error
 from .soft_labels import build_shard, stored_outputs
@@ -82,7 +83,7 @@ def _check_fingerprints(infos: dict[str, dict], expected: list[dict], apps: dict
 
 
 def _first_input(train: pa.Table) -> np.ndarray:
-    return to_numpy(train.column("input_ids").slice(0, 1)) if "input_ids" in train.column_names else features_of(train)[:1]
+    return rows_of(train.slice(0, 1)) if "input_ids" in train.column_names else features_of(train)[:1]
 
 
 def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:

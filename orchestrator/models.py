@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import DistillError
+from .packing import check_packing, logits_at, split_rows  # noqa: F401  (re-exported)
 
 
 def _files(path: Path) -> list[Path]:
@@ -195,9 +196,10 @@ def load_tokenizer(path: str | Path):
 class CausalLMTeacher:
     """Causal LM -> per position t, the top-k log-probs (T=1) of token t+1.
 
-    ``windows`` [B, L] int token ids -> (ids [B, L-1, k] int32, logprobs [B, L-1, k] float32).
-    The last position (which predicts past the window) is dropped, matching vLLM's
-    prompt_logprobs, which starts at the second token.
+    Windows [B, L] int token ids -> (ids [B, L-1, k] int32, logprobs [B, L-1, k] float32); the
+    last position (which predicts past the window) is dropped, matching vLLM's prompt_logprobs,
+    which starts at the second token. Packed instruction rows [B, 3, L] -> ([N, k], [N, k]) for
+    the N positions whose next token carries loss, in row order (see ``split_rows``).
     """
 
     def __init__(self, cfg: dict, k: int):
@@ -219,31 +221,37 @@ class CausalLMTeacher:
         if k > self.vocab_size:
             raise DistillError(f"lm.k: {k} is larger than teacher '{self.name}' vocabulary ({self.vocab_size})")
 
-    @torch.inference_mode()
-    def __call__(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)
-        # Top-k on the device: only [B, L-1, k] ids and log-probs cross to the host, not the
-        # [B, L-1, vocab] logits.
-        logp = torch.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
-        top = logp.topk(self.k, dim=-1)
-        return top.indices.int().cpu().numpy(), top.values.cpu().numpy()
+    def _logp(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device)
+        ids, kwargs, sel = split_rows(x)
+        if x.dim() == 3:
+            check_packing(self.model, f"teacher '{self.name}'")
+        # Log-softmax and top-k on the device: only [.., k] ids and log-probs cross to the host.
+        logp = torch.log_softmax(logits_at(self.model, ids, kwargs, sel).float(), dim=-1)
+        shape = (ids.shape[0], ids.shape[1] - 1) if x.dim() == 2 else (-1,)
+        return logp, ids[:, 1:][sel], shape
 
     @torch.inference_mode()
-    def score(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One forward pass: (top-k ids, top-k log-probs) [B, L-1, k] and the true next token's
-        NLL [B, L-1] (evaluation needs both; two passes would double its time)."""
-        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)
-        logp = torch.log_softmax(self.model(input_ids=x).logits[:, :-1].float(), dim=-1)
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logp, _, shape = self._logp(rows)
         top = logp.topk(self.k, dim=-1)
-        nll = -logp.gather(-1, x[:, 1:, None]).squeeze(-1)
-        return top.indices.int().cpu().numpy(), top.values.cpu().numpy(), nll.cpu().numpy()
+        return (top.indices.int().reshape(*shape, self.k).cpu().numpy(),
+                top.values.reshape(*shape, self.k).cpu().numpy())
 
     @torch.inference_mode()
-    def nll(self, windows: np.ndarray) -> np.ndarray:
-        """Per-position negative log-likelihood of the true next token, [B, L-1]."""
-        x = torch.from_numpy(np.array(windows, dtype=np.int64)).to(self.device)
-        logits = self.model(input_ids=x).logits[:, :-1].float()
-        return nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").cpu().numpy()
+    def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One forward pass: (top-k ids, top-k log-probs) and the true next token's NLL, shaped
+        as ``__call__``'s (evaluation needs both; two passes would double its time)."""
+        logp, labels, shape = self._logp(rows)
+        top = logp.topk(self.k, dim=-1)
+        nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
+        return (top.indices.int().reshape(*shape, self.k).cpu().numpy(), top.values.reshape(*shape, self.k).cpu().numpy(),
+                nll.reshape(shape).cpu().numpy())
+
+    @torch.inference_mode()
+    def nll(self, rows: np.ndarray) -> np.ndarray:
+        """Negative log-likelihood of the true next token: [B, L-1] for windows, [N] packed."""
+        return self.score(rows)[2]
 
 
 def load_teacher(cfg: dict, task: str = "classification", k: int = 8):

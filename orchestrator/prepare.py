@@ -13,6 +13,7 @@ import pyarrow as pa
 from .config import DistillConfig
 from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
 from .errors import DistillError
+from .instruct import example_table, load_examples, pack_examples, tokenize_examples
 from .models import check_lm_limits, load_tokenizer, teacher_fingerprint, tokenizer_hash
 from .store import SCHEMA_VERSION
 
@@ -102,6 +103,8 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
         _check_student_source(cfg)
     tok_dir = check_vocabulary(cfg)
     tokenizer = load_tokenizer(tok_dir)
+    if d.format != "text":
+        return _instruction_split(cfg, tokenizer, tok_dir)
     texts = load_text(d.source, d.text, d.limit)
     if d.test_source:
         test_texts = load_text(d.test_source, d.text)
@@ -120,6 +123,33 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
     log.info("prepare: %d train / %d held-out windows of %d tokens (tokenizer %s)",
              train.num_rows, test.num_rows, cfg.lm.max_len, tok_dir)
     return train, test, {"max_len": cfg.lm.max_len, "tokenizer": tokenizer_hash(tok_dir)}, "topk", tok_dir
+
+
+def _instruction_split(cfg: DistillConfig, tokenizer, tok_dir: str) -> tuple[pa.Table, pa.Table, dict, str, str]:
+    """Examples split before packing (an example is wholly train or held out), then tokenized
+    with their loss masks and packed (orchestrator/instruct.py)."""
+    d = cfg.dataset
+    cols = {"prompt": d.prompt, "response": d.response, "messages": d.messages}
+    rows = load_examples(d.source, d.format, **cols, limit=d.limit)
+    if d.test_source:
+        test_rows = load_examples(d.test_source, d.format, **cols)
+    else:
+        tr, te = split_indices(len(rows), d.test_fraction, d.seed)
+        if len(tr) == 0 or len(te) == 0:
+            raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {len(rows)} examples")
+        rows, test_rows = [rows[i] for i in tr], [rows[i] for i in te]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise DistillError(f"lm.tokenizer: {tok_dir} defines no pad (or eos) token to pad windows with")
+    tables = []
+    for part, examples in (("train", rows), ("held-out", test_rows)):
+        ids, pos, mask, stats = pack_examples(tokenize_examples(tokenizer, examples, d.format, tok_dir),
+                                              cfg.lm.max_len, pad, cfg.lm.packing)
+        log.info("prepare: %s %s: %s (lm.packing %s)", d.format, part, stats.line(cfg.lm.max_len), cfg.lm.packing)
+        tables.append(example_table(ids, pos, mask))
+    dataset = {"max_len": cfg.lm.max_len, "tokenizer": tokenizer_hash(tok_dir), "format": d.format,
+               "packing": cfg.lm.packing}
+    return tables[0], tables[1], dataset, "topk", tok_dir
 
 
 def lm_student_spec(cfg: DistillConfig) -> dict:

@@ -11,8 +11,9 @@ import pyarrow as pa
 
 from . import codec
 from .ensemble import ensemble_dense, ensemble_topk, teacher_disagreement, teacher_disagreement_topk
+from .instruct import rows_of, targets
 from .store import (SOFT_COLUMN, SOFT_REF_KEY, SOFT_TOPK, decode_teachers, encode_dense, encode_topk, stored_topk, teacher_column,
-                    to_numpy, topk_columns)
+                    topk_columns)
 
 # Modes whose ensemble of a single teacher at T=1 is that teacher's distribution: then the
 # shard keeps no soft columns of its own but refers to the teacher's (store.soft_same_as).
@@ -62,19 +63,27 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
                  "tail_mass": 0.0, "tokens": 0}
         return encode_dense(inputs, outputs, soft), stats
 
-    windows = to_numpy(inputs.column("input_ids"))
-    b, k, vocab = len(windows), manifest["k"], manifest["lm"]["vocab_size"]
-    ids = np.stack([o[0].reshape(-1, k) for o in outputs.values()])  # [M, B*P, k]
+    # Windows (format text): every position t of a row, predicting token t+1. Packed
+    # instruction rows: the teachers answered only the positions that carry loss, in row order.
+    rows = rows_of(inputs)
+    sel = targets(rows)
+    b, k, vocab = len(rows), manifest["k"], manifest["lm"]["vocab_size"]
+    true_next = (rows if rows.ndim == 2 else rows[:, 0])[:, 1:][sel]
+    ids = np.stack([o[0].reshape(-1, k) for o in outputs.values()])  # [M, N, k]
     lps = np.stack([o[1].reshape(-1, k) for o in outputs.values()])
     s_ids, s_lps, tail = ensemble_topk(
         ids, lps, k_out=k, vocab_size=vocab, mode=ens["mode"], temperature=ens["temperature"],
-        weights=weights, tau=ens["tau"], labels=windows[:, 1:].reshape(-1),  # position t predicts token t+1
+        weights=weights, tau=ens["tau"], labels=true_next,
     )
-    labels = {n: (c[0].reshape(b, -1), c[1].reshape(b, -1)) for n, c in coded.items()}
-    labels[SOFT_TOPK] = (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))
+    counts = sel.sum(axis=1) if rows.ndim == 3 else None
+    if counts is None:
+        labels = {n: (c[0].reshape(b, -1), c[1].reshape(b, -1)) for n, c in coded.items()}
+        labels[SOFT_TOPK] = (s_ids.reshape(b, -1, k), s_lps.reshape(b, -1, k))
+    else:
+        labels = {**coded, SOFT_TOPK: (s_ids, s_lps)}
     stats = {"disagreement": float(teacher_disagreement_topk(ids, lps, ens["temperature"]).mean()),
              "tail_mass": float(tail.mean()), "tokens": int(ids.shape[1])}
-    return encode_topk(inputs, labels, vocab, soft_same_as=soft_same_as(manifest, list(outputs))), stats
+    return encode_topk(inputs, labels, vocab, soft_same_as=soft_same_as(manifest, list(outputs)), counts=counts), stats
 
 
 def stored_outputs(shard: pa.Table, manifest: dict) -> tuple[pa.Table, dict]:

@@ -12,6 +12,7 @@ import pyarrow as pa
 from .config import DistillConfig
 from .datasets import features_of
 from .errors import DistillError
+from .instruct import is_packed
 from .prepare import Prepared, lm_student_spec
 from .session import last_line, reraise_user_error
 from .store import SOFT_COLUMN, SOFT_TOPK, LabelStore, open_store, topk_columns
@@ -185,7 +186,8 @@ def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, 
         spec = lm_student_spec(cfg)
         check_student_vocab(spec, width)
         ids, lps = topk_columns(SOFT_TOPK)
-        return {"arch": "causal_lm", **spec}, ["input_ids", ids, lps]
+        packed = ["position_ids", "loss_mask"] if is_packed(rows) else []
+        return {"arch": "causal_lm", **spec}, ["input_ids", *packed, ids, lps]  # top-k last (actors.student.LMBatch)
     x = features_of(rows)
     spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": width, "hidden": cfg.student.hidden,
             "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}

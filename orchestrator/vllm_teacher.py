@@ -115,42 +115,63 @@ class VLLMTeacher:
         self.max_len = max_len
         self.params = SamplingParams(max_tokens=1, prompt_logprobs=k, detokenize=False, temperature=1.0)
 
-    def _prompt_logprobs(self, windows: np.ndarray) -> list[list[dict]]:
-        x = np.asarray(windows)
-        if x.ndim != 2 or x.shape[1] < 2:
-            raise DistillError(f"teacher '{self.name}': windows must be [B, L>=2] token ids, got shape {x.shape}")
-        if x.shape[1] >= self.max_len:  # vLLM counts the one token it generates (max_tokens=1) too
-            raise DistillError(f"teacher '{self.name}': windows of {x.shape[1]} tokens need max_model_len > {x.shape[1]} "
+    def _prompt_logprobs(self, windows: list[np.ndarray]) -> list[list[dict]]:
+        """Per prompt (token ids [n >= 2]), entry i: token i+1's log-prob dict."""
+        longest = max(len(w) for w in windows)
+        if longest >= self.max_len:  # vLLM counts the one token it generates (max_tokens=1) too
+            raise DistillError(f"teacher '{self.name}': windows of {longest} tokens need max_model_len > {longest} "
                                f"(vLLM adds one generated token; it is {self.max_len}): lower lm.max_len "
                                "or raise teachers[].engine.max_model_len")
-        ids = x.astype(np.int64)
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            raise DistillError(f"teacher '{self.name}': token ids must be in [0, {self.vocab_size})")
-        prompts = [{"prompt_token_ids": row.tolist()} for row in ids]
+        prompts = [{"prompt_token_ids": w.tolist()} for w in windows]
         outs = self.llm.generate(prompts, self.params, use_tqdm=False)
         return [o.prompt_logprobs[1:] for o in outs]  # entry 0 is None
 
-    def __call__(self, windows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        plps = self._prompt_logprobs(windows)
-        b, n = len(plps), len(plps[0]) if plps else 0
-        out_ids = np.zeros((b, n, self.k), dtype=np.int32)
-        out_lp = np.zeros((b, n, self.k), dtype=np.float32)
-        for i, row in enumerate(plps):
-            for t, d in enumerate(row):
-                best = sorted(d.items(), key=lambda kv: -kv[1].logprob)[: self.k]
-                out_ids[i, t] = [tok for tok, _ in best]
-                out_lp[i, t] = [lp.logprob for _, lp in best]
+    def _wanted(self, rows: np.ndarray) -> tuple[list[np.ndarray], list[tuple[int, int]]]:
+        """The prompts to score and, in output order, (prompt, entry) of each wanted position.
+
+        Windows [B, L]: each window whole, every position. Packed rows [B, 3, L]: each example
+        on its own (up to its last loss token: vLLM cannot take a packed row's position ids, so
+        examples are sent apart, which keeps them apart just as well), the positions whose next
+        token carries loss. vLLM still computes the prompt's other positions; only these leave it.
+        """
+        x = np.asarray(rows).astype(np.int64)
+        if x.ndim not in (2, 3) or x.shape[-1] < 2:
+            raise DistillError(f"teacher '{self.name}': rows must be [B, L>=2] token ids or packed [B, 3, L], got {x.shape}")
+        ids = x if x.ndim == 2 else x[:, 0]
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise DistillError(f"teacher '{self.name}': token ids must be in [0, {self.vocab_size})")
+        if x.ndim == 2:
+            return list(ids), [(i, t) for i in range(len(ids)) for t in range(ids.shape[1] - 1)]
+        prompts, wanted = [], []
+        for r in range(len(x)):
+            starts = np.r_[np.flatnonzero(x[r, 1] == 0), x.shape[-1]]
+            for s, e in zip(starts[:-1], starts[1:]):
+                hits = np.flatnonzero(x[r, 2, s + 1:e]) + 1  # target tokens, relative to s
+                if len(hits):
+                    wanted += [(len(prompts), int(t) - 1) for t in hits]
+                    prompts.append(ids[r, s:s + int(hits[-1]) + 1])
+        return prompts, wanted
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windows [B, L] -> ([B, L-1, k], [B, L-1, k]); packed rows -> ([N, k], [N, k])."""
+        prompts, wanted = self._wanted(rows)
+        plps = self._prompt_logprobs(prompts)
+        out_ids = np.zeros((len(wanted), self.k), dtype=np.int32)
+        out_lp = np.zeros((len(wanted), self.k), dtype=np.float32)
+        for n, (i, t) in enumerate(wanted):
+            best = sorted(plps[i][t].items(), key=lambda kv: -kv[1].logprob)[: self.k]
+            out_ids[n] = [tok for tok, _ in best]
+            out_lp[n] = [lp.logprob for _, lp in best]
+        if np.asarray(rows).ndim == 2:
+            return out_ids.reshape(len(rows), -1, self.k), out_lp.reshape(len(rows), -1, self.k)
         return out_ids, out_lp
 
-    def nll(self, windows: np.ndarray) -> np.ndarray:
-        """Per-position negative log-likelihood of the true next token, [B, L-1]."""
-        x = np.asarray(windows).astype(np.int64)
-        plps = self._prompt_logprobs(x)
-        out = np.zeros((len(plps), x.shape[1] - 1), dtype=np.float32)
-        for i, row in enumerate(plps):
-            for t, d in enumerate(row):
-                out[i, t] = -d[int(x[i, t + 1])].logprob
-        return out
+    def nll(self, rows: np.ndarray) -> np.ndarray:
+        """Negative log-likelihood of the true next token: [B, L-1] for windows, [N] packed."""
+        prompts, wanted = self._wanted(rows)
+        plps = self._prompt_logprobs(prompts)
+        out = np.array([-plps[i][t][int(prompts[i][t + 1])].logprob for i, t in wanted], dtype=np.float32)
+        return out.reshape(len(rows), -1) if np.asarray(rows).ndim == 2 else out
 
 
 def _read_config(path: Path, who: str) -> dict:

@@ -15,6 +15,37 @@ def corpus(n_topics: int = 12) -> list[str]:
     return [" ".join(topics[k].split())[:1500] for k in sorted(topics)[:n_topics]]
 
 
+# A ChatML-like template over the test tokenizer's own specials (format chat).
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def instruct_rows(n_topics: int = 12, per_topic: int = 3) -> list[dict]:
+    """Questions about pydoc topics answered by a slice of the topic's text: prompt, response
+    and the same pair as chat messages."""
+    from pydoc_data.topics import topics
+
+    rows = []
+    for key in sorted(topics)[:n_topics]:
+        words = " ".join(topics[key].split()).split()
+        for i in range(per_topic):
+            prompt = f"About {key} ({i + 1})?"
+            response = " ".join(words[i * 8:(i + 1) * 8]) or key
+            rows.append({"prompt": prompt, "response": response,
+                         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]})
+    return rows
+
+
+def write_instruct_files(root: Path, n_topics: int = 12) -> tuple[Path, Path]:
+    """train / test parquet files (prompt, response, messages); the last two topics held out."""
+    rows = instruct_rows(n_topics)
+    cut = len(rows) - 6
+    paths = root / "instruct_train.parquet", root / "instruct_test.parquet"
+    for path, part in zip(paths, (rows[:cut], rows[cut:])):
+        pq.write_table(pa.Table.from_pylist(part), path)
+    return paths
+
+
 def make_tokenizer(out: Path, texts: list[str], vocab: int = 300):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -25,6 +56,7 @@ def make_tokenizer(out: Path, texts: list[str], vocab: int = 300):
     tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out))
     return fast
 
