@@ -319,9 +319,12 @@ class LabelStore:
             return None
         first = int(min(m["shards"], key=int))
         with self.fs.open_input_file(self.shard_path(first)) as f:
-            meta = pq.ParquetFile(f).metadata
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            # Packed instruction rows keep only the positions that carry loss: count those.
+            mask = pf.read(["loss_mask"]).column(0) if "loss_mask" in pf.schema_arrow.names else None
         sizes = column_sizes(meta)
-        positions = meta.num_rows * (m["lm"]["max_len"] - 1)
+        positions = int(to_numpy(mask)[:, 1:].sum()) if mask is not None else meta.num_rows * (m["lm"]["max_len"] - 1)
         out = {}
         for who in [t["name"] for t in m["teachers"]] + [SOFT_TOPK]:
             out[who] = sum(sizes.get(c, 0) for c in topk_columns(who)) / positions
