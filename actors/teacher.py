@@ -8,7 +8,9 @@ model gives non-finite outputs on the probe row, never because it is busy.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import pathlib
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -102,6 +104,19 @@ class Teacher:
             return list(zip(*(np.split(o, cuts) for o in out)))
         return np.split(out, cuts)
 
+    async def score(self, rows: np.ndarray) -> tuple:
+        """Held-out evaluation of an LM teacher, as served: (top-k ids, log-probs, true-token NLL)
+        for the rows' positions that carry loss. Not batched across callers: the evaluator
+        sends its own batches."""
+        t0 = time.perf_counter()
+        out = await asyncio.wrap_future(self._call(self.model.score, rows))
+        self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
+        return out
+
+    def params(self) -> int:
+        """Parameters of the served model (from its weight files: the same for every backend)."""
+        return params_on_disk(self.cfg["path"])
+
     def check_health(self):
         """Called by Serve every health_check_period_s; must answer within health_check_timeout_s.
 
@@ -122,6 +137,17 @@ class Teacher:
             self._sick = None if finite else f"teacher '{self.cfg['name']}' produces non-finite outputs"
         except Exception as e:  # noqa: BLE001  (a model that raises on a row it took before is broken)
             self._sick = f"teacher '{self.cfg['name']}': probe failed: {type(e).__name__}: {e}"
+
+
+def params_on_disk(path: str) -> int:
+    """Parameters in a from_pretrained dir's safetensors files (read from their headers, no
+    weights loaded; tied weights counted once, as they are stored once). 0 if there are none."""
+    total = 0
+    for f in sorted(pathlib.Path(path).glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        total += sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+    return total
 
 
 def _log_to_stderr() -> None:

@@ -75,7 +75,7 @@ def _command(args, cfg, quiet: bool) -> None:
     if args.command == "run":
         out = pipeline.run(cfg, quiet)
     elif args.command == "eval":
-        out = pipeline.evaluate_and_report(cfg, pipeline.prepare(cfg))
+        out = pipeline.evaluate_and_report(cfg, pipeline.prepare(cfg), quiet=quiet)
     elif args.command == "label":
         prep = pipeline.prepare(cfg)
         if args.reensemble:  # stored teacher outputs only: no teacher, no Ray

@@ -107,60 +107,69 @@ def ensemble_true_token_nll(teacher_nll: np.ndarray, weights: np.ndarray, mode: 
     return -np.log(np.clip(p_true, 1e-30, None)), f"top-{k} union + tail bucket, uniform tail over the other V-k tokens"
 
 
-def evaluate_lm(test: pa.Table, teachers: list[dict], ensemble: dict, students: dict[str, dict], k: int,
-                vocab_size: int) -> dict:
-    """Held-out perplexity of every teacher, the ensemble and the students over the positions
-    that carry loss (every position of text windows; the response tokens of instruction rows),
-    see `ensemble_true_token_nll` for when the ensemble's is exact."""
-    from .ensemble import NEEDS_LABELS, ensemble_topk
+def lm_rows(test: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out LM rows as teachers take them, and the true next token at every position
+    that carries loss (all of a text window's; an instruction row's response tokens)."""
     from .instruct import rows_of, targets
-    from .models import CausalLMTeacher, logits_at, split_rows
 
-    torch.set_num_threads(1)
     rows = rows_of(test).astype(np.int64)
-    sel = targets(rows)
-    labels = (rows if rows.ndim == 2 else rows[:, 0])[:, 1:][sel]
-    batches = [rows[i:i + EVAL_BATCH] for i in range(0, len(rows), EVAL_BATCH)]
-    models, t_ids, t_lps, t_nll = {}, [], [], []
-    for cfg in teachers:
-        teacher = CausalLMTeacher(cfg, k)
-        ids, lps, nll = (np.concatenate([p.reshape(-1, *p.shape[2:]) if rows.ndim == 2 else p for p in parts])
-                         for parts in zip(*(teacher.score(b) for b in batches)))
-        t_ids.append(ids.reshape(-1, k))
-        t_lps.append(lps.reshape(-1, k))
-        t_nll.append(nll.reshape(-1))
-        models[cfg["name"]] = {"kind": "teacher", "backend": cfg["backend"], **_lm_scores(t_nll[-1], t_ids[-1][:, 0], labels),
-                               "params": count_params(teacher.model), "latency_ms": _latency_ms(teacher, rows)}
-        del teacher  # one teacher in memory at a time
+    return rows, (rows if rows.ndim == 2 else rows[:, 0])[:, 1:][targets(rows)]
+
+
+def flat_scores(parts: list[tuple[np.ndarray, ...]], k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A teacher's score() answers for consecutive batches -> ids [N, k], log-probs [N, k], NLL [N]."""
+    ids, lps, nll = (np.concatenate([p.reshape(-1) for p in col]) for col in zip(*parts))
+    return ids.reshape(-1, k), lps.reshape(-1, k), nll
+
+
+def student_scores(model, rows: np.ndarray, device: str = "cpu") -> dict:
+    """A student's NLL [N] and top-1 [N] at the held-out positions that carry loss, EVAL_BATCH
+    rows at a time ([EVAL_BATCH, L, V] logits at most, never the split's), and its latency."""
+    from .packing import logits_at, split_rows
+
+    model = model.eval().to(device)
+
+    @torch.inference_mode()
+    def logits_of(r: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, kwargs, chosen = split_rows(torch.from_numpy(r).to(device))
+        return logits_at(model, ids, kwargs, chosen).float(), ids[:, 1:][chosen]
+
+    nll, top1 = [], []
+    for i in range(0, len(rows), EVAL_BATCH):
+        lg, y = logits_of(rows[i:i + EVAL_BATCH])
+        nll.append(torch.nn.functional.cross_entropy(lg, y, reduction="none").cpu().numpy())
+        top1.append(lg.argmax(-1).cpu().numpy())
+    return {"nll": np.concatenate(nll), "top1": np.concatenate(top1), "params": count_params(model),
+            "latency_ms": _latency_ms(logits_of, rows)}
+
+
+def evaluate_lm(labels: np.ndarray, teachers: dict[str, dict], ensemble: dict, students: dict[str, dict], k: int,
+                vocab_size: int) -> dict:
+    """Held-out perplexities of every teacher, the ensemble and the students over the positions
+    that carry loss, from their scores (see `ensemble_true_token_nll` for when the ensemble's
+    is exact).
+
+    labels [N]: the true next tokens. teachers: per name (in the store's order) {ids [N, k],
+    logprobs [N, k], nll [N], params, latency_ms, backend}. students: per name {nll [N],
+    top1 [N], params, latency_ms, loss}.
+    """
+    from .ensemble import NEEDS_LABELS, ensemble_topk
+
+    models = {n: {"kind": "teacher", "backend": t["backend"], **_lm_scores(t["nll"], t["ids"][:, 0], labels),
+                  "params": int(t["params"]), "latency_ms": float(t["latency_ms"])} for n, t in teachers.items()}
     mode = ensemble["mode"] if ensemble["mode"] not in NEEDS_LABELS else "mean_prob"
-    weights = [ensemble["weights"][c["name"]] for c in teachers]
-    e_ids, e_lps, tail = ensemble_topk(np.stack(t_ids), np.stack(t_lps), k_out=k, vocab_size=vocab_size, mode=mode,
-                                       temperature=1.0, weights=weights, tau=ensemble["tau"])
-    nll, approximation = ensemble_true_token_nll(np.stack(t_nll), np.asarray(weights), mode, e_ids, e_lps, tail, labels,
-                                                 vocab_size)
-    teacher_rows = [models[c["name"]] for c in teachers]
+    weights = [ensemble["weights"][n] for n in teachers]
+    e_ids, e_lps, tail = ensemble_topk(np.stack([t["ids"] for t in teachers.values()]),
+                                       np.stack([t["logprobs"] for t in teachers.values()]), k_out=k,
+                                       vocab_size=vocab_size, mode=mode, temperature=1.0, weights=weights, tau=ensemble["tau"])
+    nll, approximation = ensemble_true_token_nll(np.stack([t["nll"] for t in teachers.values()]), np.asarray(weights),
+                                                 mode, e_ids, e_lps, tail, labels, vocab_size)
+    rows = [models[n] for n in teachers]
     models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(nll, e_ids[:, 0], labels),
-                          "params": sum(m["params"] for m in teacher_rows),
-                          "latency_ms": sum(m["latency_ms"] for m in teacher_rows),
+                          "params": sum(m["params"] for m in rows), "latency_ms": sum(m["latency_ms"] for m in rows),
                           **({"approximation": approximation} if approximation else {})}
-    from .students import from_state
-
-    for name, state in students.items():
-        model = from_state({k: v for k, v in state["spec"].items() if k != "arch"}, state["model"])
-
-        @torch.inference_mode()
-        def logits_of(r: np.ndarray, model=model) -> tuple[torch.Tensor, torch.Tensor]:
-            """[N, V] logits at the batch's selected positions, and their true next tokens."""
-            ids, kwargs, chosen = split_rows(torch.from_numpy(r))
-            return logits_at(model, ids, kwargs, chosen).float(), ids[:, 1:][chosen]
-
-        nll, top1 = [], []
-        for b in batches:  # [EVAL_BATCH, L, V] logits at most at a time, never the whole split's
-            lg, y = logits_of(b)
-            nll.append(torch.nn.functional.cross_entropy(lg, y, reduction="none").numpy())
-            top1.append(lg.argmax(-1).numpy())
-        nll, top1 = np.concatenate(nll), np.concatenate(top1)
-        models[name] = {"kind": "student", "loss": state.get("loss"), **_lm_scores(nll, top1, labels),
-                        "params": count_params(model), "latency_ms": _latency_ms(logits_of, rows),
-                        "agreement_with_ensemble": float((top1 == e_ids[:, 0]).mean())}
-    return {"models": models, "test_rows": int(len(rows)), "test_tokens": int(labels.size), "ensemble_eval_mode": mode}
+    for name, s in students.items():
+        models[name] = {"kind": "student", "loss": s.get("loss"), **_lm_scores(s["nll"], s["top1"], labels),
+                        "params": s["params"], "latency_ms": s["latency_ms"],
+                        "agreement_with_ensemble": float((s["top1"] == e_ids[:, 0]).mean())}
+    return {"models": models, "test_tokens": int(labels.size), "ensemble_eval_mode": mode}

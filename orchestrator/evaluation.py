@@ -1,17 +1,38 @@
 """Stage 4, evaluate and report: held-out scores of the teachers, the ensemble and the students
-(the maths is in orchestrator/evaluate.py), then report.json / report.md / plots."""
+(the maths is in orchestrator/evaluate.py), then report.json / report.md / plots.
+
+Task lm: nothing large runs in the driver.
+- Teachers are scored as they are served: through their Serve deployments' `score` (a vLLM
+  teacher by vLLM, on the GPUs that serve it). Labeling scores the held-out split while the
+  teachers are up anyway and keeps the scores in `run_dir/eval/` (keyed by the held-out data,
+  the teacher's fingerprint and k); evaluation deploys the teachers only when a score is missing.
+- Students are scored in a Ray task (on a GPU when train.use_gpu), in batches.
+The driver holds per-position arrays only ([N, k] top-k of the teachers; [N] NLLs).
+"""
 from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
 
 from . import metrics
 from .config import DistillConfig
+from .datasets import fingerprint
 from .errors import DistillError
 from .prepare import Prepared
 from .report import table, write_report
+from .session import ray_session, reraise_user_error
 from .store import open_store
 
+log = logging.getLogger("distill")
+IN_FLIGHT = 4  # held-out batches outstanding per teacher: bounded memory, replicas kept busy
 
-def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, dict] | None = None) -> dict:
-    from .evaluate import evaluate, evaluate_lm
+
+def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, dict] | None = None,
+                        quiet: bool = False) -> dict:
+    from .evaluate import evaluate, evaluate_lm, lm_rows
 
     if states is None:
         states = load_students(cfg)
@@ -20,7 +41,11 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
     store = open_store(cfg.store_path)
     if cfg.task == "lm":
         vocab = store.load_manifest()["lm"]["vocab_size"]
-        results = evaluate_lm(prep.test, teachers, prep.ensemble, states, cfg.lm.k, vocab)
+        rows, labels = lm_rows(prep.test)
+        with ray_session(cfg, quiet):
+            t_scores = teacher_scores(cfg, prep, teachers, rows)
+            s_scores = {n: {**score_student(cfg, s, rows), "loss": s.get("loss")} for n, s in states.items()}
+        results = {**evaluate_lm(labels, t_scores, prep.ensemble, s_scores, cfg.lm.k, vocab), "test_rows": len(rows)}
     else:
         results = evaluate(prep.test, teachers, prep.ensemble, states)
     metrics.eval_results(cfg.run.name, results["models"])
@@ -41,3 +66,102 @@ def load_students(cfg: DistillConfig) -> dict[str, dict]:
             raise DistillError(f"no trained '{n}' at {p}: run `distill train` first")
         states[n] = torch.load(p, map_location="cpu", weights_only=False)
     return states
+
+
+# ---- teachers, through Serve --------------------------------------------------------------------
+
+
+def _score_file(cfg: DistillConfig, prep: Prepared, teacher: dict) -> tuple[Path, str]:
+    from .models import teacher_fingerprint
+
+    key = hashlib.sha256(f"{fingerprint(prep.test)}|{teacher_fingerprint(teacher)}|{cfg.lm.k}".encode()).hexdigest()[:16]
+    return cfg.run_dir / "eval" / f"{teacher['name']}.npz", key
+
+
+def _cached(cfg: DistillConfig, prep: Prepared, teacher: dict) -> dict | None:
+    path, key = _score_file(cfg, prep, teacher)
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        if str(z["key"]) != key:
+            return None
+        return {n: z[n] for n in ("ids", "logprobs", "nll")} | {
+            "params": int(z["params"]), "latency_ms": float(z["latency_ms"]), "backend": teacher["backend"]}
+
+
+def score_teachers(cfg: DistillConfig, prep: Prepared, apps: dict[str, str], rows: np.ndarray | None = None) -> None:
+    """Score the held-out split through the deployed teachers `apps` and keep it in run_dir/eval/."""
+    from ray import serve
+
+    from .evaluate import EVAL_BATCH, _latency_ms, flat_scores, lm_rows
+
+    rows = lm_rows(prep.test)[0] if rows is None else rows
+    teachers = {t.name: t.model_dump() for t in cfg.teachers}
+    for name, app in apps.items():
+        handle = serve.get_app_handle(app)
+        batches = [rows[i:i + EVAL_BATCH] for i in range(0, len(rows), EVAL_BATCH)]
+        parts, pending = [], []
+        try:
+            for b in batches:  # at most IN_FLIGHT batches outstanding
+                pending.append(handle.score.remote(b))
+                if len(pending) >= IN_FLIGHT:
+                    parts.append(pending.pop(0).result())
+            parts += [r.result() for r in pending]
+            latency = _latency_ms(lambda r: handle.score.remote(r).result(), rows)
+            params = handle.params.remote().result()
+        except Exception as e:  # noqa: BLE001
+            reraise_user_error(e)
+        ids, lps, nll = flat_scores(parts, cfg.lm.k)
+        path, key = _score_file(cfg, prep, teachers[name])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, ids=ids, logprobs=lps, nll=nll, params=params, latency_ms=latency, key=key)
+        tmp.replace(path)  # atomic: a half-written file is never read
+        log.info("evaluate: teacher '%s' scored %d held-out positions through Serve (ppl %.2f)",
+                 name, len(nll), float(np.exp(nll.mean())))
+
+
+def missing_scores(cfg: DistillConfig, prep: Prepared) -> list[str]:
+    return [t.name for t in cfg.teachers if _cached(cfg, prep, t.model_dump()) is None]
+
+
+def teacher_scores(cfg: DistillConfig, prep: Prepared, teachers: list[dict], rows: np.ndarray) -> dict[str, dict]:
+    """Per teacher (store order): its held-out scores, from run_dir/eval/ or, where missing,
+    from the teachers deployed now (attached ones are used and left running)."""
+    from actors import teacher as serve_teachers
+
+    missing = [t for t in teachers if _cached(cfg, prep, t) is None]
+    if missing:
+        log.info("evaluate: deploying %s to score the held-out split", ", ".join(t["name"] for t in missing))
+        apps = serve_teachers.attach([t for t in missing if t["serve_app"]])
+        owned = serve_teachers.deploy(cfg.run.name, [t for t in missing if not t["serve_app"]], cfg.task, cfg.lm.k)
+        try:
+            score_teachers(cfg, prep, {**apps, **owned}, rows)
+        finally:
+            serve_teachers.shutdown(owned)
+    return {t["name"]: _cached(cfg, prep, t) for t in teachers}
+
+
+# ---- students, in a Ray task ---------------------------------------------------------------------
+
+
+def score_student(cfg: DistillConfig, state: dict, rows: np.ndarray) -> dict:
+    """A student's held-out scores, computed in a Ray task (on a GPU when train.use_gpu)."""
+    import ray
+
+    task = ray.remote(_score_student_task).options(num_cpus=1, num_gpus=1 if cfg.train.use_gpu else 0)
+    try:
+        return ray.get(task.remote(state, rows))
+    except Exception as e:  # noqa: BLE001
+        reraise_user_error(e)
+
+
+def _score_student_task(state: dict, rows: np.ndarray) -> dict:
+    import torch
+
+    from .evaluate import student_scores
+    from .students import from_state
+
+    torch.set_num_threads(1)  # single-sample latency is what a served student sees
+    model = from_state({k: v for k, v in state["spec"].items() if k != "arch"}, state["model"])
+    return student_scores(model, rows, "cuda" if torch.cuda.is_available() else "cpu")

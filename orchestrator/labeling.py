@@ -64,6 +64,10 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
             store.create({**prep.identity, "ensemble": prep.ensemble, "num_classes": num_classes, **extra}, prep.train)
             missing = list(range(store.num_shards))
         label_shards(cfg, store, apps, missing)
+        if cfg.task == "lm":  # while the teachers are up: their held-out scores, for evaluation
+            from .evaluation import missing_scores, score_teachers
+
+            score_teachers(cfg, prep, {n: apps[n] for n in missing_scores(cfg, prep)})
     finally:
         serve_teachers.shutdown(owned)
     missing = store.record_finished()

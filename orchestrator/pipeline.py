@@ -38,7 +38,7 @@ def run(cfg: DistillConfig, quiet: bool = False) -> dict:
             label(cfg, prep)
         with metrics.stage(name, "train", timings):
             states = train_students(cfg, prep)
-    with metrics.stage(name, "evaluate", timings):
-        out = evaluate_and_report(cfg, prep, states)
+        with metrics.stage(name, "evaluate", timings):
+            out = evaluate_and_report(cfg, prep, states, quiet)
     log.info("run: done in %.0fs (%s)", time.perf_counter() - t0, ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return out

@@ -152,26 +152,32 @@ class VLLMTeacher:
                     prompts.append(ids[r, s:s + int(hits[-1]) + 1])
         return prompts, wanted
 
-    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Windows [B, L] -> ([B, L-1, k], [B, L-1, k]); packed rows -> ([N, k], [N, k])."""
+    def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One engine pass: top-k (as ``__call__``) and the true next token's NLL (vLLM's prompt
+        log-prob dicts hold the prompt's own token beside the top-k)."""
         prompts, wanted = self._wanted(rows)
         plps = self._prompt_logprobs(prompts)
         out_ids = np.zeros((len(wanted), self.k), dtype=np.int32)
         out_lp = np.zeros((len(wanted), self.k), dtype=np.float32)
+        nll = np.zeros(len(wanted), dtype=np.float32)
         for n, (i, t) in enumerate(wanted):
-            best = sorted(plps[i][t].items(), key=lambda kv: -kv[1].logprob)[: self.k]
+            d = plps[i][t]
+            best = sorted(d.items(), key=lambda kv: -kv[1].logprob)[: self.k]
             out_ids[n] = [tok for tok, _ in best]
             out_lp[n] = [lp.logprob for _, lp in best]
+            nll[n] = -d[int(prompts[i][t + 1])].logprob
         if np.asarray(rows).ndim == 2:
-            return out_ids.reshape(len(rows), -1, self.k), out_lp.reshape(len(rows), -1, self.k)
-        return out_ids, out_lp
+            b = len(rows)
+            return out_ids.reshape(b, -1, self.k), out_lp.reshape(b, -1, self.k), nll.reshape(b, -1)
+        return out_ids, out_lp, nll
+
+    def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Windows [B, L] -> ([B, L-1, k], [B, L-1, k]); packed rows -> ([N, k], [N, k])."""
+        return self.score(rows)[:2]
 
     def nll(self, rows: np.ndarray) -> np.ndarray:
         """Negative log-likelihood of the true next token: [B, L-1] for windows, [N] packed."""
-        prompts, wanted = self._wanted(rows)
-        plps = self._prompt_logprobs(prompts)
-        out = np.array([-plps[i][t][int(prompts[i][t + 1])].logprob for i, t in wanted], dtype=np.float32)
-        return out.reshape(len(rows), -1) if np.asarray(rows).ndim == 2 else out
+        return self.score(rows)[2]
 
 
 def _read_config(path: Path, who: str) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from orchestrator.evaluate import ensemble_true_token_nll, evaluate_lm
+from orchestrator.evaluate import ensemble_true_token_nll, evaluate_lm, flat_scores, lm_rows
 from orchestrator.models import CausalLMTeacher
 from tests.helpers_lm import make_tokenizer, corpus, make_lm
 
@@ -21,13 +21,22 @@ def tiny_lms(tmp_path_factory):
     return teachers, token_table(windows), len(tok)
 
 
-def test_mean_prob_ensemble_perplexity_is_the_exact_mixture(tiny_lms, monkeypatch):
-    import orchestrator.evaluate
+def scored(teachers, test, k, batch=3):
+    """Each teacher's scores as evaluation gets them from Serve: score() per batch of rows."""
+    rows, labels = lm_rows(test)
+    out = {}
+    for t in teachers:
+        teacher = CausalLMTeacher(t, k)
+        ids, lps, nll = flat_scores([teacher.score(rows[i:i + batch]) for i in range(0, len(rows), batch)], k)
+        out[t["name"]] = {"ids": ids, "logprobs": lps, "nll": nll, "params": 1, "latency_ms": 0.0, "backend": "hf"}
+    return labels, out
 
-    monkeypatch.setattr(orchestrator.evaluate, "EVAL_BATCH", 3)  # 4 windows: batches of 3 and 1
+
+def test_mean_prob_ensemble_perplexity_is_the_exact_mixture(tiny_lms):
     teachers, test, vocab = tiny_lms
     ens = {"mode": "mean_prob", "tau": 1.0, "weights": {"a": 1.0, "b": 3.0}}
-    out = evaluate_lm(test, teachers, ens, {}, k=4, vocab_size=vocab)["models"]
+    labels, scores = scored(teachers, test, 4)  # 4 windows: batches of 3 and 1
+    out = evaluate_lm(labels, scores, ens, {}, k=4, vocab_size=vocab)["models"]
     windows = np.stack(test.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)
     p = [np.exp(-CausalLMTeacher(t, 4).nll(windows).astype(np.float64)) for t in teachers]
     expect = float(np.exp(-np.log(0.25 * p[0] + 0.75 * p[1]).mean()))
@@ -40,7 +49,7 @@ def test_k_equal_to_the_vocabulary_scores_without_dividing_by_zero(tiny_lms):
     teachers, test, vocab = tiny_lms
     ens = {"mode": "mean_logit", "tau": 1.0, "weights": {"a": 1.0, "b": 1.0}}
     with np.errstate(divide="raise", invalid="raise"):
-        out = evaluate_lm(test, teachers, ens, {}, k=vocab, vocab_size=vocab)["models"]
+        out = evaluate_lm(*scored(teachers, test, vocab), ens, {}, k=vocab, vocab_size=vocab)["models"]
     assert np.isfinite(out["ensemble"]["perplexity"]) and out["ensemble"]["perplexity"] > 1.0
 
 

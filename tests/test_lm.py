@@ -178,3 +178,19 @@ def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported"), local_files_only=True)
     for a, b in zip(student.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_teachers_are_scored_through_serve_and_rescored_when_missing(lm_run):
+    """Labeling kept each teacher's held-out scores (run_dir/eval/, from its Serve deployment);
+    with one deleted, evaluation deploys that teacher again and gets the same report."""
+    cfg, _ = lm_run
+    report = json.loads((cfg.run_dir / "report.json").read_text())
+    for name in ("small", "large"):
+        with np.load(cfg.run_dir / "eval" / f"{name}.npz") as z:
+            assert float(z["nll"].mean()) == pytest.approx(report["models"][name]["nll"], rel=1e-6)
+            assert int(z["params"]) == report["models"][name]["params"] > 0
+    (cfg.run_dir / "eval" / "large.npz").unlink()
+    again = pipeline.evaluate_and_report(cfg, pipeline.prepare(cfg))["models"]
+    assert (cfg.run_dir / "eval" / "large.npz").exists()
+    for name in ("small", "large", "ensemble", "student"):
+        assert again[name]["nll"] == pytest.approx(report["models"][name]["nll"], abs=1e-6)
