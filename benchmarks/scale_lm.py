@@ -1,5 +1,5 @@
 """Scale check of the LM features on a ~100M-parameter Llama with a real vocabulary (49,152),
-random weights, in one process (no Ray): top-k labeling + NLL scoring, a teacher-initialised
+random weights, in one process (no Ray; benchmarks/scale_pipeline.py runs the whole pipeline): top-k labeling + NLL scoring, a teacher-initialised
 student, KD training steps with the chunked top-k loss, export and reload, batched evaluation.
 
     python -m benchmarks.scale_lm [--windows 16] [--len 512] [--vocab 49152]
@@ -36,10 +36,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from orchestrator.datasets import token_table
-    from orchestrator.evaluate import evaluate_lm
+    from orchestrator.evaluate import evaluate_lm, lm_rows, student_scores
     from orchestrator.losses import build_topk_loss
     from orchestrator.models import CausalLMTeacher
-    from orchestrator.students import build_lm_student, export_student
+    from orchestrator.students import build_lm_student, export_student, from_state
     from tests.helpers_lm import corpus, make_tokenizer
 
     out, figures = {}, {}
@@ -100,8 +100,12 @@ def main() -> None:
 
     state = {"spec": {"arch": "causal_lm", **spec}, "model": student.state_dict(), "loss": "kd"}
     del student, again, opt
-    res = evaluate_lm(token_table(windows), [{"name": "t", "backend": "hf", "path": str(root / "teacher")}],
-                      {"mode": "mean_prob", "tau": 1.0, "weights": {"t": 1.0}}, {"student": state}, args.k, args.vocab)
+    rows, labels = lm_rows(token_table(windows))
+    teacher = {"ids": ids.reshape(-1, args.k), "logprobs": lps.reshape(-1, args.k), "nll": nll.reshape(-1),
+               "params": int(figures["teacher_params_m"] * 1e6), "latency_ms": 0.0, "backend": "hf"}
+    student = from_state({k: v for k, v in state["spec"].items() if k != "arch"}, state["model"])
+    res = evaluate_lm(labels, {"t": teacher}, {"mode": "mean_prob", "tau": 1.0, "weights": {"t": 1.0}},
+                      {"student": student_scores(student, rows)}, args.k, args.vocab)
     phase("evaluate")
     out = {"ratios": {}, "figures": {**figures, "train_losses": losses[-1],
                                      "eval_student_ppl": res["models"]["student"]["perplexity"],

@@ -270,6 +270,48 @@ def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
     _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)
 
 
+def _pairs(tmp: Path, fmt: str, rows: list[dict], **keys) -> dict:
+    pq.write_table(pa.Table.from_pylist(rows), tmp / "pairs.parquet")
+    return {"source": str(tmp / "pairs.parquet"), "format": fmt, "test_fraction": 0.5, **keys}
+
+
+@pytest.mark.parametrize(
+    "dataset, expect",
+    [
+        (lambda t: _pairs(t, "prompt_response", [{"question": "a?", "response": "b"}] * 4),
+         r"dataset\.prompt: column 'prompt' not found in .*pairs\.parquet; available columns: question, response"),
+        (lambda t: _pairs(t, "prompt_response", [{"prompt": "a?", "response": "b"}, {"prompt": "c?", "response": ""}]),
+         r"dataset\.response: row 1 of .*pairs\.parquet \('response'\) is empty or not a string"),
+        (lambda t: _pairs(t, "chat", [{"messages": [{"role": "user", "content": "hi"}]}] * 4),
+         r"dataset\.messages: row 0 of .*pairs\.parquet has no assistant turn to learn from"),
+        (lambda t: _pairs(t, "prompt_response", [{"prompt": "word " * 40, "response": "b"}] * 4),
+         r"lm\.max_len: no example keeps a response token within 32 tokens; raise lm\.max_len or shorten the prompts"),
+    ],
+    ids=["instruct-missing-prompt-column", "instruct-empty-response", "chat-without-assistant-turn",
+         "instruct-prompts-fill-the-window"],
+)
+def test_instruction_data_errors(good, lm_files, tmp_path, capsys, dataset, expect):
+    cfg = _lm_like_good(good, lm_files, tmp_path, dataset=dataset(tmp_path))
+    cfg["dataset"].pop("test_source", None)
+    _check(capsys, good, tmp_path, cfg, expect)
+
+
+def test_chat_with_a_tokenizer_without_a_chat_template(good, lm_files, tmp_path, capsys):
+    import shutil
+
+    tok = tmp_path / "tok"
+    shutil.copytree(lm_files["tokenizer"], tok)
+    conf = json.loads((tok / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (tok / "tokenizer_config.json").write_text(json.dumps(conf))
+    for extra in tok.glob("chat_template.*"):
+        extra.unlink()
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}] * 4
+    cfg = _lm_like_good(good, lm_files, tmp_path, dataset=_pairs(tmp_path, "chat", rows), lm={"tokenizer": str(tok)})
+    cfg["dataset"].pop("test_source", None)
+    _check(capsys, good, tmp_path, cfg, r"dataset\.format: chat needs a chat template, and the tokenizer in .*tok has none")
+
+
 @pytest.mark.parametrize(
     "engine, expect",
     [

@@ -1,0 +1,85 @@
+"""Scale check of the whole LM pipeline: two ~100M-parameter Llama teachers with a real
+vocabulary (49,152), random weights, on Serve; labeling, a teacher-initialised student trained
+for a few steps on Ray Train, and evaluation of `--test` held-out windows of 512 tokens through
+the teachers' Serve deployments and a Ray task for the student.
+
+    python -m benchmarks.scale_pipeline [--test 200] [--train 32] [--len 512]
+
+The driver's peak RSS (ru_maxrss of this process, which runs the pipeline) is reported with
+the stage times; run it at two --test sizes to see whether the driver's memory grows with the
+held-out split. Prints `BENCH_RESULT {json}` at the end. No timing asserts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--test", type=int, default=200)
+    ap.add_argument("--train", type=int, default=32)
+    ap.add_argument("--len", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=49152)
+    args = ap.parse_args()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from pydoc_data.topics import topics
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator import pipeline
+    from orchestrator.config import config_from_dict
+    from tests.helpers_lm import make_tokenizer
+
+    root = Path(tempfile.mkdtemp(prefix="scale_pipeline-"))
+    texts = [" ".join(topics[k].split()) for k in sorted(topics)]
+    tok = make_tokenizer(root / "tok", texts[:20], vocab=300)  # ids < 300 of the 49,152: enough to run every stage
+    per_window = args.len * 3  # characters: ~1 token per 2-3 characters with this tokenizer, so windows fill
+    docs = [t[i:i + per_window] for t in texts for i in range(0, len(t), per_window)]
+    need = args.train + args.test
+    if len(docs) < need:
+        raise SystemExit(f"only {len(docs)} documents for {need} windows")
+    pq.write_table(pa.table({"text": docs[:args.train]}), root / "train.parquet")
+    pq.write_table(pa.table({"text": docs[args.train:need]}), root / "test.parquet")
+    params = {}
+    for name, layers, seed in (("big", 8, 1), ("big2", 8, 2)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=640, intermediate_size=1920, num_hidden_layers=layers,
+                          num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=args.len + 1,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+        params[name] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+        del model
+    raw = {"run": {"name": "scale"}, "task": "lm", "output_dir": str(root / "runs"),
+           "dataset": {"source": str(root / "train.parquet"), "test_source": str(root / "test.parquet")},
+           "teachers": [{"name": n, "backend": "hf", "path": str(root / n), "num_cpus": 1, "max_batch_size": 4}
+                        for n in params],
+           "lm": {"max_len": args.len, "k": 32},
+           "student": {"init": "teacher", "teacher": "big", "layers": [0, 7]},
+           "ensemble": {"mode": "mean_prob", "temperature": 1.0},
+           "store": {"shard_size": 16},
+           "train": {"workers": 1, "cpus_per_worker": 1, "epochs": 1, "batch_size": 2, "max_steps": 3, "lr": 1e-4},
+           "eval": {"baseline": False}}
+    t0 = time.perf_counter()
+    out = pipeline.run(config_from_dict(raw), quiet=True)
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    models = out["models"]
+    figures = {"teacher_params_m": {n: p / 1e6 for n, p in params.items()}, "test_windows": args.test,
+               "train_windows": args.train, "len": args.len, "wall_s": wall, "driver_peak_rss_gib": peak,
+               "test_tokens": out["test_tokens"],
+               "perplexity": {n: m["perplexity"] for n, m in models.items()}}
+    print(f"[scale_pipeline] {args.test} held-out windows of {args.len}: {wall:.0f} s, driver peak RSS {peak:.2f} GiB",
+          flush=True)
+    print("BENCH_RESULT " + json.dumps({"ratios": {}, "figures": figures}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
