@@ -63,7 +63,7 @@ from .errors import DistillError
 
 log = logging.getLogger("distill")
 
-SCHEMA_VERSION = 2  # 2: top-k through orchestrator.codec, xxh3 checksums, soft columns by reference
+SCHEMA_VERSION = 3  # 2: top-k through orchestrator.codec, xxh3 checksums, soft columns by reference; 3: codec v3 (~1.9 B per entry)
 # Manifest keys that define what the store holds; any difference on re-open is refused.
 IDENTITY_KEYS = ("schema_version", "dataset", "teachers", "label_kind", "k", "shard_size")
 
