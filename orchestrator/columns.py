@@ -3,10 +3,11 @@
 Dense (classification) shards: one float32 logits column per teacher (``teacher.NAME.logits``)
 and the ensembled distribution (``soft.probs``). Top-k (LM) shards: per teacher and for the
 ensemble (``soft``) an ids column and a log-prob column, each one fixed-size list per row (a
-window's P positions flattened), encoded by ``orchestrator/codec.py`` (schema version 3; version-2
-shards hold its earlier codes) or, in version-1 shards, ids in probability order and float16 log-probs. When the ensemble is one
-teacher's output the soft columns are left out and the shard's metadata names the teacher
-(``SOFT_REF_KEY``); ``resolve_soft`` and ``physical_columns`` give readers the soft.* names back.
+window's P positions flattened), encoded by ``orchestrator/codec.py`` (schema version 3;
+version-2 shards hold its earlier codes) or, in version-1 shards, ids in probability order and
+float16 log-probs. When the ensemble is one teacher's output the soft columns are left out and
+the shard's metadata names the teacher (``SOFT_REF_KEY``); ``resolve_soft`` and
+``physical_columns`` give readers the soft.* names back.
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray
 
 
 def stored_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A top-k column pair as stored, one row per position: version 2 (gaps [N, k], codes
+    """A top-k column pair as stored, one row per position: versions 2 and 3 (gaps [N, k], codes
     [N, k + 1] uint8), version 1 (ids [N, k], float16 log-probs [N, k])."""
     ic, lc = topk_columns(name)
     ids, lps = to_numpy(table.column(ic)), to_numpy(table.column(lc))

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -307,17 +308,17 @@ def test_a_version_2_shard_still_reads_and_re_encodes_as_version_3(tmp_path):
     gaps, codes = v2_encode(ids, lps)
     t = lm_inputs(b, length, rng)
     ic, lc = topk_columns("a")
-    t = t.append_column(ic, pa.FixedSizeListArray.from_arrays(pa.array(gaps.reshape(-1).astype(np.int16)), (length - 1) * k))
-    t = t.append_column(lc, pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), (length - 1) * (k + 1)))
+    fixed = pa.FixedSizeListArray.from_arrays
+    t = t.append_column(ic, fixed(pa.array(gaps.reshape(-1).astype(np.int16)), (length - 1) * k))
+    t = t.append_column(lc, fixed(pa.array(codes.reshape(-1)), (length - 1) * (k + 1)))
     t = t.replace_schema_metadata({b"distill.soft_same_as": b"a"})
     manifest = lm_manifest(["a"], k)
     store = open_store(tmp_path, manifest, b)
     path = tmp_path / "store" / "shards" / "shard-00000.parquet"
     path.parent.mkdir(parents=True)
-    pq.write_table(t, path, compression="zstd", use_dictionary=[f"{lc}.list.element"], use_byte_stream_split=[f"{ic}.list.element"])
+    pq.write_table(t, path, compression="zstd", use_dictionary=[f"{lc}.list.element"],
+                   use_byte_stream_split=[f"{ic}.list.element"])
     data = path.read_bytes()
-    import xxhash
-
     path.with_suffix(".json").write_text(json.dumps({"rows": b, "bytes": len(data),
                                                      "checksum": f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}"}))
     assert store.record_finished() == []
