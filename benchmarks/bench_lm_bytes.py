@@ -15,7 +15,8 @@ encode_topk) and LabelStore.write_shard; bytes per token come from LabelStore.by
 The KL error is KL(exact || decoded) in nats per position over the k listed tokens + the tail
 bucket, exact = the teachers' float32 top-k, decoded = decode_topk of the written shard.
 Also reported, on the same tables: the version-1 layout (int16 ids in probability order +
-float16 log-probs, BYTE_STREAM_SPLIT + zstd), pyarrow's defaults on the stored columns, the
+float16 log-probs, BYTE_STREAM_SPLIT + zstd), the version-2 layout (int16 plain gaps, 127-level
+codes, dictionary-encoded), pyarrow's defaults on the stored columns, the
 naive layout (int32 id + float32 log-prob = 8 bytes x k), a worst case with the vocabulary's ids
 in random order, and DistillKit's published figures as constants (not measured here).
 """
@@ -134,6 +135,20 @@ def v1_bytes_per_token(ids: np.ndarray, lps: np.ndarray, windows: int) -> float:
                                   use_byte_stream_split=["i.list.element", "l.list.element"])
 
 
+def v2_bytes_per_token(ids: np.ndarray, lps: np.ndarray, windows: int) -> float:
+    """One teacher's top-k in the version-2 layout: plain gaps of the sorted ids (int16,
+    BYTE_STREAM_SPLIT) + round(127 sqrt(p)) codes with the tail (uint8, dictionary), zstd."""
+    n, k = ids.shape
+    order = np.argsort(ids, axis=-1)
+    p = np.exp(np.take_along_axis(lps, order, -1).astype(np.float64))
+    gaps = np.diff(np.take_along_axis(ids, order, -1), axis=-1, prepend=-1).astype(np.int16)
+    codes = np.rint(127 * np.sqrt(np.concatenate([p, np.clip(1 - p.sum(-1, keepdims=True), 0, 1)], -1))).astype(np.uint8)
+    t = pa.table({"i": pa.FixedSizeListArray.from_arrays(pa.array(gaps.reshape(-1)), n // windows * k),
+                  "l": pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), n // windows * (k + 1))})
+    return column_bytes_per_token(t, ["i", "l"], n, compression="zstd", use_dictionary=["l.list.element"],
+                                  use_byte_stream_split=["i.list.element"])
+
+
 def naive_parquet_bytes(ids: np.ndarray, lps: np.ndarray) -> float:
     """One teacher's top-k as int32 ids + float32 log-probs, written by pyarrow defaults; bytes/position."""
     n, k = ids.shape
@@ -171,10 +186,13 @@ def main(quick: bool, repeats: int) -> None:
                 samples.add(f"bpt_defaults_k{k}", column_bytes_per_token(table, cols, positions) / 2)
                 samples.add(f"bpt_v1_k{k}", float(np.mean([v1_bytes_per_token(ids[m].reshape(-1, k), lps[m].reshape(-1, k),
                                                                               windows) for m in range(2)])))
+                samples.add(f"bpt_v2_k{k}", float(np.mean([v2_bytes_per_token(ids[m].reshape(-1, k), lps[m].reshape(-1, k),
+                                                                              windows) for m in range(2)])))
                 samples.add(f"naive_raw_k{k}", 8.0 * k)
                 samples.add(f"naive_parquet_k{k}", naive_parquet_bytes(ids[0].reshape(-1, k), lps[0].reshape(-1, k)))
                 log(f"lm bytes repeat {r}: k={k}: {teacher_bpt:.1f} B/token/teacher ({teacher_bpt / k:.2f} B/entry; "
-                    f"v1 {samples.values[f'bpt_v1_k{k}'][-1]:.1f}, naive {8 * k}), KL {samples.values[f'kl_k{k}'][-1]:.2e}")
+                    f"v2 {samples.values[f'bpt_v2_k{k}'][-1]:.1f}, v1 {samples.values[f'bpt_v1_k{k}'][-1]:.1f}, "
+                    f"naive {8 * k}), KL {samples.values[f'kl_k{k}'][-1]:.2e}")
             # Worst case: ids in random order (no frequency-ordered vocabulary), k = 32 only.
             ids_u, lps_u, _ = synth_topk(rng, positions, 2, 32, shuffle_ids=True)
             per, _, _ = store_shard(work, ids_u, lps_u, windows, length, 32, rng)
@@ -191,6 +209,7 @@ def main(quick: bool, repeats: int) -> None:
         figures[f"codec_mean_kl_nats_k{k}"] = f"kl_k{k}"
         figures[f"bytes_per_token_soft_k{k}"] = f"bpt_soft_k{k}"
         figures[f"bytes_per_token_v1_k{k}"] = f"bpt_v1_k{k}"
+        figures[f"bytes_per_token_v2_k{k}"] = f"bpt_v2_k{k}"
         figures[f"bytes_per_token_pyarrow_defaults_k{k}"] = f"bpt_defaults_k{k}"
         figures[f"bytes_per_token_naive_k{k}"] = f"naive_raw_k{k}"
         figures[f"bytes_per_token_naive_parquet_k{k}"] = f"naive_parquet_k{k}"
@@ -201,7 +220,10 @@ def main(quick: bool, repeats: int) -> None:
     for k in KS:
         for a, b in zip(samples.values[f"bpt_k{k}"], samples.values[f"bpt_v1_k{k}"]):
             samples.add(f"ratio_vs_v1_k{k}", a / b)
-    emit(ratios={f"bytes_per_token_k{k}_vs_v1": f"ratio_vs_v1_k{k}" for k in KS}, figures=figures,
+        for a, b in zip(samples.values[f"bpt_k{k}"], samples.values[f"bpt_v2_k{k}"]):
+            samples.add(f"ratio_vs_v2_k{k}", a / b)
+    ratios = {f"bytes_per_token_k{k}_vs_v{v}": f"ratio_vs_v{v}_k{k}" for k in KS for v in (1, 2)}
+    emit(ratios=ratios, figures=figures,
          samples=samples, notes=notes)
 
 

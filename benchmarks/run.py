@@ -145,6 +145,9 @@ def write_outputs(data_dir: Path, detail: dict) -> None:
     header = (f"`python -m benchmarks.run{' --quick' if detail['quick'] else ''} --repeats {detail['repeats']}`, "
               f"{detail['started']}, {detail['minutes']:.1f} min; median and min – max over the repeats; "
               f"1-minute load average at the start {fmt(detail['load_average_at_start'][0])}.")
+    if detail.get("reruns"):  # benchmarks re-run alone (--only) and merged into this run's files
+        header += " Re-run on their own since (`--only`): " + ", ".join(
+            f"{name} at {when}" for name, when in sorted(detail["reruns"].items())) + "."
     (data_dir / "results.md").write_text(numbers_table(runs, detail["machine"], header))
 
 

@@ -3,10 +3,11 @@
 Dense (classification) shards: one float32 logits column per teacher (``teacher.NAME.logits``)
 and the ensembled distribution (``soft.probs``). Top-k (LM) shards: per teacher and for the
 ensemble (``soft``) an ids column and a log-prob column, each one fixed-size list per row (a
-window's P positions flattened), encoded by ``orchestrator/codec.py`` (schema version 2) or, in
-version-1 shards, ids in probability order and float16 log-probs. When the ensemble is one
-teacher's output the soft columns are left out and the shard's metadata names the teacher
-(``SOFT_REF_KEY``); ``resolve_soft`` and ``physical_columns`` give readers the soft.* names back.
+window's P positions flattened), encoded by ``orchestrator/codec.py`` (schema version 3;
+version-2 shards hold its earlier codes) or, in version-1 shards, ids in probability order and
+float16 log-probs. When the ensemble is one teacher's output the soft columns are left out and
+the shard's metadata names the teacher (``SOFT_REF_KEY``); ``resolve_soft`` and
+``physical_columns`` give readers the soft.* names back.
 """
 from __future__ import annotations
 
@@ -50,9 +51,9 @@ def decode_teachers(table: pa.Table, names: list[str]) -> np.ndarray:
 
 
 # Top-k labels (task lm): per window of L tokens, P = L-1 positions, flattened into one
-# fixed-size list per row: ids (gap-coded, k per position, the narrowest integer type the
+# fixed-size list per row: ids (gap-coded, k per position, the narrowest unsigned type the
 # vocabulary allows) and probability codes (uint8, k + 1 per position); see orchestrator/codec.py.
-# Version 1 kept ids in probability order and float16 log-probs (k per position).
+# Version 2 kept plain gaps in int16/int32; version 1 ids in probability order and float16 log-probs.
 SOFT_TOPK = "soft"
 SOFT_REF_KEY = b"distill.soft_same_as"  # shard metadata: soft.* columns are this teacher's
 
@@ -64,7 +65,8 @@ def topk_columns(name: str) -> tuple[str, str]:
 
 
 def id_type(vocab_size: int) -> pa.DataType:
-    return pa.int16() if vocab_size <= np.iinfo(np.int16).max else pa.int32()
+    # unsigned: codec.is_current tells version 3 from version 2 (signed) by it; a gap is <= vocab_size
+    return pa.uint16() if vocab_size <= np.iinfo(np.uint16).max else pa.uint32()
 
 
 def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray]], vocab_size: int,
@@ -85,6 +87,10 @@ def encode_topk(inputs: pa.Table, labels: dict[str, tuple[np.ndarray, np.ndarray
         if not codec.is_coded(lps):
             k = ids.shape[-1]
             ids, lps = codec.encode(np.asarray(ids).reshape(-1, k), np.asarray(lps).reshape(-1, k))
+        elif not codec.is_current(ids, lps):  # a version-2 shard's codes: re-encoded as version 3
+            per_row = np.asarray(ids).reshape(b, -1).shape[1]
+            k = per_row // (np.asarray(lps).reshape(b, -1).shape[1] - per_row)  # P*(k+1) - P*k = P
+            ids, lps = codec.encode(*codec.decode(np.asarray(ids).reshape(-1, k), np.asarray(lps).reshape(-1, k + 1)))
         ic, lc = topk_columns(name)
         ids = np.asarray(ids).astype(itype.to_pandas_dtype())
         if counts is None:
@@ -112,7 +118,7 @@ def list_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def stored_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """A top-k column pair as stored, one row per position: version 2 (gaps [N, k], codes
+    """A top-k column pair as stored, one row per position: versions 2 and 3 (gaps [N, k], codes
     [N, k + 1] uint8), version 1 (ids [N, k], float16 log-probs [N, k])."""
     ic, lc = topk_columns(name)
     ids, lps = list_values(table.column(ic)), list_values(table.column(lc))
@@ -140,18 +146,20 @@ def decode_topk(table: pa.Table, name: str, k: int) -> tuple[np.ndarray, np.ndar
 
 
 def shard_write_options(table: pa.Table) -> dict:
-    """Parquet options for a shard: top-k ids as BYTE_STREAM_SPLIT, probability codes
-    dictionary-encoded (7-bit packed), all zstd.
+    """Parquet options for a shard: top-k ids and probability codes as BYTE_STREAM_SPLIT, no
+    dictionary, all zstd.
 
-    Measured (benchmarks/bench_lm_bytes.py, 32k vocabulary): ids' high bytes compress once
-    split from their near-random low bytes; zstd alone leaves the 128 distinct codes at ~7.3
-    bits, the dictionary's bit packing at ~6.1. Readers need no change: the encoding is in the file.
+    Measured (benchmarks/bench_lm_bytes.py, 32k vocabulary, k=32): Parquet stores both as INT32;
+    split into byte streams, the all-zero upper bytes vanish and zstd's Huffman coder spends about
+    each byte's entropy (codes: 21.3 bytes per position at 127 levels, where the dictionary's
+    fixed 7-bit packing + zstd left 25.5; plain INT32 + zstd 33.6). Readers need no change: the
+    encoding is in the file.
     """
     ids = [f"{f.name}.list.element" for f in table.schema if f.name.endswith(".topk_ids")]
     codes = [f"{f.name}.list.element" for f in table.schema if f.name.endswith(".topk_logprobs")]
     if not ids and not codes:
         return {}
-    return {"compression": "zstd", "use_dictionary": codes, "use_byte_stream_split": ids}
+    return {"compression": "zstd", "use_dictionary": False, "use_byte_stream_split": ids + codes}
 
 
 def soft_same_as(table_or_schema) -> str | None:

@@ -14,8 +14,9 @@ leaves nothing half-written that could be read, and a re-run labels only missing
 Checksums are xxh3-128 (``xxhash``: ~30x sha256's speed, so checking every read costs about
 2% of it; BENCHMARKS.md); version-1 sidecars with sha256 still verify.
 
-Schema version 2 stores top-k labels through ``orchestrator.codec`` (about 2.2 bytes per
-kept entry instead of 3); version-1 shards (float16 log-probs) still decode. When the
+Schema version 3 stores top-k labels through ``orchestrator.codec`` (about 2 bytes per kept
+entry at k=32 instead of version 2's 2.2 and version 1's 3); version-2 shards (the codec's
+earlier codes) and version-1 shards (float16 log-probs) still decode. When the
 ensemble is one teacher's output unchanged (one teacher at T=1), the shard keeps no soft
 columns: its metadata names the teacher (``distill.soft_same_as``) and every read here
 (``read_shard``, ``read_table``, ``parquet_columns``) resolves ``soft.*`` to that teacher's.
@@ -63,7 +64,7 @@ from .errors import DistillError
 
 log = logging.getLogger("distill")
 
-SCHEMA_VERSION = 2  # 2: top-k through orchestrator.codec, xxh3 checksums, soft columns by reference
+SCHEMA_VERSION = 3  # 2: top-k through orchestrator.codec, xxh3 checksums, soft columns by reference; 3: codec v3 (~1.9 B per entry)
 # Manifest keys that define what the store holds; any difference on re-open is refused.
 IDENTITY_KEYS = ("schema_version", "dataset", "teachers", "label_kind", "k", "shard_size")
 

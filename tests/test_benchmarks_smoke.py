@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What results.json must always hold: each benchmark's headline numbers.
 RATIOS = ("label_vs_direct", "label_vs_direct_with_startup", "label_replicas_2_vs_1", "kd_vs_hard_train",
           "kd_vs_kd_alpha1_train", "train_workers_2_vs_1", "store_write_vs_pyarrow", "store_read_vs_pyarrow",
-          "bytes_per_token_k32_vs_v1",
+          "bytes_per_token_k32_vs_v1", "bytes_per_token_k32_vs_v2",
           # live configuration choices, side by side: label.executor, train.read_in_driver_mb
           "label_driver_vs_ray_data", "label_vs_direct_ray_data", "train_read_driver_vs_streamed")
 FIGURES = (*(f"bytes_per_token_k{k}" for k in (8, 16, 32, 64)), *(f"codec_mean_kl_nats_k{k}" for k in (8, 16, 32, 64)),

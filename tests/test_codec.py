@@ -1,5 +1,6 @@
-"""The top-k codec (orchestrator/codec.py) and the version-2 store around it: round trips,
-KL bound, padding, version-1 shards, soft columns by reference, re-ensembling bit for bit."""
+"""The top-k codec (orchestrator/codec.py) and the version-3 store around it: round trips,
+KL bound, padding, version-1 and version-2 shards, soft columns by reference, re-ensembling bit
+for bit."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from orchestrator import codec
 from orchestrator.ensemble import _soften_topk
@@ -34,15 +38,37 @@ def kl_topk(ids_a, lp_a, ids_b, lp_b):
     return (np.exp(a) * (a - b)).sum(-1)
 
 
+def test_levels_keep_the_kl_bound_at_every_k():
+    # smallest L with L^2 >= 240 (k + 1): 2160 -> 47 (46^2 = 2116), 4080 -> 64, 7920 -> 89, 15600 -> 125
+    assert [codec.levels(k) for k in (8, 16, 32, 64)] == [47, 64, 89, 125]
+    assert all(codec.kl_bound(k) <= codec.KL_BUDGET for k in range(1, 270))
+    assert codec.levels(1000) == 255  # the uint8 ceiling
+
+
 def test_hand_encoded_position():
-    # p = 0.5, 0.25 on ids 7, 3; tail 0.25: sqrt -> 0.7071, 0.5, 0.5 -> codes 90, 64, 64 (of 127)
-    gaps, codes = codec.encode(np.array([[7, 3]]), np.log(np.array([[0.5, 0.25]])))
-    assert gaps.tolist() == [[4, 4]]  # ids ascending: 3 (from -1: gap 4), 7 (gap 4)
-    assert codes.tolist() == [[64, 90, 64]] and codes.dtype == np.uint8
+    # k=2: L = 27 (27^2 = 729 >= 720). p = 0.5, 0.3 on ids 7, 3; tail 0.2.
+    # sqrt * 27: 0.3 -> 14.79 -> 15, 0.5 -> 19.09 -> 19, 0.2 -> 12.07 -> 12
+    gaps, codes = codec.encode(np.array([[7, 3]]), np.log(np.array([[0.5, 0.3]])))
+    assert gaps.tolist() == [[4, 4]] and gaps.dtype == np.uint32  # ids ascending: 3 (gap 4 from -1), 7
+    assert codes.tolist() == [[15, 19, 12]] and codes.dtype == np.uint8
     ids, lps = codec.decode(gaps, codes)
-    q = np.array([64, 90, 64]) ** 2 / 127**2
+    q = np.array([15, 19, 12]) ** 2 / 27**2
     assert ids.tolist() == [[3, 7]]
     np.testing.assert_allclose(np.exp(lps), [q[:2] / q.sum()], rtol=1e-6)
+
+
+def test_gaps_are_bit_shuffled_by_hand():
+    # gap 1000 = 31 * 32 + 8: byte 1 = 31, byte 0 = 8 -> 7944.
+    # gap 40000 = 4 * 8192 + 226 * 32 + 0: byte 1 = 226, byte 0 = 0 | 4 << 5 = 128 -> 57984.
+    gaps, _ = codec.encode(np.array([[1002, 2, 41002]]), np.log(np.full((1, 3), 0.3)))
+    assert gaps.tolist() == [[3, 7944, 57984]]
+    assert codec.decode(gaps, _)[0].tolist() == [[2, 1002, 41002]]
+    # bits from 16 up stay where they are (vocabularies over 65535, uint32 columns)
+    g = np.array([70_000, 1 << 30])
+    assert codec._shuffle(g).tolist() == [(70_000 & 0x1F) | (70_000 >> 5 & 0xFF) << 8 | (70_000 >> 13 & 7) << 5 | 65536,
+                                         1 << 30]
+    x = np.arange(1 << 17)
+    assert np.array_equal(codec._unshuffle(codec._shuffle(x)), x) and len(np.unique(codec._shuffle(x))) == len(x)
 
 
 @pytest.mark.parametrize("k", [1, 8, 16, 32, 64])
@@ -55,9 +81,44 @@ def test_round_trip_keeps_ids_and_kl_under_bound(k, sharp):
     assert (np.diff(d_ids, axis=1) > 0).all()  # ascending, same set (kl_topk checks the set)
     assert np.exp(d_lps).sum(1).max() <= 1.0 + 1e-6
     kl = kl_topk(ids, lps, d_ids, d_lps)
-    # the stated bound: (k + 1) / (6 * LEVELS^2) on average, every position within 4x of it
-    bound = (k + 1) / (6 * codec.LEVELS**2)
+    # the stated bound: (k + 1) / (6 * levels(k)^2) <= KL_BUDGET on average, every position within 4x of it
+    bound = codec.kl_bound(k)
     assert kl.mean() <= bound and kl.max() <= 4 * bound
+
+
+@st.composite
+def topk_rows(draw):
+    """A few positions of k distinct ids (some padding at the end) with probabilities summing to <= 1."""
+    k = draw(st.integers(1, 40))
+    vocab = draw(st.sampled_from([k + 1, 1000, 32_000, 70_000, 200_000]))
+    n = draw(st.integers(1, 4))
+    ids, lps = np.full((n, k), -1, np.int64), np.full((n, k), codec.PAD_LOGPROB, np.float32)
+    for r in range(n):
+        m = draw(st.integers(1, k))
+        row = draw(st.lists(st.integers(0, vocab - 1), min_size=m, max_size=m, unique=True))
+        w = np.array(draw(st.lists(st.floats(1e-6, 1.0), min_size=m + 1, max_size=m + 1)))
+        ids[r, :m], lps[r, :m] = row, np.log(w[:m] / w.sum())
+    return ids, lps
+
+
+@settings(max_examples=300, deadline=None)
+@given(topk_rows())
+def test_round_trip_property(rows):
+    ids, lps = rows
+    gaps, codes = codec.encode(ids, lps)
+    assert codec.is_current(gaps, codes) and gaps.shape == ids.shape and codes.shape == (len(ids), ids.shape[1] + 1)
+    d_ids, d_lps = codec.decode(gaps, codes)
+    pad = ids < 0
+    for r in range(len(ids)):  # the same set of ids, ascending, padding last
+        real = np.sort(ids[r][~pad[r]])
+        assert d_ids[r].tolist() == real.tolist() + [-1] * int(pad[r].sum())
+    d_pad = d_ids < 0
+    assert (d_lps[d_pad] == codec.PAD_LOGPROB).all() and np.isfinite(d_lps[~d_pad]).all()
+    assert (np.exp(d_lps).sum(1) <= 1 + 1e-5).all()
+    # every decoded sqrt(p) within half a level of the true one, up to the renormalisation
+    s = np.sqrt(np.exp(np.sort(np.where(pad, -np.inf, lps), 1)))
+    d = np.sqrt(np.exp(np.sort(np.where(d_pad, -np.inf, d_lps), 1)))
+    assert np.abs(s - d).max() <= 1.0 / codec.levels(ids.shape[1]) + 0.02
 
 
 def test_re_encoding_stored_codes_is_stable_enough_to_keep_them():
@@ -218,3 +279,60 @@ def test_a_version_1_shard_still_reads(tmp_path):
     # altered bytes fail the sha256 check of a version-1 sidecar too
     path.write_bytes(data[:-8] + b"\0" * 8)
     assert store.record_finished() == [0]
+
+
+def v2_encode(ids, lps):
+    """Schema version 2's codes, as that codec wrote them: plain gaps, round(127 sqrt(p))."""
+    order = np.argsort(ids, 1)
+    s_ids, p = np.take_along_axis(ids, order, 1), np.exp(np.take_along_axis(lps.astype(np.float64), order, 1))
+    tail = np.clip(1 - p.sum(1, keepdims=True), 0, 1)
+    return np.diff(s_ids, axis=1, prepend=-1), np.rint(127 * np.sqrt(np.concatenate([p, tail], 1))).astype(np.uint8)
+
+
+def test_version_2_codes_decode_with_their_127_levels():
+    # p = 0.5, 0.25 on ids 7, 3; tail 0.25: codes 90, 64, 64 of 127 (the version-2 hand example)
+    gaps, codes = np.array([[4, 4]], np.int16), np.array([[64, 90, 64]], np.uint8)
+    assert not codec.is_current(gaps, codes) and codec.is_coded(codes)
+    ids, lps = codec.decode(gaps, codes)
+    q = np.array([64, 90, 64]) ** 2 / 127**2
+    assert ids.tolist() == [[3, 7]]
+    np.testing.assert_allclose(np.exp(lps), [q[:2] / q.sum()], rtol=1e-6)
+
+
+def test_a_version_2_shard_still_reads_and_re_encodes_as_version_3(tmp_path):
+    """A shard as schema version 2 wrote it: int16 plain gaps, uint8 codes of 127 levels
+    (dictionary-encoded), zstd; decoded as stored, and re-ensembled into version-3 columns."""
+    rng = np.random.default_rng(5)
+    k, b, length = 4, 2, 5
+    ids, lps = random_topk(rng, b * (length - 1), k)
+    gaps, codes = v2_encode(ids, lps)
+    t = lm_inputs(b, length, rng)
+    ic, lc = topk_columns("a")
+    fixed = pa.FixedSizeListArray.from_arrays
+    t = t.append_column(ic, fixed(pa.array(gaps.reshape(-1).astype(np.int16)), (length - 1) * k))
+    t = t.append_column(lc, fixed(pa.array(codes.reshape(-1)), (length - 1) * (k + 1)))
+    t = t.replace_schema_metadata({b"distill.soft_same_as": b"a"})
+    manifest = lm_manifest(["a"], k)
+    store = open_store(tmp_path, manifest, b)
+    path = tmp_path / "store" / "shards" / "shard-00000.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(t, path, compression="zstd", use_dictionary=[f"{lc}.list.element"],
+                   use_byte_stream_split=[f"{ic}.list.element"])
+    data = path.read_bytes()
+    path.with_suffix(".json").write_text(json.dumps({"rows": b, "bytes": len(data),
+                                                     "checksum": f"xxh3_128:{xxhash.xxh3_128_hexdigest(data)}"}))
+    assert store.record_finished() == []
+    shard = store.read_shard(0)
+    want = codec.decode(gaps, codes)
+    for name in ("a", "soft"):  # soft by reference, as version 2 wrote one teacher at T=1
+        got_ids, got_lps = decode_topk(shard, name, k)
+        np.testing.assert_array_equal(got_ids.reshape(-1, k), want[0])
+        np.testing.assert_array_equal(got_lps.reshape(-1, k), want[1])
+    np.testing.assert_array_equal(want[0], np.sort(ids, 1))
+    assert kl_topk(ids, lps, *want).mean() <= 1.5 * (k + 1) / (6 * 127**2)  # version 2 stated (k + 1) / (6 * 127^2)
+    # re-ensembling the old shard writes version-3 columns that decode to the re-encoded labels
+    again, _ = build_shard(*stored_outputs(shard, manifest), manifest)
+    assert again.column(ic).type.value_type == pa.uint16()
+    v3 = decode_topk(again, "a", k)
+    np.testing.assert_array_equal(v3[0].reshape(-1, k), want[0])
+    np.testing.assert_array_equal(v3[1].reshape(-1, k), codec.roundtrip(*want)[1])

@@ -42,8 +42,8 @@ def test_topk_store_rows_types_and_soft_labels(lm_run, lm_setup):
     k, positions = 8, cfg.lm.max_len - 1
     for who in ("small", "large", "soft"):
         ids_col, lps_col = topk_columns(who)
-        # schema version 2 (orchestrator/codec.py): gap-coded ids, k + 1 uint8 codes per position
-        for col, want, width in ((ids_col, pa.int16(), k), (lps_col, pa.uint8(), k + 1)):
+        # schema version 3 (orchestrator/codec.py): gap-coded ids, k + 1 uint8 codes per position
+        for col, want, width in ((ids_col, pa.uint16(), k), (lps_col, pa.uint8(), k + 1)):
             t = table.schema.field(col).type
             assert (t.value_type, t.list_size) == (want, positions * width)
     # Stored soft labels are the configured top-k ensemble of the stored teacher labels.
