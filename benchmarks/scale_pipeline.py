@@ -14,23 +14,45 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 
+def build_teachers(root: Path, vocab: int, length: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from orchestrator.models import load_tokenizer
+
+    tok, params = load_tokenizer(root / "tok"), {}
+    for name, seed in (("big", 1), ("big2", 2)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=640, intermediate_size=1920, num_hidden_layers=8,
+                          num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=length + 1,
+                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = LlamaForCausalLM(cfg)
+        params[name] = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(str(root / name))
+        tok.save_pretrained(str(root / name))
+    (root / "params.json").write_text(json.dumps(params))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--build", help=argparse.SUPPRESS)  # internal: build the teachers under this dir, then exit
     ap.add_argument("--test", type=int, default=200)
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=49152)
     args = ap.parse_args()
+    if args.build:
+        return build_teachers(Path(args.build), args.vocab, args.len)
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
     from pydoc_data.topics import topics
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from orchestrator import pipeline
     from orchestrator.config import config_from_dict
@@ -38,7 +60,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="scale_pipeline-"))
     texts = [" ".join(topics[k].split()) for k in sorted(topics)]
-    tok = make_tokenizer(root / "tok", texts[:20], vocab=300)  # ids < 300 of the 49,152: enough to run every stage
+    make_tokenizer(root / "tok", texts[:20], vocab=300)  # ids < 300 of the 49,152: enough to run every stage
     per_window = args.len * 3  # characters: ~1 token per 2-3 characters with this tokenizer, so windows fill
     docs = [t[i:i + per_window] for t in texts for i in range(0, len(t), per_window)]
     need = args.train + args.test
@@ -46,17 +68,10 @@ def main() -> None:
         raise SystemExit(f"only {len(docs)} documents for {need} windows")
     pq.write_table(pa.table({"text": docs[:args.train]}), root / "train.parquet")
     pq.write_table(pa.table({"text": docs[args.train:need]}), root / "test.parquet")
-    params = {}
-    for name, layers, seed in (("big", 8, 1), ("big2", 8, 2)):
-        torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=640, intermediate_size=1920, num_hidden_layers=layers,
-                          num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=args.len + 1,
-                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-        model = LlamaForCausalLM(cfg)
-        params[name] = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(str(root / name))
-        tok.save_pretrained(str(root / name))
-        del model
+    # The teachers are built in a child process: this process is the driver being measured.
+    subprocess.run([sys.executable, "-m", "benchmarks.scale_pipeline", "--build", str(root), "--vocab", str(args.vocab),
+                    "--len", str(args.len)], check=True)
+    params = json.loads((root / "params.json").read_text())
     raw = {"run": {"name": "scale"}, "task": "lm", "output_dir": str(root / "runs"),
            "dataset": {"source": str(root / "train.parquet"), "test_source": str(root / "test.parquet")},
            "teachers": [{"name": n, "backend": "hf", "path": str(root / n), "num_cpus": 1, "max_batch_size": 4}

@@ -101,3 +101,33 @@ def test_inspect_reports_bytes_per_labeled_token(chat_run, capsys):
     soft = sum(column_sizes(first.metadata)[c] for c in topk_columns("soft"))
     assert info["bytes_per_token"]["soft"] == pytest.approx(soft / labeled)  # per labeled position, not per slot
     assert labeled < first.metadata.num_rows * 63 and mask.shape[1] == 64
+
+
+def test_reensemble_of_a_packed_store_needs_no_teacher(chat_run, tmp_path):
+    """--reensemble on ragged (assistant-only) columns: same positions, new soft labels."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tests.helpers import write_yaml
+
+    cfg, _ = chat_run
+    raw = cfg.model_dump(mode="json")
+    raw["store"]["path"] = str(tmp_path / "store")
+    shutil.copytree(cfg.store_path, tmp_path / "store")
+    raw["ensemble"]["temperature"] = 1.0
+    assert main(["-q", "label", str(write_yaml(tmp_path / "c.yaml", raw)), "--reensemble"]) == 0
+    store = LabelStore(str(tmp_path / "store"))
+    store.load_manifest()
+    before, after = (pq.ParquetDataset(s.shard_paths()).read() for s in (_opened(cfg.store_path), store))
+    soft = topk_columns("soft")[0]
+    assert before.column(soft).combine_chunks().offsets.equals(after.column(soft).combine_chunks().offsets)
+    assert not before.column(topk_columns("soft")[1]).equals(after.column(topk_columns("soft")[1]))
+    for name in ("small", "large"):  # the teachers' own columns are kept as they were
+        assert before.column(topk_columns(name)[1]).equals(after.column(topk_columns(name)[1]))
+
+
+def _opened(uri: str) -> LabelStore:
+    store = LabelStore(uri)
+    store.load_manifest()
+    return store
