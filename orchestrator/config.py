@@ -165,6 +165,9 @@ class TrainConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm
     grad_accum: int = Field(1, ge=1)  # batches per optimiser step (global batch = workers x batch_size x this)
     max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimiser steps (epochs is then a ceiling)
+    # Also checkpoint every N optimiser steps within an epoch (None: once per epoch); a resume from
+    # one is exact: the epoch's batches already consumed are skipped, none seen twice or missed.
+    checkpoint_every: Optional[int] = Field(None, ge=1)
 
 
 class EvalConfig(_Strict):
