@@ -22,7 +22,8 @@ import torch
 import ray
 import ray.train
 import ray.train.torch
-from actors.train_state import HISTORY_FILE, STATE_FILE, gather, load_state, save_and_report  # noqa: F401 (re-exported)
+from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
+                                prepare, save_and_report)
 from orchestrator import codec
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student
@@ -166,8 +167,9 @@ def _lm_step(model, loss_fn, batch: dict, config: dict):
 
 
 def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip is not None:  # FSDP's own clip_grad_norm_ takes the norm over every rank's shards
+        clip = getattr(model, "clip_grad_norm_", None) or functools.partial(torch.nn.utils.clip_grad_norm_, model.parameters())
+        clip(grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -180,17 +182,20 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     model = build_student(config["student"])
+    start, history, resumes, resumed_at, partial, replayed = 0, [], [], [], None, False
+    hooks = config.get("test_hooks") or {}  # TEST ONLY (tests/test_resume.py; see training.TEST_HOOKS_ENV)
+    checkpoint = ray.train.get_checkpoint()
+    state = load_state(checkpoint) if checkpoint else None
+    if state:  # the whole model's weights, before FSDP (if used) shards them
+        model.load_state_dict(state["model"])
+    model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
+    # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
         schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))
-    start, history, resumes, resumed_at, partial, replayed = 0, [], [], [], None, False
-    hooks = config.get("test_hooks") or {}  # TEST ONLY (tests/test_resume.py; see training.TEST_HOOKS_ENV)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # restarted after a failure, or a re-run of the same run name: resume
-        state = load_state(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    if state:  # restarted after a failure, or a re-run of the same run name: resume
+        load_optimizer(model, opt, state["optimizer"])
         if "scheduler" in state:
             sched.load_state_dict(state["scheduler"])
         # partial: a mid-epoch checkpoint's counters (batches consumed in its epoch, ...), else None
@@ -203,7 +208,6 @@ def train_loop(config: dict) -> None:
         if ctx.get_world_rank() == 0:
             where = f"batch {partial['batches']} of epoch {start + 1}" if partial else f"epoch {start}"
             print(f"train: resuming after {where} from its checkpoint", flush=True)
-    model = ray.train.torch.prepare_model(model)
     # Where every worker runs (rank order): kept in the checkpoint so placement can be checked.
     nodes = [None] * ctx.get_world_size()
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())

@@ -70,6 +70,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio,
         "grad_clip": t.grad_clip, "grad_accum": t.grad_accum, "max_steps": t.max_steps, "use_gpu": t.use_gpu,
         "total_steps": total_steps(rows, t), "checkpoint_every": t.checkpoint_every,
+        "strategy": t.strategy,
     }
     if hooks := os.environ.get(TEST_HOOKS_ENV):  # TEST ONLY, see TEST_HOOKS_ENV
         loop_cfg["test_hooks"] = json.loads(hooks)
