@@ -1,18 +1,20 @@
-"""The Ray Train loop: DDP student trained against the label store, a checkpoint per epoch.
+"""The Ray Train loop: DDP student trained against the label store, a checkpoint per epoch
+(and every ``checkpoint_every`` optimiser steps within one).
 
 ``config`` carries plain data only: the student spec (see orchestrator.models.build_student),
 the loss settings and the optimisation budget. Rank 0 writes the checkpoint (model, optimiser,
 epoch, history) and every rank reports, so a restarted or resumed run continues from the
-latest epoch with the same history.
+latest checkpoint with the same history. A mid-epoch checkpoint also records how many batches
+of its epoch were consumed and every rank's RNG state: the resumed run skips exactly those
+batches of the same (seeded) epoch order, so no row is seen twice or skipped.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
-import tempfile
+import signal
 import time
 
 import numpy as np
@@ -22,14 +24,14 @@ import ray
 import ray.train
 import ray.train.torch
 from ray.data.collate_fn import ArrowBatchCollateFn
+
+from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
+                                prepare, save_and_report)
 from orchestrator import codec
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student, check_packing
 from orchestrator.schedule import lr_lambda
 from orchestrator.store import SOFT_COLUMN
-
-STATE_FILE = "state.pt"
-HISTORY_FILE = "history.json"
 
 
 class EpochLog(ray.train.UserCallback):
@@ -39,22 +41,23 @@ class EpochLog(ray.train.UserCallback):
         self.name, self.epochs = name, epochs
 
     def after_report(self, run_context, metrics, checkpoint):
-        m, rate = metrics[0], sum(w["samples_per_s"] for w in metrics)
+        m = metrics[0]
+        if m.get("partial"):  # a mid-epoch checkpoint (train.checkpoint_every)
+            print(f"train: {self.name} checkpoint at step {m['step']} (epoch {m['epoch'] + 1}, batch {m['batches']})", flush=True)
+            return
+        rate = sum(w["samples_per_s"] for w in metrics)
         print(f"train: {self.name} epoch {m['epoch'] + 1}/{self.epochs} loss {m['loss']:.4f} {rate:,.0f} {m.get('unit', 'samples')}/s",
               flush=True)
 
 
-def load_state(checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
-
-
 class EpochBatches:
-    """A worker's batches for each epoch.
+    """A worker's batches for each epoch, in an order fixed by (seed, epoch).
 
-    The first epoch streams the shard from Ray Data. If the whole shard fits in ``max_rows``,
-    it is kept and later epochs replay it from memory, reshuffled with the epoch's seed: on
-    small stores a new streaming execution per epoch costs more than the epoch itself.
+    The first epoch streams the shard from Ray Data (local shuffle seeded with seed + epoch).
+    If the whole shard fits in ``max_rows``, it is kept, sorted by store row, and later epochs
+    replay it from memory in a permutation seeded with seed + epoch: on small stores a new
+    streaming execution per epoch costs more than the epoch itself. ``skip`` leaves out the
+    first batches of that same order (a mid-epoch resume).
     """
 
     def __init__(self, shard, batch_size: int, seed: int, shuffle_buffer: int, max_rows: int, collate_fn=None):
@@ -62,25 +65,43 @@ class EpochBatches:
         self.shuffle_buffer, self.max_rows = shuffle_buffer, max_rows
         self.cache: dict[str, torch.Tensor] | None = None
 
-    def __call__(self, epoch: int):
+    def __call__(self, epoch: int, skip: int = 0):
         if self.cache is not None:
             n = len(next(iter(self.cache.values())))
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            for i in range(0, n, self.batch_size):
+            for i in range(skip * self.batch_size, n, self.batch_size):
                 yield {k: v[order[i : i + self.batch_size]] for k, v in self.cache.items()}
             return
         kept, rows = [], 0
         stream = self.shard.iter_torch_batches(batch_size=self.batch_size, local_shuffle_buffer_size=self.shuffle_buffer,
                                                collate_fn=self.collate_fn,
                                                local_shuffle_seed=self.seed + epoch)
-        for batch in stream:
+        # Skipped batches are still read (and kept): the local shuffle's order depends on every
+        # block before it, so the stream is replayed from its start, which is cheap next to training.
+        for i, batch in enumerate(stream):
             rows += len(next(iter(batch.values())))
             kept = kept if kept is not None and rows <= self.max_rows else None
             if kept is not None:
                 kept.append(batch)
-            yield batch
+            if i >= skip:
+                yield batch
         if kept:
-            self.cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
+            self._keep(kept)
+
+    def _keep(self, kept: list[dict]) -> None:
+        # In store-row order, so that the replayed epochs' order does not depend on which epoch
+        # this process streamed first (a resumed run streams a later one): see prime().
+        cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
+        if "row" in cache:
+            by_row = torch.argsort(cache["row"])
+            cache = {k: v[by_row] for k, v in cache.items()}
+        self.cache = cache
+
+    def prime(self) -> None:
+        """Read the shard into memory without yielding it: a run resumed after epoch 0 of a shard
+        that was replayed from memory replays the same cache (the streamed order is irrelevant)."""
+        for _ in self(0, skip=2**62):
+            pass
 
 
 class LiveMetrics:
@@ -161,12 +182,14 @@ class LMBatch(ArrowBatchCollateFn):
                "gaps": torch.from_numpy(dense_g), "codes": torch.from_numpy(dense_c)}
         if packed:
             out["position_ids"] = torch.from_numpy(to_numpy(batch.column("position_ids")).astype(np.int64))
+        if "row" in batch.column_names:  # the store row: EpochBatches keeps its cache in row order
+            out["row"] = torch.from_numpy(batch.column("row").to_numpy())
         return out
 
 
 def decode_targets(gaps: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Stored top-k of N positions -> (ids long, logprobs float), each [N, k]."""
-    if codes.dtype == torch.uint8:  # schema version 2: through the store's codec
+    if codes.dtype == torch.uint8:  # schema versions 2 and 3: through the store's codec
         ids_np, lps_np = codec.decode(gaps.numpy().reshape(len(gaps), -1), codes.numpy().reshape(len(codes), -1))
         gaps, codes = torch.from_numpy(ids_np), torch.from_numpy(lps_np)
     return gaps.long().view(-1, k), codes.float().view(-1, k)
@@ -188,8 +211,9 @@ def _lm_step(model, loss_fn, batch: dict, config: dict):
 
 
 def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if grad_clip is not None:  # FSDP's own clip_grad_norm_ takes the norm over every rank's shards
+        clip = getattr(model, "clip_grad_norm_", None) or functools.partial(torch.nn.utils.clip_grad_norm_, model.parameters())
+        clip(grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -202,25 +226,34 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     model = build_student(config["student"])
+    start, history, resumes, resumed_at, partial, replayed = 0, [], [], [], None, False
+    hooks = config.get("test_hooks") or {}  # TEST ONLY (tests/test_resume.py; see training.TEST_HOOKS_ENV)
+    checkpoint = ray.train.get_checkpoint()
+    state = load_state(checkpoint) if checkpoint else None
+    if state:  # the whole model's weights, before FSDP (if used) shards them
+        model.load_state_dict(state["model"])
+    if "position_ids" in config.get("columns", []):  # packed instruction rows: examples must stay apart
+        check_packing(model, "the student")
+    model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
+    # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
     opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
         schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))
-    start, history, resumes = 0, [], []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # restarted after a failure, or a re-run of the same run name: resume
-        state = load_state(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
+    if state:  # restarted after a failure, or a re-run of the same run name: resume
+        load_optimizer(model, opt, state["optimizer"])
         if "scheduler" in state:
             sched.load_state_dict(state["scheduler"])
-        start, history = state["epoch"] + 1, state["history"]
-        resumes = state.get("resumed_after_epoch", []) + [state["epoch"]]
+        # partial: a mid-epoch checkpoint's counters (batches consumed in its epoch, ...), else None
+        history, partial, replayed = state["history"], state.get("partial"), state.get("replayed", False)
+        start = state["epoch"] + (0 if partial else 1)
+        resumes = state.get("resumed_after_epoch", []) + ([] if partial else [state["epoch"]])
+        resumed_at = state.get("resumed_at", []) + [[start, partial["batches"] if partial else 0]]
+        if state.get("rng") and len(state["rng"]) == ctx.get_world_size():  # dropout continues as it would have
+            torch.set_rng_state(state["rng"][ctx.get_world_rank()])
         if ctx.get_world_rank() == 0:
-            print(f"train: resuming after epoch {state['epoch'] + 1} from its checkpoint", flush=True)
-    if "position_ids" in config.get("columns", []):  # packed instruction rows: examples must stay apart
-        check_packing(model, "the student")
-    model = ray.train.torch.prepare_model(model)
+            where = f"batch {partial['batches']} of epoch {start + 1}" if partial else f"epoch {start}"
+            print(f"train: resuming after {where} from its checkpoint", flush=True)
     # Where every worker runs (rank order): kept in the checkpoint so placement can be checked.
     nodes = [None] * ctx.get_world_size()
     torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -231,19 +264,34 @@ def train_loop(config: dict) -> None:
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
                                  config["shuffle_buffer"], config["cache_rows"],
                                  LMBatch(config["columns"], config["k"]) if lm else None)
-    done_steps = sum(h.get("steps", 0) for h in history)  # optimiser steps, over all epochs so far
-    live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps)
-    accum, max_steps = config["grad_accum"], config["max_steps"]
+    if replayed and start > 0:  # the uninterrupted run replays this epoch from memory: so do we
+        epoch_batches.prime()
+    done_steps = sum(h.get("steps", 0) for h in history)  # optimiser steps, over all completed epochs
+
+    def checkpoint_now(metrics: dict, epoch: int, partial: dict | None = None) -> None:
+        save_and_report(model, opt, sched, metrics, ctx, {
+            "epoch": epoch, "history": history, "spec": config["student"], "worker_nodes": nodes,
+            "resumed_after_epoch": resumes, "resumed_at": resumed_at, "partial": partial,
+            "replayed": epoch_batches.cache is not None})  # later epochs replay the shard from memory: a resume must too
+
+    live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps + (partial["steps"] if partial else 0))
+    accum, max_steps, every = config["grad_accum"], config["max_steps"], config.get("checkpoint_every")
     # bf16 autocast on a GPU (float32 master weights; the losses upcast to float32 inside).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.get("use_gpu") else contextlib.nullcontext()
     for epoch in range(start, config["epochs"]):
         if max_steps is not None and done_steps >= max_steps:
             break
         model.train()
-        t0, seen, total, steps, micro = time.perf_counter(), 0, 0.0, 0, 0
+        t0, seen, total, steps, micro, rows, spent = time.perf_counter(), 0, 0.0, 0, 0, [], 0.0
+        if partial:  # resumed mid-epoch: carry on the epoch's counters, skip its consumed batches
+            seen, total, steps, micro, spent = (partial[k] for k in ("seen", "total", "steps", "batches", "elapsed"))
+            rows = partial["rows"][ctx.get_world_rank()] if "rows" in partial else []
+        skip, partial = micro, None
         opt.zero_grad(set_to_none=True)
-        for batch in epoch_batches(epoch):
+        for batch in epoch_batches(epoch, skip=skip):
             micro += 1
+            if hooks.get("record_rows"):
+                rows += batch["row"].tolist()
             step_now = micro % accum == 0
             # DDP all-reduces on every backward; between optimiser steps the gradients only add up.
             sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
@@ -258,11 +306,23 @@ def train_loop(config: dict) -> None:
                 steps += 1
                 if max_steps is not None and done_steps + steps >= max_steps:
                     break
+                if hooks.get("kill_at_step") == done_steps + steps and hooks.get("kill_rank") == ctx.get_world_rank() \
+                        and not checkpoint:  # TEST ONLY: a worker killed mid-epoch, once (not after the restore)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if every and (done_steps + steps) % every == 0:  # train.checkpoint_every: a mid-epoch checkpoint
+                    partial = {"batches": micro, "seen": seen, "total": total, "steps": steps,
+                               "elapsed": spent + time.perf_counter() - t0}
+                    if hooks.get("record_rows"):
+                        partial["rows"] = gather(rows, ctx)
+                    metrics = {"epoch": epoch, "step": done_steps + steps, "batches": micro, "partial": True,
+                               "loss": total / max(seen, 1)}
+                    checkpoint_now(metrics, epoch, partial)
+                    partial = None
         if micro % accum:  # an epoch's last, partial accumulation still makes a step
             _optimiser_step(model, opt, sched, config["grad_clip"])
             steps += 1
         done_steps += steps
-        elapsed = time.perf_counter() - t0
+        elapsed = spent + time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
             "loss": total / max(seen, 1),
@@ -272,17 +332,9 @@ def train_loop(config: dict) -> None:
             "world_size": ctx.get_world_size(),
             "steps": steps,
         }
+        if hooks.get("record_rows"):  # TEST ONLY: every rank's rows of this epoch, in the order consumed
+            metrics["rows"] = gather(rows, ctx)
         history.append(metrics)
         live.epoch_done(epoch)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if ctx.get_world_rank() == 0:
-                raw = model.module if hasattr(model, "module") else model
-                state = {"model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                         "history": history, "spec": config["student"], "worker_nodes": nodes,
-                         "resumed_after_epoch": resumes}
-                torch.save(state, os.path.join(d, STATE_FILE))
-                with open(os.path.join(d, HISTORY_FILE), "w") as f:
-                    json.dump(history, f)
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        checkpoint_now(metrics, epoch)
+

@@ -2,6 +2,7 @@
 
     python -m benchmarks.run                  # full sizes, 3 repeats (about 15 minutes on 2 cores)
     python -m benchmarks.run --quick --repeats 1 --out /tmp/b   # smoke size, files under /tmp/b
+    python -m benchmarks.run --only kd_loss --merge   # re-run one; keep the others' numbers
 
 Each benchmark runs in its own process (one Ray per process, see benchmarks/common.py) and
 measures its comparisons side by side, alternating the order of A and B in each repeat.
@@ -118,10 +119,10 @@ def numbers_table(runs: dict, mach: dict, header: str) -> str:
              "| CPU | cores | RAM GiB | Python | torch | ray | pyarrow | numpy |", "|---|---:|---:|---|---|---|---|---|",
              f"| {mach['cpu']} | {mach['cores']} | {mach['ram_gib']} | {mach['python']} | {mach['torch']} | "
              f"{mach['ray']} | {mach['pyarrow']} | {mach['numpy']} |", "",
-             "| benchmark | seconds | load before | load after | status |", "|---|---:|---:|---:|---|"]
+             "| benchmark | started | seconds | load before | load after | status |", "|---|---|---:|---:|---:|---|"]
     for bench, r in runs.items():
-        lines.append(f"| {bench} | {r['elapsed_s']:.0f} | {fmt(r.get('load_before'))} | {fmt(r.get('load_after'))} | "
-                     f"{r.get('error', 'ok')} |")
+        lines.append(f"| {bench} | {r.get('started', '')} | {r['elapsed_s']:.0f} | {fmt(r.get('load_before'))} | "
+                     f"{fmt(r.get('load_after'))} | {r.get('error', 'ok')} |")
     lines += ["", "| name | kind | median | min – max | goal | met |", "|---|---|---:|---|---|---|"]
     for name in sorted(rows):
         d = rows[name]
@@ -145,9 +146,9 @@ def write_outputs(data_dir: Path, detail: dict) -> None:
     header = (f"`python -m benchmarks.run{' --quick' if detail['quick'] else ''} --repeats {detail['repeats']}`, "
               f"{detail['started']}, {detail['minutes']:.1f} min; median and min – max over the repeats; "
               f"1-minute load average at the start {fmt(detail['load_average_at_start'][0])}.")
-    if detail.get("reruns"):  # benchmarks re-run alone (--only) and merged into this run's files
-        header += " Re-run on their own since (`--only`): " + ", ".join(
-            f"{name} at {when}" for name, when in sorted(detail["reruns"].items())) + "."
+    if merged := detail.get("merged_into"):
+        header += (f" Merged (`--merge`) into the runs of {merged['started']} (--repeats {merged['repeats']}): "
+                   "each benchmark's start is in the table below.")
     (data_dir / "results.md").write_text(numbers_table(runs, detail["machine"], header))
 
 
@@ -157,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="repeats per benchmark (default 3)")
     p.add_argument("--out", type=Path, default=None, help="write the files here instead of benchmarks/")
     p.add_argument("--only", nargs="*", choices=list(BENCHMARKS), default=list(BENCHMARKS), help="a subset")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other benchmarks' runs from the output folder's results_detail.json")
     p.add_argument("--render", type=Path, default=None, metavar="DETAIL_JSON",
                    help="only rewrite results.json and results.md from a results_detail.json of an earlier run")
     p.add_argument("--max-wait", type=float, default=None,
@@ -176,10 +179,17 @@ def main(argv=None) -> int:
     runs = {}
     for name in args.only:
         print(f"benchmarks: {name} ...", flush=True)
-        runs[name] = run_one(name, args.quick, args.repeats, data_dir, timeout_s=1800)
+        at = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        runs[name] = {**run_one(name, args.quick, args.repeats, data_dir, timeout_s=1800), "started": at}
         print(f"benchmarks: {name} {runs[name].get('error', 'ok')} in {runs[name]['elapsed_s']:.0f}s", flush=True)
     detail = {"machine": machine(), "started": started, "minutes": (time.perf_counter() - t0) / 60,
               "quick": args.quick, "repeats": args.repeats, "load_average_at_start": load_start, "runs": runs}
+    old = data_dir / "results_detail.json"
+    if args.merge and old.exists():  # the others' runs as they were (each row of results.md says when it ran)
+        before = json.loads(old.read_text())
+        kept = {n: {"started": before["started"], **r} for n, r in before["runs"].items() if n not in runs}
+        detail["runs"] = {**kept, **runs}
+        detail["merged_into"] = {k: before[k] for k in ("started", "minutes", "repeats", "load_average_at_start")}
     write_outputs(data_dir, detail)
     print((data_dir / "results.md").read_text())
     print(f"benchmarks: wrote {data_dir / 'results.json'} and {data_dir / 'results.md'} ({detail['minutes']:.1f} min)",

@@ -175,6 +175,12 @@ class TrainConfig(_Strict):
     grad_clip: Optional[float] = Field(None, gt=0)  # max global gradient norm
     grad_accum: int = Field(1, ge=1)  # batches per optimiser step (global batch = workers x batch_size x this)
     max_steps: Optional[int] = Field(None, ge=1)  # stop after this many optimiser steps (epochs is then a ceiling)
+    # Also checkpoint every N optimiser steps within an epoch (None: once per epoch); a resume from
+    # one is exact: the epoch's batches already consumed are skipped, none seen twice or missed.
+    checkpoint_every: Optional[int] = Field(None, ge=1)
+    # How the student is spread over the workers: ddp (a full copy each), or fsdp (parameters,
+    # gradients and optimiser state sharded; one unit per decoder layer), for students too large for one device.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 class EvalConfig(_Strict):

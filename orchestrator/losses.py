@@ -257,7 +257,8 @@ class _ChunkedRows(torch.autograd.Function):
         return (grad, None, None, None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-# Positions per chunk: at V = 151,936 one float32 [1024, V] slice is 0.6 GB.
+# Positions per chunk: at V = 151,936 one float32 [1024, V] slice is 0.6 GB. Chunks of 256 peak
+# at 0.71 of this (BENCHMARKS.md, both V) but were slower at V = 49,152 on a busy machine: kept.
 DEFAULT_CHUNK = 1024
 
 

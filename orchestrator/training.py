@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,6 +19,10 @@ from .session import last_line, reraise_user_error
 from .store import SOFT_COLUMN, SOFT_TOPK, LabelStore, open_store, topk_columns
 
 log = logging.getLogger("distill")
+# TEST ONLY: a JSON object handed to the train loop as config["test_hooks"] (tests/test_resume.py):
+# {"record_rows": true} keeps every rank's consumed store rows per epoch in the history;
+# {"kill_at_step": N, "kill_rank": R} SIGKILLs worker R after optimiser step N (once). Never set it otherwise.
+TEST_HOOKS_ENV = "DISTILL_TEST_HOOKS"
 
 
 def open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
@@ -65,11 +70,16 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         "cache_rows": t.cache_rows,
         "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio,
         "grad_clip": t.grad_clip, "grad_accum": t.grad_accum, "max_steps": t.max_steps, "use_gpu": t.use_gpu,
-        "total_steps": total_steps(rows, t),
+        "total_steps": total_steps(rows, t), "checkpoint_every": t.checkpoint_every,
+        "strategy": t.strategy,
     }
+    if hooks := os.environ.get(TEST_HOOKS_ENV):  # TEST ONLY, see TEST_HOOKS_ENV
+        loop_cfg["test_hooks"] = json.loads(hooks)
     # `epochs` (and the schedule length it implies) is left out: raising it resumes the same run
     # and trains the extra epochs, the lr schedule stretched over the new length.
-    key = {"loop": {k: v for k, v in loop_cfg.items() if k not in ("epochs", "total_steps")}, "workers": t.workers,
+    # checkpoint_every is left out too: checkpoints do not change what is trained.
+    key = {"loop": {k: v for k, v in loop_cfg.items() if k not in ("epochs", "total_steps", "checkpoint_every")},
+           "workers": t.workers,
            "store": store.manifest["shards"], "ensemble": store.manifest["ensemble"]}
     run_name = f"{name}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]}"
 

@@ -38,7 +38,7 @@ def test_quick_run_writes_results_and_numbers_table(tmp_path):
         missing = [n for n in names if n not in results[kind]]
         assert not missing, f"{kind} missing {missing}"
     # bench_kd_loss names its numbers by vocabulary size (8k/16k quick, 49k/152k full): each case, each size.
-    for case in ("ce", "unchunked", "chunked"):
+    for case in ("ce", "unchunked", "chunk1024", "chunk256"):
         for what in ("peak_mib", "tokens_per_s"):
             assert sum(n.startswith(f"kd_loss_{what}_{case}_v") for n in results["figures"]) == 2, (case, what)
     for kind in ("ratios", "figures"):

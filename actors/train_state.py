@@ -1,0 +1,100 @@
+"""A train worker's model wrapping (DDP or FSDP) and its checkpoint: what rank 0 writes, and
+reading it back (actors/student.py)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import torch
+
+import ray.train
+
+STATE_FILE = "state.pt"
+HISTORY_FILE = "history.json"
+
+
+def load_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def prepare(model, strategy: str, use_gpu: bool):
+    """train.strategy: ``ddp`` (Ray Train's prepare_model), or ``fsdp``: torch's
+    FullyShardedDataParallel (parameters, gradients and optimiser state sharded over the
+    workers), one FSDP unit per decoder layer (the HF model's ``_no_split_modules``).
+
+    On GPU that is Ray Train's prepare_model(parallel_strategy="fsdp"). Ray 2.60's prepare_model
+    refuses it without CUDA ("FSDP is only available with GPU-enabled training"), and torch's
+    FSDP needs ``device_id=cpu`` there ("FSDP needs a non-CPU accelerator device"): on CPU
+    (gloo) the same wrapper is applied here, as Ray would, after prepare_model without one.
+    """
+    import ray.train.torch
+
+    if strategy == "ddp":
+        return ray.train.torch.prepare_model(model)
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+    kwargs = {"use_orig_params": True, **({"auto_wrap_policy": ModuleWrapPolicy(layers)} if layers else {})}
+    if use_gpu:
+        return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs)
+    model = ray.train.torch.prepare_model(model, parallel_strategy=None)
+    if ray.train.get_context().get_world_size() == 1:
+        return model  # as prepare_model: nothing to shard over
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **kwargs)
+
+
+def _full_state_dicts(model, opt):
+    """FSDP: the whole model's and optimiser's state gathered on rank 0 (a collective: every rank
+    calls it; the others get empty dicts). offload_to_cpu stays off: with it, gathering on CPU
+    segfaults in torch 2.13 (and the tensors are on the CPU already)."""
+    from torch.distributed.fsdp import (FullOptimStateDictConfig, FullStateDictConfig, FullyShardedDataParallel as FSDP,
+                                        StateDictType)
+
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        return model.state_dict(), FSDP.optim_state_dict(model, opt)
+
+
+def _is_fsdp(model) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def load_optimizer(model, opt, saved: dict) -> None:
+    """Restore the optimiser from a checkpoint's (whole) optimiser state; FSDP: each rank's shard of it."""
+    if _is_fsdp(model):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        saved = FSDP.optim_state_dict_to_load(model, opt, saved)
+    opt.load_state_dict(saved)
+
+
+def gather(obj, ctx) -> list:
+    out = [None] * ctx.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def save_and_report(model, opt, sched, metrics: dict, ctx, record: dict) -> None:
+    """Rank 0 writes the checkpoint, every rank reports. record: the rest of the state, plain data
+    (epoch, history, spec, ``partial``: a mid-epoch checkpoint's counters, None at an epoch's end).
+    Called right after an optimiser step: no gradients are pending."""
+    rng = gather(torch.get_rng_state(), ctx)  # per rank: dropout masks continue exactly on resume
+    if _is_fsdp(model):
+        weights, optimiser = _full_state_dicts(model, opt)
+    else:
+        weights, optimiser = (model.module if hasattr(model, "module") else model).state_dict(), opt.state_dict()
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if ctx.get_world_rank() == 0:
+            state = {"model": weights, "optimizer": optimiser, "scheduler": sched.state_dict(), **record, "rng": rng}
+            torch.save(state, os.path.join(d, STATE_FILE))
+            with open(os.path.join(d, HISTORY_FILE), "w") as f:
+                json.dump(record["history"], f)
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
