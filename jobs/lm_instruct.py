@@ -49,7 +49,12 @@ if __name__ == "__main__":
         sys.exit(code)
 
     models, scratch = _report(run_dir), _report(run_dir.parent / f"{name}_scratch")
-    rows = [(n, models[n]) for n in models if n not in ("student", "student_hard")]
+    def label(n: str, m: dict) -> str:
+        if n != "ensemble":
+            return f"teacher {n}"
+        return f"ensemble ({'approximate' if 'approximation' in m else 'exact'}, {m['mode']})"
+
+    rows = [(label(n, m), m) for n, m in models.items() if n not in ("student", "student_hard")]
     rows += [("student (KD, init teacher)", models["student"]), ("student_hard (hard labels, init teacher)",
                                                                  models["student_hard"]),
              ("student_scratch (KD, init scratch)", scratch["student"])]

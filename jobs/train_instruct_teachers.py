@@ -81,10 +81,11 @@ def _response_chunks(text: str) -> list[list[str]]:
 def pair_tokens(tokenizer, prompt: str, response: str) -> int:
     """Tokens of the pair in the longer of its two layouts: prompt_response (<s> prompt response
     </s>) and chat (the template rendered)."""
-    plain = len(tokenizer(prompt)["input_ids"]) + len(tokenizer(response, add_special_tokens=False)["input_ids"]) + 1
+    plain = len(tokenizer(prompt, verbose=False)["input_ids"]) + len(
+        tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]) + 1
     chat = tokenizer.apply_chat_template([{"role": "user", "content": prompt},
                                           {"role": "assistant", "content": response}], tokenize=False)
-    return max(plain, len(tokenizer(chat, add_special_tokens=False)["input_ids"]))
+    return max(plain, len(tokenizer(chat, add_special_tokens=False, verbose=False)["input_ids"]))
 
 
 def build_pairs(tokenizer, max_tokens: int = MAX_TOKENS) -> tuple[list[dict], list[dict]]:
