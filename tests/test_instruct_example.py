@@ -79,3 +79,19 @@ def test_loss_falls_on_the_assistant_turn_only(tokenizer, pairs):
             if sel.any():
                 got.append(tokenizer.decode(ids[w, s:e][sel]))
     assert got == [r["response"] + "</s>\n" for r in rows]
+
+
+def test_the_example_config_gives_train_workers_an_absolute_teacher_path(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory: the example's relative teacher path
+    (student.init teacher) must reach them resolved against the driver's (it once did not)."""
+    from pathlib import Path
+
+    from orchestrator.config import load_config
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "lm_instruct.yaml"
+    monkeypatch.chdir(tmp_path)
+    spec = load_config(example).student_spec_source
+    assert spec == {"init": "teacher", "path": str(tmp_path / "artifacts/teachers/instruct/large"), "layers": [0, 3]}
+    spec = load_config(example, ["student.init=pretrained", "student.path=dirs/p", "student.teacher=null",
+                                 "student.layers=null"]).student_spec_source
+    assert spec["path"] == str(tmp_path / "dirs/p")
