@@ -80,18 +80,25 @@ def _chunks(text: str) -> list[str]:
     return chunks
 
 
-def build_corpus() -> tuple[list[dict], list[dict]]:
-    """Deterministic (train_rows, test_rows) of {"sample_id", "text"} from pydoc_data.topics."""
+def held_out_topics() -> set[str]:
+    """The pydoc topics held out whole: in sha256 order of their key, until 10% of all words."""
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    total = sum(len(topics[k].split()) for k in keys)
+    total = sum(len(t.split()) for t in topics.values())
     test_keys, words = set(), 0
-    for k in sorted(keys, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
+    for k in sorted(topics, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
         if words >= TEST_WORD_FRACTION * total:
             break
         test_keys.add(k)
         words += len(topics[k].split())
+    return test_keys
+
+
+def build_corpus() -> tuple[list[dict], list[dict]]:
+    """Deterministic (train_rows, test_rows) of {"sample_id", "text"} from pydoc_data.topics."""
+    from pydoc_data.topics import topics
+
+    keys, test_keys = sorted(topics), held_out_topics()
     train, test = [], []
     for k in keys:
         rows = [{"sample_id": f"{k}:{i}", "text": t} for i, t in enumerate(_chunks(topics[k]))]

@@ -272,10 +272,15 @@ class DistillConfig(_Strict):
         s = self.student
         if s.init == "scratch":
             return {"init": "scratch", "config_file": s.config or self.lm.student_config}
+        # Absolute: Ray Train workers run in their own working directory, so a path relative to
+        # the driver's (artifacts/..., as in examples/lm_instruct.yaml) would not be found there.
+        def local(path: str) -> str:
+            return path if "://" in path else str(Path(path).resolve())
+
         if s.init == "pretrained":
-            return {"init": "pretrained", "path": s.path}
+            return {"init": "pretrained", "path": local(s.path)}
         teacher = next(t for t in self.teachers if t.name == s.teacher)
-        return {"init": "teacher", "path": teacher.path, "layers": list(s.layers)}
+        return {"init": "teacher", "path": local(teacher.path), "layers": list(s.layers)}
 
     def ignored_keys(self) -> list[str]:
         """Keys set in the config, to other than their defaults, that the chosen task never reads,

@@ -341,9 +341,9 @@ def _lm(**student):
 
 def test_lm_student_sources():
     assert config_from_dict(_lm(config="s.json")).student_spec_source == {"init": "scratch", "config_file": "s.json"}
-    assert config_from_dict(_lm(init="pretrained", path="p")).student_spec_source == {"init": "pretrained", "path": "p"}
+    assert config_from_dict(_lm(init="pretrained", path="p")).student_spec_source == {"init": "pretrained", "path": str(Path("p").resolve())}
     cfg = config_from_dict(_lm(init="teacher", teacher="big", layers=[0, 2]))
-    assert cfg.student_spec_source == {"init": "teacher", "path": "x", "layers": [0, 2]}
+    assert cfg.student_spec_source == {"init": "teacher", "path": str(Path("x").resolve()), "layers": [0, 2]}
     assert error_of(_lm()).endswith("student.config: required for task lm with student.init scratch (an HF config.json; "
                                     "or start from student.init pretrained / teacher)")
     assert "student.path: required with student.init pretrained" in error_of(_lm(init="pretrained"))
