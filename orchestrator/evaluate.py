@@ -15,6 +15,7 @@ LATENCY_SAMPLES = 50
 # Held-out LM windows per forward pass: the [B, L, V] float32 logits of a batch are what is held
 # (8 x 512 x 151,936 x 4 B = 2.5 GB), so memory does not grow with the held-out split.
 EVAL_BATCH = 8
+ENSEMBLE_CHUNK = 8192  # held-out positions ensembled at a time (evaluate_lm)
 
 
 def _latency_ms(predict, x: np.ndarray) -> float:
@@ -159,17 +160,26 @@ def evaluate_lm(labels: np.ndarray, teachers: dict[str, dict], ensemble: dict, s
                   "params": int(t["params"]), "latency_ms": float(t["latency_ms"])} for n, t in teachers.items()}
     mode = ensemble["mode"] if ensemble["mode"] not in NEEDS_LABELS else "mean_prob"
     weights = [ensemble["weights"][n] for n in teachers]
-    e_ids, e_lps, tail = ensemble_topk(np.stack([t["ids"] for t in teachers.values()]),
-                                       np.stack([t["logprobs"] for t in teachers.values()]), k_out=k,
-                                       vocab_size=vocab_size, mode=mode, temperature=1.0, weights=weights, tau=ensemble["tau"])
-    nll, approximation = ensemble_true_token_nll(np.stack([t["nll"] for t in teachers.values()]), np.asarray(weights),
-                                                 mode, e_ids, e_lps, tail, labels, vocab_size)
+    nll, top1 = np.empty(len(labels)), np.empty(len(labels), np.int64)
+    approximation = None
+    # In chunks of positions: the ensemble's temporaries (~6 KB per position at k=32, measured)
+    # would otherwise grow the driver with the held-out split; what is kept is 16 B per position.
+    for a in range(0, len(labels), ENSEMBLE_CHUNK):
+        part = slice(a, a + ENSEMBLE_CHUNK)
+        e_ids, e_lps, tail = ensemble_topk(np.stack([t["ids"][part] for t in teachers.values()]),
+                                           np.stack([t["logprobs"][part] for t in teachers.values()]), k_out=k,
+                                           vocab_size=vocab_size, mode=mode, temperature=1.0, weights=weights,
+                                           tau=ensemble["tau"])
+        nll[part], approximation = ensemble_true_token_nll(np.stack([t["nll"][part] for t in teachers.values()]),
+                                                           np.asarray(weights), mode, e_ids, e_lps, tail, labels[part],
+                                                           vocab_size)
+        top1[part] = e_ids[:, 0]
     rows = [models[n] for n in teachers]
-    models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(nll, e_ids[:, 0], labels),
+    models["ensemble"] = {"kind": "ensemble", "mode": mode, **_lm_scores(nll, top1, labels),
                           "params": sum(m["params"] for m in rows), "latency_ms": sum(m["latency_ms"] for m in rows),
                           **({"approximation": approximation} if approximation else {})}
     for name, s in students.items():
         models[name] = {"kind": "student", "loss": s.get("loss"), **_lm_scores(s["nll"], s["top1"], labels),
                         "params": s["params"], "latency_ms": s["latency_ms"],
-                        "agreement_with_ensemble": float((s["top1"] == e_ids[:, 0]).mean())}
+                        "agreement_with_ensemble": float((s["top1"] == top1).mean())}
     return {"models": models, "test_tokens": int(labels.size), "ensemble_eval_mode": mode}

@@ -59,3 +59,16 @@ def test_a_true_token_outside_the_union_gets_its_share_of_the_tail():
     nll, how = ensemble_true_token_nll(np.zeros((1, 1)), np.ones(1), "entropy", e_ids, e_lps, np.array([0.4]),
                                        np.array([7]), 10)
     assert nll[0] == pytest.approx(-np.log(0.05)) and "uniform tail" in how
+
+
+@pytest.mark.parametrize("mode", ["mean_prob", "mean_logit"])
+def test_the_ensemble_in_chunks_of_positions_equals_it_in_one(tiny_lms, monkeypatch, mode):
+    import orchestrator.evaluate
+
+    teachers, test, vocab = tiny_lms
+    ens = {"mode": mode, "tau": 1.0, "weights": {"a": 1.0, "b": 2.0}}
+    labels, scores = scored(teachers, test, 4)
+    whole = evaluate_lm(labels, scores, ens, {}, k=4, vocab_size=vocab)["models"]["ensemble"]
+    monkeypatch.setattr(orchestrator.evaluate, "ENSEMBLE_CHUNK", 7)  # 60 positions: 9 chunks, the last short
+    chunked = evaluate_lm(labels, scores, ens, {}, k=4, vocab_size=vocab)["models"]["ensemble"]
+    assert chunked == whole
