@@ -154,7 +154,7 @@ def _stages(labeler, shards: int) -> dict[str, float]:
         b = time.perf_counter()
         out = labeler._ask_all(x)
         c = time.perf_counter()
-        labeler._check(out, inputs, i)
+        labeler._check(out, inputs, x, i)
         d = time.perf_counter()
         table, _ = build_shard(inputs, {n: out[n] for n in labeler.handles}, labeler.store.manifest)
         e = time.perf_counter()
