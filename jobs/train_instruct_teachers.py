@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import re
 import time
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 
 from jobs.train_lm_teachers import DEFAULT_OUT as LM_OUT
-from jobs.train_lm_teachers import _files_sha256, _paragraphs, held_out_topics
+from jobs.train_lm_teachers import _files_sha256, _paragraphs, cached_meta, held_out_topics, write_meta
 
 VERSION = 1
 DEFAULT_OUT = "artifacts/teachers/instruct"
@@ -164,20 +163,10 @@ def finetune(model, ids, pos, mask, *, seed: int, steps: int) -> None:
 
 
 # ----------------------------------------------------------------------------- job
-def _cached(out: Path) -> dict | None:
-    try:
-        meta = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    ok = meta.get("version") == VERSION and set(meta.get("teachers", {})) == set(FINETUNE) \
-        and meta.get("files") and all((out / f).is_file() for f in meta["files"])
-    return meta if ok else None
-
-
 def ensure_instruct_teachers(out: str | Path = DEFAULT_OUT, force: bool = False, lm_out: str | Path = LM_OUT) -> dict:
     """Build (or reuse cached) instruction pairs and fine-tuned chat teachers under ``out``; returns meta."""
     out = Path(out)
-    meta = None if force else _cached(out)
+    meta = None if force else cached_meta(out, VERSION, FINETUNE)
     if meta is not None:
         print(f"cached: instruct teachers in {out} (" + ", ".join(
             f"{n} response ppl={t['held_out_response_ppl']:.2f}" for n, t in meta["teachers"].items()) + ")")
@@ -238,10 +227,7 @@ def ensure_instruct_teachers(out: str | Path = DEFAULT_OUT, force: bool = False,
 
     meta = {"version": VERSION, "source": "pydoc_data.topics", "data": data, "chat_template": CHAT_TEMPLATE,
             "tokenizer_sha256": tok_sha, "teachers": teachers, "files": files}
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out / "meta.json")
-    return meta
+    return write_meta(out, meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -191,20 +191,29 @@ def train_teacher(model, windows: torch.Tensor, *, seed: int, steps: int, batch:
 
 
 # ----------------------------------------------------------------------------- job
-def _cached(out: Path) -> dict | None:
+def cached_meta(out: Path, version: int, teachers) -> dict | None:
+    """out/meta.json if it is of `version`, names these `teachers` and every file it lists exists."""
     try:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    ok = meta.get("version") == VERSION and set(meta.get("teachers", {})) == set(TEACHERS) \
+    ok = meta.get("version") == version and set(meta.get("teachers", {})) == set(teachers) \
         and meta.get("files") and all((out / f).is_file() for f in meta["files"])
     return meta if ok else None
+
+
+def write_meta(out: Path, meta: dict) -> dict:
+    """Written last and atomically: a run killed before it leaves no meta.json, so it re-runs."""
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out / "meta.json")
+    return meta
 
 
 def ensure_lm_teachers(out: str | Path = DEFAULT_OUT, force: bool = False) -> dict:
     """Build (or reuse cached) corpus, tokenizer, small/large LM teachers under ``out``; returns meta."""
     out = Path(out)
-    meta = None if force else _cached(out)
+    meta = None if force else cached_meta(out, VERSION, TEACHERS)
     if meta is not None:
         print(f"cached: LM teachers in {out} (" + ", ".join(
             f"{n} ppl={t['held_out_ppl']:.2f}" for n, t in meta["teachers"].items()) + ")")
@@ -271,10 +280,7 @@ def ensure_lm_teachers(out: str | Path = DEFAULT_OUT, force: bool = False) -> di
                           "adds_bos": True, "seq_packing": "<s> text </s>"},
             "unigram_held_out_ppl": round(unigram, 3), "teachers": teachers,
             "student_config": "student_config.json", "student_params": student_params, "files": files}
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(out / "meta.json")
-    return meta
+    return write_meta(out, meta)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,6 @@ import numpy as np
 
 from . import metrics
 from .config import DistillConfig
-from .datasets import fingerprint
 from .errors import DistillError
 from .prepare import Prepared
 from .report import table, write_report
@@ -74,7 +73,7 @@ def load_students(cfg: DistillConfig) -> dict[str, dict]:
 def _score_file(cfg: DistillConfig, prep: Prepared, teacher: dict) -> tuple[Path, str]:
     from .models import teacher_fingerprint
 
-    key = hashlib.sha256(f"{fingerprint(prep.test)}|{teacher_fingerprint(teacher)}|{cfg.lm.k}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{prep.test_fingerprint}|{teacher_fingerprint(teacher)}|{cfg.lm.k}".encode()).hexdigest()[:16]
     return cfg.run_dir / "eval" / f"{teacher['name']}.npz", key
 
 
@@ -130,7 +129,8 @@ def teacher_scores(cfg: DistillConfig, prep: Prepared, teachers: list[dict], row
     from the teachers deployed now (attached ones are used and left running)."""
     from actors import teacher as serve_teachers
 
-    missing = [t for t in teachers if _cached(cfg, prep, t) is None]
+    scores = {t["name"]: _cached(cfg, prep, t) for t in teachers}
+    missing = [t for t in teachers if scores[t["name"]] is None]
     if missing:
         log.info("evaluate: deploying %s to score the held-out split", ", ".join(t["name"] for t in missing))
         apps = serve_teachers.attach([t for t in missing if t["serve_app"]])
@@ -139,7 +139,8 @@ def teacher_scores(cfg: DistillConfig, prep: Prepared, teachers: list[dict], row
             score_teachers(cfg, prep, {**apps, **owned}, rows)
         finally:
             serve_teachers.shutdown(owned)
-    return {t["name"]: _cached(cfg, prep, t) for t in teachers}
+        scores.update({t["name"]: _cached(cfg, prep, t) for t in missing})
+    return scores
 
 
 # ---- students, in a Ray task ---------------------------------------------------------------------

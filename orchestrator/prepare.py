@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ class Prepared:
     identity: dict  # what the store must have been built from
     ensemble: dict  # mode, temperature, tau, weights per teacher
     tokenizer: str | None = None  # task lm: the ensemble's one tokenizer dir (exported with the student)
+
+    @cached_property
+    def test_fingerprint(self) -> str:
+        """Content hash of the held-out split (keys the teachers' cached held-out scores)."""
+        return fingerprint(self.test)
 
 
 def prepare(cfg: DistillConfig) -> Prepared:
