@@ -14,7 +14,8 @@ import torch
 from orchestrator.config import config_from_dict
 from orchestrator.curation import curate, mixture_nll
 from orchestrator.errors import DistillError
-from orchestrator.generate import eos_ids, load_prompts, sample_seed
+from orchestrator.generate import sample_seed
+from orchestrator.prompts import eos_ids, load_prompts
 from orchestrator.generation import _filtered, sample
 
 
