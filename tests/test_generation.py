@@ -191,3 +191,48 @@ def test_a_teacher_without_an_end_token_is_refused(tmp_path, tok):
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert eos_ids("t", src, no_eos) == [2, 7]
     shutil.rmtree(src)
+
+
+def test_chat_prompts_and_curated_output_load_as_instruction_data(tmp_path, tok):
+    """format chat: the prompt is the conversation without its trailing answer, rendered with the
+    generation prompt; the curated file is chat data `distill run` reads (instruct.load_examples),
+    the kept response as the assistant turn. The parts here are written by the real writer from
+    hand-made samples (the teachers' side is tests/test_generate.py)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from orchestrator.generate import _curate, _part, _part_table, _write_part
+    from orchestrator.instruct import load_examples
+
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "old answer"}],
+             [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why"}]]
+    pq.write_table(pa.table({"messages": convs}), tmp_path / "p.parquet")
+    (tmp_path / "s.json").write_text("{}")
+    cfg = config_from_dict({**_cfg(tmp_path, n=2, max_new_tokens=4, max_nll=3.0),
+                            "dataset": {"source": str(tmp_path / "p.parquet"), "format": "chat"},
+                            "lm": {"max_len": 64}, "output_dir": str(tmp_path / "runs")})
+    prompts = load_prompts(cfg, tok)
+    assert prompts[0].value == convs[0][:1] and prompts[1].value == convs[1]
+    text = tok.apply_chat_template(convs[0][:1], tokenize=False, add_generation_prompt=True)
+    assert prompts[0].ids == tok(text, add_special_tokens=False)["input_ids"]
+
+    eos, word = tok.eos_token_id, tok("yes", add_special_tokens=False)["input_ids"]
+
+    def s(tokens, finished, nll):
+        t = np.array(tokens, np.int32)
+        return {"tokens": t, "finished": finished, "nll": np.full(len(t), nll, np.float32),
+                "topk_ids": np.zeros((len(t), 4), np.int32), "topk_logprobs": np.zeros((len(t), 4), np.float32)}
+
+    samples = [s(word + [eos], True, 1.0), s(word + [5], False, 1.0),  # prompt 0: kept, no end token
+               s(word + [eos], True, 9.0), s([eos], True, 1.0)]  # prompt 1: above max_nll, empty
+    out = cfg.generate_path
+    scores = {"a": [x["nll"] for x in samples]}
+    _write_part(_part(out, "a", 0), _part_table(prompts, "a", 2, samples, scores))
+    summary = _curate(cfg, out, {"id": 1}, prompts, ["a"], tok)
+    assert summary["kept"] == 1 and summary["dropped"] == {"no_eos": 1, "empty": 1, "duplicate": 0, "max_nll": 1,
+                                                           "over_keep": 0}
+    rows = load_examples(summary["dataset"], "chat")
+    assert rows == [convs[0][:1] + [{"role": "assistant", "content": "yes"}]]
+    kept = pq.read_table(summary["dataset"]).to_pylist()[0]
+    assert kept["sample_id"] == f"{prompts[0].id}/a/0" and kept["response_ids"] == word + [eos]
+    assert kept["ensemble_nll"] == pytest.approx(1.0) and kept["own_nll"] == pytest.approx(1.0)
