@@ -52,8 +52,6 @@ def generate(cfg: DistillConfig, quiet: bool = False) -> dict:
     if cfg.task != "lm" or d.format not in ("prompt_response", "chat"):
         raise DistillError(f"dataset.format: distill generate needs prompts: task lm with format prompt_response or chat "
                            f"(got task {cfg.task}, format {d.format})")
-    if vllm := [t.name for t in cfg.teachers if t.backend != "hf"]:
-        raise DistillError(f"teacher '{vllm[0]}': distill generate runs backend hf teachers only; serve it with backend hf")
     check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, None)
     tok_dir = check_vocabulary(cfg)
     tokenizer = load_tokenizer(tok_dir)
