@@ -81,7 +81,9 @@ def _command(args, cfg, quiet: bool) -> None:
         out = generate(cfg, quiet)
         print(f"generated: {out['total']} responses, {out['kept']} kept "
               f"(dropped: {', '.join(f'{k} {v}' for k, v in out['dropped'].items())})")
+        print(f"kept per teacher: {', '.join(f'{t} {n}' for t, n in out['per_teacher'].items())}")
         print(f"dataset: {out['dataset']}")
+        print(f"next: distill run {args.config} dataset.source={out['dataset']}  (labels it with every teacher)")
         return
     if args.command == "run":
         out = pipeline.run(cfg, quiet)

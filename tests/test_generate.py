@@ -55,7 +55,7 @@ def _parts(out: Path) -> dict[str, dict]:
     return {r["sample_id"]: r for r in rows}
 
 
-def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path):
+def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, capsys):
     cfg = _config(tmp_path, setup)
     path = write_yaml(tmp_path / "c.yaml", cfg)
     out = Path(cfg["output_dir"]) / "gen" / "generated"
@@ -72,7 +72,10 @@ def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path):
     assert len(list((out / "parts").rglob("*.parquet"))) == 3
     first = {p: p.stat().st_mtime_ns for p in (out / "parts").rglob("*.parquet")}
 
+    capsys.readouterr()
     assert main(["generate", str(path), "-q"]) == 0  # resumes
+    said = capsys.readouterr().out
+    assert f"next: distill run {path} dataset.source={out / 'generated.parquet'}" in said, said
     assert not list(out.rglob("*.tmp"))
     assert all(p.stat().st_mtime_ns == t for p, t in first.items()), "a finished part was written again"
     resumed = _parts(out)
