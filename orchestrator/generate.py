@@ -209,8 +209,9 @@ def _write_json(path: Path, value: dict) -> None:
 def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt], names: list[str], tokenizer) -> dict:
     """All parts -> curated OUTPUT/generated.parquet; the counts into OUTPUT/generate.json."""
     g, d = cfg.generate, cfg.dataset
-    parts = [pq.read_table(_part(out, t, b)) for b in range((len(prompts) + g.block_size - 1) // g.block_size)
-             for t in names]
+    paths = [_part(out, t, b) for b in range((len(prompts) + g.block_size - 1) // g.block_size) for t in names]
+    # Not the per-token top-k lists (k values per generated token): curation needs none of them.
+    parts = [pq.read_table(p, columns=[c for c in pq.read_schema(p).names if not c.startswith("topk_")]) for p in paths]
     table = pa.concat_tables(parts)
     rows = table.to_pylist()  # prompt order, then teacher, then sample index
     weights = {t.name: t.weight for t in cfg.teachers}
