@@ -44,7 +44,7 @@ from .prepare import check_vocabulary, teacher_identities
 from .prompts import Prompt, eos_ids, load_prompts
 
 log = logging.getLogger("distill")
-TEST_HOOKS_ENV = "DISTILL_TEST_HOOKS"  # TEST ONLY: {"generate_stall_after_parts": N}, see _write_part
+TEST_HOOKS_ENV = "DISTILL_TEST_HOOKS"  # TEST ONLY: {"generate_stall_after_parts": N}, see _test_hook
 
 
 def generate(cfg: DistillConfig, quiet: bool = False) -> dict:
