@@ -113,6 +113,18 @@ class Teacher:
         self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
         return out
 
+    async def generate(self, prompts: list[list[int]], seeds: list[list[int]], options: dict) -> list:
+        """`distill generate`: per prompt (token ids), len(seeds[p]) sampled responses with this
+        teacher's own top-k log-probs per generated token (orchestrator/generation.py). Not
+        batched across callers: a caller's block of prompts is one batch, so a re-run samples
+        in the same batches and gets the same tokens."""
+        from orchestrator.generation import generate_with
+
+        t0 = time.perf_counter()
+        out = await asyncio.wrap_future(self._call(generate_with, self.model, prompts, seeds, options))
+        self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
+        return out
+
     def params(self) -> int:
         """Parameters of the served model (from its weight files: the same for every backend)."""
         return params_on_disk(self.cfg["path"])

@@ -1,4 +1,4 @@
-"""`distill` command line: run | label | train | eval | export | inspect.
+"""`distill` command line: run | label | train | eval | export | inspect | generate.
 
 Every user error (config, data, teacher, store) ends as one line `error: ...` and exit 2.
 `-q` / `--quiet` may stand anywhere: before or after the command, between overrides.
@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="a Ray Train checkpoint dir or state file (default: the run's final student)")
     s.add_argument("--name", default="student", help="which student: student or student_hard")
     s.add_argument("--out", help="output dir (default: output_dir/run/students/NAME)")
+    s = sub.add_parser("generate", help="task lm: teachers write responses to the prompts; curated into a dataset")
+    s.add_argument("config", help="run config YAML (its generate: section)")
+    s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     s = sub.add_parser("inspect", help="describe a label store")
     s.add_argument("store", help="store folder or URI")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -72,6 +75,16 @@ def _run(args, quiet: bool) -> None:
 def _command(args, cfg, quiet: bool) -> None:
     from . import pipeline
 
+    if args.command == "generate":  # orchestrator/generate.py
+        from .generate import generate
+
+        out = generate(cfg, quiet)
+        print(f"generated: {out['total']} responses, {out['kept']} kept "
+              f"(dropped: {', '.join(f'{k} {v}' for k, v in out['dropped'].items())})")
+        print(f"kept per teacher: {', '.join(f'{t} {n}' for t, n in out['per_teacher'].items())}")
+        print(f"dataset: {out['dataset']}")
+        print(f"next: distill run {args.config} dataset.source={out['dataset']}  (labels it with every teacher)")
+        return
     if args.command == "run":
         out = pipeline.run(cfg, quiet)
     elif args.command == "eval":

@@ -197,9 +197,26 @@ class MetricsConfig(_Strict):
     linger_s: float = Field(0.0, ge=0)  # keep the endpoint up after the command, for a last scrape
 
 
+class GenerateConfig(_Strict):
+    """`distill generate` (task lm, dataset.format prompt_response | chat): teachers write responses
+    to the dataset's prompts; see orchestrator/generate.py. `distill run` never reads this section."""
+
+    n: int = Field(1, ge=1)  # responses per prompt per teacher
+    temperature: float = Field(1.0, ge=0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(32, ge=1)
+    seed: int = 0  # with the prompt id, teacher and sample index: each sample's own RNG
+    cross_score: bool = True  # every teacher scores every response; curation then uses the ensemble's NLL
+    max_nll: Optional[float] = Field(None, gt=0)  # drop responses above this NLL per token
+    keep: Optional[int] = Field(None, ge=1)  # keep the best (lowest NLL) per prompt
+    block_size: int = Field(8, ge=1)  # prompts per output part (the unit written exactly once)
+    output: Optional[str] = None  # default: <output_dir>/<run.name>/generated
+
+
 # Per task, the keys it never reads (None: the whole section).
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
-    "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "student": ("init", "config", "path", "teacher", "layers")},
+    "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "generate": None,
+                       "student": ("init", "config", "path", "teacher", "layers")},
     "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden")},
 }
 
@@ -219,6 +236,7 @@ class DistillConfig(_Strict):
     ray: RayConfig = RayConfig()
     metrics: MetricsConfig = MetricsConfig()
     lm: LMConfig = LMConfig()
+    generate: GenerateConfig = GenerateConfig()
 
     @model_validator(mode="after")
     def _lm_needs(self):
@@ -301,6 +319,10 @@ class DistillConfig(_Strict):
     @property
     def store_path(self) -> str:
         return self.store.path or str(self.run_dir / "store")
+
+    @property
+    def generate_path(self) -> Path:
+        return Path(self.generate.output) if self.generate.output else self.run_dir / "generated"
 
 
 def _format_errors(err: ValidationError) -> str:

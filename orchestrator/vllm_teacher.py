@@ -171,6 +171,44 @@ class VLLMTeacher:
             return out_ids.reshape(b, -1, self.k), out_lp.reshape(b, -1, self.k), nll.reshape(b, -1)
         return out_ids, out_lp, nll
 
+    def generate(self, prompts: list[list[int]], seeds: list[list[int]], options: dict) -> list[list[dict]]:
+        """`distill generate`, with the contract of orchestrator/generation.py `sample`: one request
+        per sample, each with its own seed (vLLM seeds a request's sampler from it, so a sample
+        does not depend on its batch), all in one engine call that vLLM batches. options:
+        temperature (0: greedy), top_p, max_new_tokens, eos_ids (stop tokens, kept in the
+        output), pad_id (unused). logprobs=k: vLLM's raw (T=1) log-probs of the k best tokens and
+        of the sampled one, per generated position."""
+        from vllm import SamplingParams
+
+        longest = max(len(p) for p in prompts) + options["max_new_tokens"]
+        if longest > self.max_len:
+            raise DistillError(f"teacher '{self.name}': prompts plus generate.max_new_tokens reach {longest} tokens, "
+                               f"beyond its max_model_len {self.max_len}; lower lm.max_len or generate.max_new_tokens")
+        eos = [int(e) for e in options["eos_ids"]]
+        requests, params = [], []
+        for p, ss in zip(prompts, seeds):
+            for s in ss:
+                requests.append({"prompt_token_ids": [int(t) for t in p]})
+                params.append(SamplingParams(n=1, seed=int(s), temperature=float(options["temperature"]),
+                                             top_p=float(options["top_p"]), max_tokens=int(options["max_new_tokens"]),
+                                             logprobs=self.k, stop_token_ids=eos, detokenize=False))
+        outs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for o in outs:
+            c = o.outputs[0]
+            tokens = np.array(c.token_ids, np.int32)
+            top_ids = np.zeros((len(tokens), self.k), np.int32)
+            top_lps = np.zeros((len(tokens), self.k), np.float32)
+            nll = np.zeros(len(tokens), np.float32)
+            for t, d in enumerate(c.logprobs):
+                best = sorted(d.items(), key=lambda kv: -kv[1].logprob)[: self.k]
+                top_ids[t], top_lps[t] = [i for i, _ in best], [lp.logprob for _, lp in best]
+                nll[t] = -d[int(tokens[t])].logprob
+            samples.append({"tokens": tokens, "finished": bool(len(tokens) and int(tokens[-1]) in eos),
+                            "topk_ids": top_ids, "topk_logprobs": top_lps, "nll": nll})
+        cuts = np.cumsum([len(ss) for ss in seeds])[:-1]
+        return [list(part) for part in np.split(np.array(samples, dtype=object), cuts)]
+
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Windows [B, L] -> ([B, L-1, k], [B, L-1, k]); packed rows -> ([N, k], [N, k])."""
         return self.score(rows)[:2]

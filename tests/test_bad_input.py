@@ -346,6 +346,66 @@ def test_lm_teachers_with_different_vocabularies(good, lm_files, tmp_path, capsy
            r"teachers 'small' and 'large' use different vocabularies \(tokenizer files differ\)")
 
 
+# ---- `distill generate` (task lm prompts; checked before any teacher is deployed) ----------
+
+
+def _no_eos_teacher(lm_files: dict, tmp: Path) -> str:
+    """The `small` teacher with every end-of-sequence token removed (config, generation config, tokenizer)."""
+    import shutil
+
+    path = tmp / "no-eos"
+    shutil.copytree(lm_files["teachers"]["small"], path)
+    (path / "generation_config.json").unlink(missing_ok=True)
+    for name, key in (("config.json", "eos_token_id"), ("tokenizer_config.json", "eos_token")):
+        conf = json.loads((path / name).read_text())
+        conf[key] = None
+        (path / name).write_text(json.dumps(conf))
+    return str(path)
+
+
+def _no_prompts(t: Path) -> dict:
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), t / "pairs.parquet")
+    return {"source": str(t / "pairs.parquet"), "format": "prompt_response"}
+
+
+def _gen_no_eos(t: Path, lm_files: dict) -> dict:
+    return {"teachers": [{"name": "mute", "backend": "hf", "path": _no_eos_teacher(lm_files, t)}],
+            "dataset": _pairs(t, "prompt_response", [{"prompt": "a?"}])}
+
+
+@pytest.mark.parametrize(
+    "sections, expect",
+    [
+        (lambda t, f: {"generate": {"n": 0}, "dataset": _pairs(t, "prompt_response", [{"prompt": "a?"}])},
+         r"generate\.n: Input should be greater than or equal to 1 \(got 0\)"),
+        (lambda t, f: {"generate": {"max_new_tokens": 8}, "dataset": _pairs(t, "prompt_response", [{"prompt": "a?"}, {"prompt": "word " * 40}])},
+         r"dataset\.prompt: prompt \w+ \(row 1\) is \d+ tokens, and with generate\.max_new_tokens 8 it does not fit "
+         r"lm\.max_len 32; shorten or drop it, lower generate\.max_new_tokens, or raise lm\.max_len"),
+        (lambda t, f: {"dataset": _no_prompts(t)},
+         r"dataset\.source: .*pairs\.parquet has no prompts to generate for; give it at least one row"),
+        (_gen_no_eos,
+         r"teacher 'mute': no end-of-sequence token \(eos_token_id in .*no-eos/generation_config\.json or config\.json, "
+         r"or the tokenizer's eos_token\), so its responses could never end; set one"),
+        (lambda t, f: {},
+         r"dataset\.format: distill generate needs prompts: task lm with format prompt_response or chat \(got task lm, format text\)"),
+    ],
+    ids=["generate-n-zero", "generate-prompt-longer-than-max-len", "generate-empty-prompt-set", "generate-teacher-without-eos",
+         "generate-on-text-data"],
+)
+def test_generate_errors(good, lm_files, tmp_path, capsys, sections, expect):
+    """`distill generate`: exit 2, one line, the good run dir (where OUTPUT would be) unchanged."""
+    cfg = _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path, lm_files))
+    if cfg["dataset"].get("format"):
+        cfg["dataset"].pop("test_source", None)
+    capsys.readouterr()
+    code = main(["generate", str(write_yaml(tmp_path / "bad.yaml", cfg))])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert re.search(expect, err), err
+    assert _snapshot(good.run_dir) == good.files  # no generated/ folder, nothing else touched
+
+
 # ---- teachers' outputs: only known once they run, on Serve ----------------------------------
 
 

@@ -1,0 +1,129 @@
+"""`distill generate` end to end on real Ray Serve, two tiny instruction teachers, n=2:
+
+  killed (SIGKILL) mid-run and re-run -> the same responses as an uninterrupted run with the
+                                         same seed, each (prompt, teacher, sample) written once
+  the parts                           -> shapes, end-token flags, own NLL = the teacher's score
+  curation                            -> counts that add up; a re-run re-curates, no teacher work
+  `distill run` on the curated data   -> a label store over the generated responses, a student
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from orchestrator.cli import main
+from orchestrator.config import config_from_dict
+from orchestrator.store import LabelStore
+from tests.helpers import write_yaml
+from tests.helpers_gen import make_gen_setup
+from tests.helpers_lm import lm_config
+from tests.test_faults import _descendants, _wait_for, _wait_gone
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+N, MAX_NEW = 2, 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_gen_setup(tmp_path_factory.mktemp("gen"))
+
+
+def _config(tmp: Path, setup: dict, **generate) -> dict:
+    cfg = lm_config(tmp, setup, run={"name": "gen"},
+                    dataset={"source": str(setup["train"]), "test_source": str(setup["test"]), "format": "prompt_response"},
+                    lm={"max_len": 64, "k": 4}, ray={"num_cpus": 2},
+                    generate={"n": N, "max_new_tokens": MAX_NEW, "temperature": 0.8, "seed": 3, "block_size": 5, **generate})
+    cfg["train"].update(epochs=1, workers=1, cpus_per_worker=1)
+    cfg["eval"] = {"baseline": False}
+    return cfg
+
+
+def _parts(out: Path) -> dict[str, dict]:
+    """Every written sample by sample_id; fails if one is there twice."""
+    rows = [r for p in sorted((out / "parts").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a (prompt, teacher, sample) written twice"
+    return {r["sample_id"]: r for r in rows}
+
+
+def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, capsys):
+    cfg = _config(tmp_path, setup)
+    path = write_yaml(tmp_path / "c.yaml", cfg)
+    out = Path(cfg["output_dir"]) / "gen" / "generated"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DISTILL_TEST_HOOKS": json.dumps({"generate_stall_after_parts": 3})}
+    p = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "generate", str(path)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    half = out / "parts" / "half-written.parquet.tmp"
+    _wait_for(lambda: half.exists() or p.poll() is not None, timeout=300, what="the run to stall after 3 parts")
+    assert p.poll() is None, p.stdout.read()
+    ray_processes = _descendants(p.pid)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    _wait_gone(ray_processes)
+    assert len(list((out / "parts").rglob("*.parquet"))) == 3
+    first = {p: p.stat().st_mtime_ns for p in (out / "parts").rglob("*.parquet")}
+
+    capsys.readouterr()
+    assert main(["generate", str(path), "-q"]) == 0  # resumes
+    said = capsys.readouterr().out
+    assert f"next: distill run {path} dataset.source={out / 'generated.parquet'}" in said, said
+    assert not list(out.rglob("*.tmp"))
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items()), "a finished part was written again"
+    resumed = _parts(out)
+    ref_out = tmp_path / "ref"
+    assert main(["generate", str(path), "-q", f"generate.output={ref_out}"]) == 0  # uninterrupted, same seed
+    assert resumed == _parts(ref_out)
+    assert (out / "generated.parquet").read_bytes() == (ref_out / "generated.parquet").read_bytes()
+
+    # The parts: 36 prompts x 2 teachers x n, each sample as its own teacher wrote and scored it.
+    prompts = pq.read_table(setup["train"]).num_rows
+    assert len(resumed) == prompts * 2 * N
+    eos = 2  # </s> of the test tokenizer
+    for r in resumed.values():
+        assert r["sample_id"] == f"{r['prompt_id']}/{r['teacher']}/{r['sample_index']}"
+        toks = r["response_ids"]
+        assert r["finished"] == (toks[-1] == eos) and eos not in toks[:-1]
+        assert r["finished"] or len(toks) == MAX_NEW
+        assert np.array(r["topk_ids"]).shape == np.array(r["topk_logprobs"]).shape == (len(toks), 4)
+        np.testing.assert_allclose(r["own_nll"], r[f"nll.{r['teacher']}"], atol=1e-3)  # own = served score
+    finished = sum(r["finished"] for r in resumed.values())
+    assert 0 < finished < len(resumed), "the test teachers should end some responses and not others"
+
+    # Curation: counts add up, and what is kept is what generated.parquet holds.
+    summary = json.loads((out / "generate.json").read_text())["curation"]
+    assert summary["total"] == len(resumed)
+    assert summary["kept"] + sum(summary["dropped"].values()) == summary["total"]
+    assert summary["dropped"]["no_eos"] == len(resumed) - finished
+    kept = pq.read_table(out / "generated.parquet")
+    assert kept.num_rows == summary["kept"] > 0
+    assert set(kept.column("sample_id").to_pylist()) <= {k for k, r in resumed.items() if r["finished"]}
+    assert {"prompt", "response", "ensemble_nll", "own_nll"} <= set(kept.column_names)
+
+    # Re-curating (another keep) needs no teacher and leaves the parts alone.
+    assert main(["generate", str(path), "-q", "generate.keep=1", "ray.address=ray://nowhere:1"]) == 0
+    again = json.loads((out / "generate.json").read_text())["curation"]
+    per_prompt = pq.read_table(out / "generated.parquet").column("prompt_id").to_pylist()
+    assert len(per_prompt) == len(set(per_prompt)) == again["kept"] <= summary["kept"]
+    assert _parts(out) == resumed
+
+    # A different seed writes elsewhere, or is refused here.
+    assert main(["generate", str(path), "-q", "generate.seed=4"]) == 2
+
+    # `distill run` on the curated responses: labeled by both teachers into a store, a student trained.
+    run_cfg = {**cfg, "dataset": {**cfg["dataset"], "source": str(out / "generated.parquet")}}
+    run_path = write_yaml(tmp_path / "run.yaml", run_cfg)
+    assert main(["run", str(run_path), "-q"]) == 0
+    c = config_from_dict(run_cfg)
+    store = LabelStore(c.store_path)
+    store.load_manifest()
+    assert store.complete and [t["name"] for t in store.manifest["teachers"]] == ["large", "small"]
+    assert (c.run_dir / "report.json").exists()
