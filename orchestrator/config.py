@@ -181,6 +181,9 @@ class TrainConfig(_Strict):
     # How the student is spread over the workers: ddp (a full copy each), or fsdp (parameters,
     # gradients and optimiser state sharded; one unit per decoder layer), for students too large for one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Feature / relation terms beside the response loss (check_extra_loss below; built by
+    # orchestrator/feature_losses.py build_extra_loss). Not yet read by the train loop.
+    extra_losses: list[dict[str, Any]] = []
 
 
 class EvalConfig(_Strict):
@@ -195,6 +198,51 @@ class RayConfig(_Strict):
 class MetricsConfig(_Strict):
     port: Optional[int] = Field(None, ge=1, le=65535)  # driver's /metrics (prometheus_client); None: off
     linger_s: float = Field(0.0, ge=0)  # keep the endpoint up after the command, for a last scrape
+
+
+EXTRA_LOSS_KINDS = ("hint", "attention", "rkd_distance", "rkd_angle", "similarity")
+_EXTRA_LOSS_KEYS = ("kind", "weight", "teacher", "teacher_layer", "student_layer", "distance", "source")
+
+
+def check_extra_loss(spec: Any, where: str = "train.extra_losses") -> dict:
+    """One ``train.extra_losses`` entry, checked and with its defaults filled in; a bad entry raises
+    DistillError naming the field (``where.field``). Which teachers exist is checked by the caller."""
+    if not isinstance(spec, dict):
+        raise DistillError(f"{where}: expected a mapping with kind, weight, teacher, teacher_layer, student_layer "
+                           f"(got {spec!r})")
+    unknown = [k for k in spec if k not in _EXTRA_LOSS_KEYS]
+    if unknown:
+        raise DistillError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(_EXTRA_LOSS_KEYS)})")
+    out = {"weight": 1.0, "distance": "mse", "source": "attention", **spec}
+    if out.get("kind") not in EXTRA_LOSS_KINDS:
+        raise DistillError(f"{where}.kind: {out.get('kind')!r} is not one of {', '.join(EXTRA_LOSS_KINDS)}")
+    w = out["weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        raise DistillError(f"{where}.weight: must be a number >= 0 (got {w!r})")
+    if not isinstance(out.get("teacher"), str) or not out["teacher"]:
+        raise DistillError(f"{where}.teacher: required: a teacher's name, or ensemble (got {out.get('teacher')!r})")
+    for key in ("teacher_layer", "student_layer"):
+        v = out.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or v == "":
+            raise DistillError(f"{where}.{key}: required: a hidden-state index or a module name (got {v!r})")
+    if "distance" in spec and out["kind"] != "hint":
+        raise DistillError(f"{where}.distance: applies to kind hint only (this term is {out['kind']}); remove it")
+    if out["distance"] not in ("mse", "cosine"):
+        raise DistillError(f"{where}.distance: {out['distance']!r} is not mse or cosine")
+    if "source" in spec and out["kind"] != "attention":
+        raise DistillError(f"{where}.source: applies to kind attention only (this term is {out['kind']}); remove it")
+    if out["source"] not in ("attention", "activation"):
+        raise DistillError(f"{where}.source: {out['source']!r} is not attention or activation")
+    return out
+
+
+def _check_extra_losses(extra: list, teachers: list[str]) -> None:
+    """train.extra_losses: every entry well-formed and naming a configured teacher (or ensemble)."""
+    for i, spec in enumerate(extra):
+        spec = check_extra_loss(spec, f"train.extra_losses.{i}")
+        if spec["teacher"] != "ensemble" and spec["teacher"] not in teachers:
+            raise DistillError(f"train.extra_losses.{i}.teacher: no teacher named '{spec['teacher']}' "
+                               f"(teachers: {', '.join(teachers)}, or ensemble)")
 
 
 # Per task, the keys it never reads (None: the whole section).
@@ -377,6 +425,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DistillConfig:
 
 def config_from_dict(tree: dict, source: str = "config") -> DistillConfig:
     try:
-        return DistillConfig.model_validate(tree)
+        cfg = DistillConfig.model_validate(tree)
     except ValidationError as e:
         raise DistillError(f"{source}: {_format_errors(e)}") from None
+    try:
+        _check_extra_losses(cfg.train.extra_losses, [t.name for t in cfg.teachers])
+    except DistillError as e:
+        raise DistillError(f"{source}: {e}") from None
+    return cfg
