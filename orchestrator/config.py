@@ -83,6 +83,27 @@ class TeacherConfig(_Strict):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)  # Serve's default
     engine: Optional[EngineConfig] = None  # backend vllm only
+    # Intermediate features stored beside the logits (task classification; orchestrator/features.py):
+    # hf: hidden-state indices (0 = embeddings); torch (module + state_dict): module names, by forward hook.
+    features: list[int | str] = []
+    pool: Literal["cls", "mean", "none"] = "mean"  # token-level [B, L, D] features: first token, mean, or kept
+
+    @model_validator(mode="after")
+    def _features_fit(self):
+        if self.pool != "mean" and not self.features:  # the default may be written out (a dumped config)
+            raise ValueError(f"pool: applies with features only (teacher '{self.name}'); remove it or list features")
+        if not self.features:
+            return self
+        if self.backend == "vllm":
+            raise ValueError(f"features: backend vllm returns no intermediate features (teacher '{self.name}'); remove them")
+        want = int if self.backend == "hf" else str
+        wrong = [f for f in self.features if not isinstance(f, want) or isinstance(f, bool)]
+        if wrong:
+            what = "hidden-state indices (integers)" if want is int else "module names (strings)"
+            raise ValueError(f"features: backend {self.backend} takes {what}, got {wrong[0]!r} (teacher '{self.name}')")
+        if len(set(map(str, self.features))) != len(self.features):
+            raise ValueError(f"features: listed twice on teacher '{self.name}': {self.features}")
+        return self
 
     @model_validator(mode="after")
     def _engine_fits(self):
@@ -236,13 +257,18 @@ def check_extra_loss(spec: Any, where: str = "train.extra_losses") -> dict:
     return out
 
 
-def _check_extra_losses(extra: list, teachers: list[str]) -> None:
-    """train.extra_losses: every entry well-formed and naming a configured teacher (or ensemble)."""
+def _check_extra_losses(extra: list, teachers: dict[str, list]) -> None:
+    """train.extra_losses: every entry well-formed, naming a configured teacher (or ensemble) that
+    captures its teacher_layer (teachers: name -> that teacher's `features`)."""
     for i, spec in enumerate(extra):
         spec = check_extra_loss(spec, f"train.extra_losses.{i}")
         if spec["teacher"] != "ensemble" and spec["teacher"] not in teachers:
             raise DistillError(f"train.extra_losses.{i}.teacher: no teacher named '{spec['teacher']}' "
                                f"(teachers: {', '.join(teachers)}, or ensemble)")
+        named = teachers if spec["teacher"] == "ensemble" else {spec["teacher"]: teachers[spec["teacher"]]}
+        if lacking := [n for n, feats in named.items() if spec["teacher_layer"] not in feats]:
+            raise DistillError(f"train.extra_losses.{i}.teacher_layer: teacher '{lacking[0]}' does not capture "
+                               f"{spec['teacher_layer']!r}; add it to that teacher's features")
 
 
 # Per task, the keys it never reads (None: the whole section).
@@ -280,6 +306,8 @@ class DistillConfig(_Strict):
                 raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
         elif any(t.backend == "vllm" for t in self.teachers):
             raise ValueError("teachers: backend vllm serves causal LMs: set task: lm")
+        if self.task == "lm" and (t := next((t for t in self.teachers if t.features), None)):
+            raise ValueError(f"teachers: features are stored for task classification only (teacher '{t.name}')")
         return self
 
     @field_validator("teachers")
@@ -429,7 +457,7 @@ def config_from_dict(tree: dict, source: str = "config") -> DistillConfig:
     except ValidationError as e:
         raise DistillError(f"{source}: {_format_errors(e)}") from None
     try:
-        _check_extra_losses(cfg.train.extra_losses, [t.name for t in cfg.teachers])
+        _check_extra_losses(cfg.train.extra_losses, {t.name: t.features for t in cfg.teachers})
     except DistillError as e:
         raise DistillError(f"{source}: {e}") from None
     return cfg

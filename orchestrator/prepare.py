@@ -57,7 +57,8 @@ def ensemble_record(cfg: DistillConfig) -> dict:
 def teacher_identities(cfg: DistillConfig) -> list[dict]:
     """Teachers in one order everywhere: by name (the store's columns, the ensemble's inputs,
     evaluation), so reordering the config's list never changes a byte of a store."""
-    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump())}
+    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump()),
+             **({"features": list(t.features), "pool": t.pool} if t.features else {})}  # no key: as before features
             for t in sorted(cfg.teachers, key=lambda t: t.name)]
 
 

@@ -221,15 +221,22 @@ def test_hint_needs_widths():
 
 
 def _config(extra):
-    return {"dataset": {"source": "sklearn:digits"}, "teachers": [{"name": "mlp", "backend": "torch", "path": "x.pt"}],
-            "train": {"extra_losses": extra}}
+    return {"dataset": {"source": "sklearn:digits"}, "teachers": [
+        {"name": "mlp", "backend": "torch", "path": "x.pt", "module": "m:C", "features": ["2", "net.0"]},
+        {"name": "bert", "backend": "hf", "path": "b", "features": [2]}], "train": {"extra_losses": extra}}
 
 
 def test_config_checks_extra_losses():
-    cfg = config_from_dict(_config([SPEC, {**SPEC, "kind": "similarity", "teacher": "ensemble"}]))
-    assert cfg.train.extra_losses[1]["teacher"] == "ensemble"
+    spec = {**SPEC, "teacher_layer": "net.0"}
+    cfg = config_from_dict(_config([spec, {**SPEC, "kind": "similarity", "teacher": "bert"}]))
+    assert cfg.train.extra_losses[1]["teacher"] == "bert"
+    # ensemble: every teacher must capture the layer (here "2" for mlp but 2 for bert: not the same)
+    with pytest.raises(DistillError, match=r"^cfg: train.extra_losses.0.teacher_layer: teacher 'bert' does not capture 'net.0'"):
+        config_from_dict(_config([{**spec, "teacher": "ensemble"}]), source="cfg")
+    with pytest.raises(DistillError, match=r"^cfg: train.extra_losses.0.teacher_layer: teacher 'mlp' does not capture 2;"):
+        config_from_dict(_config([SPEC]), source="cfg")
     assert config_from_dict(_config([])).train.extra_losses == []
     with pytest.raises(DistillError, match=r"^cfg: train.extra_losses.1.teacher: no teacher named 'big'"):
-        config_from_dict(_config([SPEC, {**SPEC, "teacher": "big"}]), source="cfg")
+        config_from_dict(_config([spec, {**SPEC, "teacher": "big"}]), source="cfg")
     with pytest.raises(DistillError, match=r"^cfg: train.extra_losses.0.kind: "):
         config_from_dict(_config([{**SPEC, "kind": "hints"}]), source="cfg")
