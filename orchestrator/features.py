@@ -105,6 +105,21 @@ def split_features(table: pa.Table, teachers: list[dict]) -> tuple[pa.Table, dic
     return table.drop_columns(names), out
 
 
+def feature_write_options(table: pa.Table) -> dict:
+    """Parquet options for a shard with feature columns (none without: such shards are written as
+    before): the feature columns without dictionary and zstd-compressed, the rest as by default.
+    Measured on 200 rows of a 32-wide ReLU layer: 88 bytes per sample with the default dictionary +
+    snappy (worse than the 64 raw bytes: float16 values rarely repeat), 58 without dictionary + zstd."""
+    def leaf(f: pa.Field) -> str:
+        return f"{f.name}.list.element" if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) else f.name
+
+    feats = [leaf(f) for f in table.schema if f.name.startswith(PREFIX)]
+    if not feats:
+        return {}
+    others = [leaf(f) for f in table.schema if not f.name.startswith(PREFIX)]
+    return {"use_dictionary": others, "compression": {**{c: "snappy" for c in others}, **{c: "zstd" for c in feats}}}
+
+
 def feature_bytes_per_sample(meta: pq.FileMetaData) -> dict[str, float] | None:
     """Stored (compressed) bytes per sample of each feature column of a shard file; None if none."""
     sizes = {c: b for c, b in column_sizes(meta).items() if c.startswith(PREFIX)}

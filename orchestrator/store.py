@@ -61,7 +61,7 @@ from .columns import (  # noqa: F401  (re-exported: the store's column layout, i
     topk_columns,
 )
 from .errors import DistillError
-from .features import feature_bytes_per_sample
+from .features import feature_bytes_per_sample, feature_write_options
 
 log = logging.getLogger("distill")
 
@@ -200,7 +200,7 @@ class LabelStore:
             return pq.ParquetFile(f).read_row_group(i)
 
     def write_shard(self, i: int, table: pa.Table, generation: int | None = None) -> ShardInfo:
-        data = _table_bytes(table, **shard_write_options(table))
+        data = _table_bytes(table, **shard_write_options(table), **feature_write_options(table))  # features: never both
         info = ShardInfo(rows=table.num_rows, bytes=data.size, checksum=checksum(data))
         self._write_atomic(self.shard_path(i, generation), data)
         self._write_atomic(self._sidecar(i, generation), json.dumps(info.__dict__).encode())

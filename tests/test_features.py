@@ -226,6 +226,19 @@ def test_inspect_reports_feature_bytes_per_sample(tmp_path):
     assert "feature_bytes_per_sample" not in plain.summary()
 
 
+def test_feature_columns_are_written_without_dictionary_in_zstd(tmp_path):
+    import pyarrow.parquet as pq
+
+    store = LabelStore(str(tmp_path / "s"))
+    inputs = inputs_table(6)
+    store.write_shard(0, build_shard(inputs, outputs(6, True), manifest(True))[0])
+    meta = pq.ParquetFile(store.shard_path(0)).metadata
+    cols = {meta.row_group(0).column(i).path_in_schema: meta.row_group(0).column(i) for i in range(meta.num_columns)}
+    feat, logits = cols["feat__b__h.list.element"], cols["teacher.a.logits.list.element"]
+    assert feat.compression == "ZSTD" and "RLE_DICTIONARY" not in feat.encodings
+    assert logits.compression == "SNAPPY" and "RLE_DICTIONARY" in logits.encodings  # the rest as before
+
+
 # ---- a store without features is today's, byte for byte -----------------------------------------
 
 # xxh3-128 of the shard and inputs files of `_golden_store`, computed with the code on main before
