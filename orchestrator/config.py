@@ -96,6 +96,9 @@ class TeacherConfig(_Strict):
             return self
         if self.backend == "vllm":
             raise ValueError(f"features: backend vllm returns no intermediate features (teacher '{self.name}'); remove them")
+        if self.backend == "torch" and not self.module:
+            raise ValueError(f"features: a TorchScript teacher takes no forward hooks (teacher '{self.name}'); "
+                             "give it as module (pkg.mod:Class) + state_dict path")
         want = int if self.backend == "hf" else str
         wrong = [f for f in self.features if not isinstance(f, want) or isinstance(f, bool)]
         if wrong:

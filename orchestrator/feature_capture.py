@@ -29,6 +29,44 @@ def pool_tokens(x: torch.Tensor, pool: str, mask: torch.Tensor | None = None) ->
     return (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
+def check_layers(cfg: dict) -> None:
+    """Before any deployment (in the driver, no weights loaded): every teachers[].features entry
+    names a hidden state / module the teacher has. Raises a one-line DistillError."""
+    name, layers = cfg["name"], cfg.get("features") or []
+    if not layers:
+        return
+    if cfg["backend"] == "hf":
+        from transformers import AutoConfig
+
+        n = getattr(AutoConfig.from_pretrained(cfg["path"], local_files_only=True), "num_hidden_layers", None)
+        _check_indices(name, layers, n)
+        return
+    import importlib
+
+    mod, cls = cfg["module"].split(":")
+    try:
+        with torch.device("meta"):  # the module tree only: no memory for weights
+            model = getattr(importlib.import_module(mod), cls)(**cfg.get("kwargs", {}))
+    except Exception as e:  # noqa: BLE001  (the user's module: say which and why, on one line)
+        raise DistillError(f"teacher '{name}': cannot build {cfg['module']} to check its features: "
+                           f"{type(e).__name__}: {e}") from None
+    _check_modules(name, layers, dict(model.named_modules()))
+
+
+def _check_indices(name: str, layers: list, n: int | None) -> None:
+    bad = [i for i in layers if n is not None and not -(n + 1) <= i <= n]
+    if bad:
+        raise DistillError(f"teacher '{name}': features index {bad[0]} out of range: the model has {n + 1} "
+                           f"hidden states (0 = embeddings .. {n})")
+
+
+def _check_modules(name: str, layers: list, modules: dict) -> None:
+    for layer in layers:
+        if layer not in modules:
+            names = ", ".join(n for n in list(modules)[1:13] if n)
+            raise DistillError(f"teacher '{name}': no module '{layer}' for features (modules: {names}, ...)")
+
+
 class FeatureCapture:
     """Set up once per teacher; ``collect`` after each forward gives {layer: float32 numpy}."""
 
@@ -37,20 +75,14 @@ class FeatureCapture:
         self.layers = list(layers)
         self._seen: dict[str, torch.Tensor] = {}
         if backend == "hf":
-            n = getattr(model.config, "num_hidden_layers", None)
-            bad = [i for i in self.layers if n is not None and not -(n + 1) <= i <= n]
-            if bad:
-                raise DistillError(f"teacher '{name}': features index {bad[0]} out of range: the model has {n + 1} "
-                                   f"hidden states (0 = embeddings .. {n})")
+            _check_indices(name, self.layers, getattr(model.config, "num_hidden_layers", None))
             return
         if isinstance(model, torch.jit.ScriptModule):
             raise DistillError(f"teacher '{name}': features by module name need a `module: pkg.mod:Class` + state_dict "
                                "teacher (a TorchScript file takes no forward hooks)")
         modules = dict(model.named_modules())
+        _check_modules(name, self.layers, modules)
         for layer in self.layers:
-            if layer not in modules:
-                names = ", ".join(n for n in list(modules)[1:13] if n)
-                raise DistillError(f"teacher '{name}': no module '{layer}' for features (modules: {names}, ...)")
             modules[layer].register_forward_hook(self._hook(layer))
 
     def reset(self) -> None:

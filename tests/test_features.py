@@ -56,6 +56,19 @@ def test_torch_teacher_bad_features_are_one_line_errors(state_file, tmp_path):
         ClassifierTeacher({"name": "lin", "backend": "torch", "path": str(script), "features": ["net"]})
 
 
+def test_layers_are_checked_before_any_deployment(state_file, hf_dir):
+    from orchestrator.feature_capture import check_layers
+
+    check_layers(torch_cfg(state_file, features=["net.0", "net.2"]))
+    with pytest.raises(DistillError, match=r"^teacher 'mlp': no module 'net.7' for features \(modules: net, net.0"):
+        check_layers(torch_cfg(state_file, features=["net.7"]))
+    with pytest.raises(DistillError, match=r"^teacher 'mlp': cannot build tests.helpers:NoSuch to check its features"):
+        check_layers(torch_cfg(state_file, module="tests.helpers:NoSuch", features=["net.0"]))
+    check_layers({"name": "b", "backend": "hf", "path": str(hf_dir), "features": [0, 2, -3]})
+    with pytest.raises(DistillError, match=r"^teacher 'b': features index -4 out of range"):
+        check_layers({"name": "b", "backend": "hf", "path": str(hf_dir), "features": [-4]})
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
@@ -195,6 +208,9 @@ def test_config_refuses_misplaced_features(state_file):
     assert "features: backend torch takes module names (strings), got 2" in err(features=[2])
     assert "pool: applies with features only" in err(pool="cls")
     assert "features: listed twice" in err(features=["net.0", "net.0"])
+    with pytest.raises(DistillError, match="features: a TorchScript teacher takes no forward hooks"):
+        config_from_dict({"dataset": {"source": "sklearn:digits"},
+                          "teachers": [{"name": "s", "backend": "torch", "path": "s.pt", "features": ["net"]}]})
     with pytest.raises(DistillError, match="features: backend hf takes hidden-state indices"):
         config_from_dict({"dataset": {"source": "sklearn:digits"},
                           "teachers": [{"name": "h", "backend": "hf", "path": "x", "features": ["net.0"]}]})

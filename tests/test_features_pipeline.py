@@ -128,3 +128,28 @@ def test_inspect_reports_feature_bytes(runs, capsys):
     assert "features:   feat__mlp__net.0:" in capsys.readouterr().out
     assert cli.main(["inspect", plain.store_path, "--json"]) == 0
     assert "feature_bytes_per_sample" not in json.loads(capsys.readouterr().out)
+
+
+def test_reensemble_keeps_the_stored_features(runs):
+    _, rich, _, _ = runs
+    _, before = _shards(rich)
+    other = rich.model_copy(deep=True)
+    other.ensemble.temperature = 3.0
+    pipeline.label(other, pipeline.prepare(other), reensemble=True)  # no teacher runs
+    _, after = _shards(other)
+    for x, y in zip(before, after):
+        for c in [c for c in x.column_names if c.startswith("feat__")]:
+            assert y.column(c).equals(x.column(c)) and y.schema.field(c).metadata == x.schema.field(c).metadata
+        assert not y.column("soft.probs").equals(x.column("soft.probs"))
+    pipeline.label(rich, pipeline.prepare(rich), reensemble=True)  # back, for the other tests
+
+
+def test_unknown_module_is_one_line_naming_teacher_and_module(runs, tmp_path):
+    _, rich, _, _ = runs
+    bad = rich.model_copy(deep=True)
+    bad.teachers[1].features = ["net.7"]
+    bad.store.path = str(tmp_path / "store")
+    with pytest.raises(DistillError) as e:
+        pipeline.label(bad, pipeline.prepare(bad))
+    msg = str(e.value)
+    assert "teacher 'mlp'" in msg and "no module 'net.7' for features" in msg and "\n" not in msg
