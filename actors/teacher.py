@@ -20,6 +20,7 @@ from ray import serve
 
 from orchestrator.errors import DistillError
 from orchestrator.instruct import targets
+from orchestrator.features import features_of_output, logits_of, split_output
 
 
 def app_name(run: str, teacher: str) -> str:
@@ -79,9 +80,11 @@ class Teacher:
         from orchestrator.models import teacher_fingerprint
 
         self.probe = sample[:1]
-        out = self._call(self.model, self.probe).result()
+        out = self._call(self._forward, self.probe).result()
+        feats = {k: list(v.shape[1:]) for k, v in features_of_output(out).items()}  # teachers[].features
+        out = logits_of(out)
         width = getattr(self.model, "vocab_size", None) if isinstance(out, tuple) else out.shape[-1]
-        return {"name": self.cfg["name"], "num_classes": int(width),
+        return {"name": self.cfg["name"], "num_classes": int(width), **({"features": feats} if feats else {}),
                 "fingerprint": teacher_fingerprint(self.cfg), "node_id": ray.get_runtime_context().get_node_id(),
                 "engine": getattr(self.model, "engine_settings", None)}  # vllm: each setting and why
 
@@ -89,11 +92,12 @@ class Teacher:
     async def predict(self, batches: list[np.ndarray]) -> list:
         """[rows_i, ...] arrays from many callers -> one forward pass -> each caller's rows.
 
-        Classifiers return logits [rows, C]; causal LMs a tuple (top-k ids, logprobs).
+        Classifiers return logits [rows, C] (with teachers[].features: {"logits", "features"});
+        causal LMs a tuple (top-k ids, logprobs).
         """
         t0 = time.perf_counter()
         x = np.concatenate(batches)
-        out = await asyncio.wrap_future(self._call(self.model, x))  # the event loop stays free meanwhile
+        out = await asyncio.wrap_future(self._call(self._forward, x))  # the event loop stays free meanwhile
         self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
         self.metrics["requests"].inc(len(batches), tags=self.tags)
         self.metrics["rows"].inc(len(x), tags=self.tags)
@@ -102,7 +106,12 @@ class Teacher:
             cuts = np.cumsum(targets(x).sum(axis=1))[cuts - 1]
         if isinstance(out, tuple):
             return list(zip(*(np.split(o, cuts) for o in out)))
-        return np.split(out, cuts)
+        return split_output(out, cuts)
+
+    @property
+    def _forward(self):
+        """The model call predict serves: with teachers[].features, logits + features in one pass."""
+        return self.model.forward_features if self.cfg.get("features") else self.model
 
     async def score(self, rows: np.ndarray) -> tuple:
         """Held-out evaluation of an LM teacher, as served: (top-k ids, log-probs, true-token NLL)
@@ -144,7 +153,8 @@ class Teacher:
 
     def _probe(self) -> None:
         try:
-            out = self.model(self.probe)
+            out = self._forward(self.probe)
+            out = (logits_of(out), *features_of_output(out).values()) if isinstance(out, dict) else out
             finite = all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
             self._sick = None if finite else f"teacher '{self.cfg['name']}' produces non-finite outputs"
         except Exception as e:  # noqa: BLE001  (a model that raises on a row it took before is broken)

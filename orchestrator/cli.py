@@ -61,6 +61,8 @@ def _inspect(store_uri: str, as_json: bool) -> None:
         print(f"teacher:    {t['name']} ({t['backend']}) fingerprint {t['fingerprint']}")
     for c in info["columns"]:
         print(f"column:     {c}")
+    for c, b in (info.get("feature_bytes_per_sample") or {}).items():  # teachers[].features
+        print(f"features:   {c}: {b:,.1f} bytes per sample")
 
 
 def _run(args, quiet: bool) -> None:

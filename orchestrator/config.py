@@ -83,6 +83,30 @@ class TeacherConfig(_Strict):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)  # Serve's default
     engine: Optional[EngineConfig] = None  # backend vllm only
+    # Intermediate features stored beside the logits (task classification; orchestrator/features.py):
+    # hf: hidden-state indices (0 = embeddings); torch (module + state_dict): module names, by forward hook.
+    features: list[int | str] = []
+    pool: Literal["cls", "mean", "none"] = "mean"  # token-level [B, L, D] features: first token, mean, or kept
+
+    @model_validator(mode="after")
+    def _features_fit(self):
+        if self.pool != "mean" and not self.features:  # the default may be written out (a dumped config)
+            raise ValueError(f"pool: applies with features only (teacher '{self.name}'); remove it or list features")
+        if not self.features:
+            return self
+        if self.backend == "vllm":
+            raise ValueError(f"features: backend vllm returns no intermediate features (teacher '{self.name}'); remove them")
+        if self.backend == "torch" and not self.module:
+            raise ValueError(f"features: a TorchScript teacher takes no forward hooks (teacher '{self.name}'); "
+                             "give it as module (pkg.mod:Class) + state_dict path")
+        want = int if self.backend == "hf" else str
+        wrong = [f for f in self.features if not isinstance(f, want) or isinstance(f, bool)]
+        if wrong:
+            what = "hidden-state indices (integers)" if want is int else "module names (strings)"
+            raise ValueError(f"features: backend {self.backend} takes {what}, got {wrong[0]!r} (teacher '{self.name}')")
+        if len(set(map(str, self.features))) != len(self.features):
+            raise ValueError(f"features: listed twice on teacher '{self.name}': {self.features}")
+        return self
 
     @model_validator(mode="after")
     def _engine_fits(self):
@@ -181,6 +205,9 @@ class TrainConfig(_Strict):
     # How the student is spread over the workers: ddp (a full copy each), or fsdp (parameters,
     # gradients and optimiser state sharded; one unit per decoder layer), for students too large for one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Feature / relation terms beside the response loss (check_extra_loss below; built by
+    # orchestrator/feature_losses.py build_extra_loss). Not yet read by the train loop.
+    extra_losses: list[dict[str, Any]] = []
 
 
 class EvalConfig(_Strict):
@@ -211,6 +238,56 @@ class GenerateConfig(_Strict):
     keep: Optional[int] = Field(None, ge=1)  # keep the best (lowest NLL) per prompt
     block_size: int = Field(8, ge=1)  # prompts per output part (the unit written exactly once)
     output: Optional[str] = None  # default: <output_dir>/<run.name>/generated
+
+
+EXTRA_LOSS_KINDS = ("hint", "attention", "rkd_distance", "rkd_angle", "similarity")
+_EXTRA_LOSS_KEYS = ("kind", "weight", "teacher", "teacher_layer", "student_layer", "distance", "source")
+
+
+def check_extra_loss(spec: Any, where: str = "train.extra_losses") -> dict:
+    """One ``train.extra_losses`` entry, checked and with its defaults filled in; a bad entry raises
+    DistillError naming the field (``where.field``). Which teachers exist is checked by the caller."""
+    if not isinstance(spec, dict):
+        raise DistillError(f"{where}: expected a mapping with kind, weight, teacher, teacher_layer, student_layer "
+                           f"(got {spec!r})")
+    unknown = [k for k in spec if k not in _EXTRA_LOSS_KEYS]
+    if unknown:
+        raise DistillError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(_EXTRA_LOSS_KEYS)})")
+    out = {"weight": 1.0, "distance": "mse", "source": "attention", **spec}
+    if out.get("kind") not in EXTRA_LOSS_KINDS:
+        raise DistillError(f"{where}.kind: {out.get('kind')!r} is not one of {', '.join(EXTRA_LOSS_KINDS)}")
+    w = out["weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+        raise DistillError(f"{where}.weight: must be a number >= 0 (got {w!r})")
+    if not isinstance(out.get("teacher"), str) or not out["teacher"]:
+        raise DistillError(f"{where}.teacher: required: a teacher's name, or ensemble (got {out.get('teacher')!r})")
+    for key in ("teacher_layer", "student_layer"):
+        v = out.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or v == "":
+            raise DistillError(f"{where}.{key}: required: a hidden-state index or a module name (got {v!r})")
+    if "distance" in spec and out["kind"] != "hint":
+        raise DistillError(f"{where}.distance: applies to kind hint only (this term is {out['kind']}); remove it")
+    if out["distance"] not in ("mse", "cosine"):
+        raise DistillError(f"{where}.distance: {out['distance']!r} is not mse or cosine")
+    if "source" in spec and out["kind"] != "attention":
+        raise DistillError(f"{where}.source: applies to kind attention only (this term is {out['kind']}); remove it")
+    if out["source"] not in ("attention", "activation"):
+        raise DistillError(f"{where}.source: {out['source']!r} is not attention or activation")
+    return out
+
+
+def _check_extra_losses(extra: list, teachers: dict[str, list]) -> None:
+    """train.extra_losses: every entry well-formed, naming a configured teacher (or ensemble) that
+    captures its teacher_layer (teachers: name -> that teacher's `features`)."""
+    for i, spec in enumerate(extra):
+        spec = check_extra_loss(spec, f"train.extra_losses.{i}")
+        if spec["teacher"] != "ensemble" and spec["teacher"] not in teachers:
+            raise DistillError(f"train.extra_losses.{i}.teacher: no teacher named '{spec['teacher']}' "
+                               f"(teachers: {', '.join(teachers)}, or ensemble)")
+        named = teachers if spec["teacher"] == "ensemble" else {spec["teacher"]: teachers[spec["teacher"]]}
+        if lacking := [n for n, feats in named.items() if spec["teacher_layer"] not in feats]:
+            raise DistillError(f"train.extra_losses.{i}.teacher_layer: teacher '{lacking[0]}' does not capture "
+                               f"{spec['teacher_layer']!r}; add it to that teacher's features")
 
 
 # Per task, the keys it never reads (None: the whole section).
@@ -250,6 +327,8 @@ class DistillConfig(_Strict):
                 raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
         elif any(t.backend == "vllm" for t in self.teachers):
             raise ValueError("teachers: backend vllm serves causal LMs: set task: lm")
+        if self.task == "lm" and (t := next((t for t in self.teachers if t.features), None)):
+            raise ValueError(f"teachers: features are stored for task classification only (teacher '{t.name}')")
         return self
 
     @field_validator("teachers")
@@ -399,6 +478,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> DistillConfig:
 
 def config_from_dict(tree: dict, source: str = "config") -> DistillConfig:
     try:
-        return DistillConfig.model_validate(tree)
+        cfg = DistillConfig.model_validate(tree)
     except ValidationError as e:
         raise DistillError(f"{source}: {_format_errors(e)}") from None
+    try:
+        _check_extra_losses(cfg.train.extra_losses, {t.name: t.features for t in cfg.teachers})
+    except DistillError as e:
+        raise DistillError(f"{source}: {e}") from None
+    return cfg

@@ -3,12 +3,16 @@
 Teachers, by task (``load_teacher``):
 - classification: ``ClassifierTeacher``, backend ``torch`` (TorchScript, or ``module`` + a
   state_dict) or ``hf`` (a sequence classifier reading integer features as token ids):
-  ``features [B, D] float32 -> logits [B, C] float32`` at T=1;
+  ``features [B, D] float32 -> logits [B, C] float32`` at T=1 (and with ``teachers[].features``
+  ``forward_features``: logits + intermediate features, orchestrator/feature_capture.py);
 - lm: ``CausalLMTeacher`` (backend ``hf``) or ``VLLMTeacher`` (backend ``vllm``, see
   orchestrator/vllm_teacher.py): ``windows [B, L] -> (top-k ids, log-probs) [B, L-1, k]``, and
   ``nll(windows) -> [B, L-1]``.
 The Serve deployment (actors/teacher.py) and the evaluation both load teachers through here, so
 what is served is exactly what is evaluated. Students: ``build_student`` from a plain spec.
+
+Over 300 lines: both tasks' teacher loaders, the fingerprints and the tokenizer checks stay in
+one file so that the deployment and the evaluation cannot load a teacher two different ways.
 """
 from __future__ import annotations
 
@@ -101,6 +105,8 @@ def teacher_fingerprint(cfg: dict) -> str:
     dtype = (cfg.get("engine") or {}).get("dtype")
     if dtype:
         spec["engine.dtype"] = dtype
+    if cfg.get("features"):  # what the teacher returns; unset, the hash is what it was before features
+        spec["features"], spec["pool"] = [str(f) for f in cfg["features"]], cfg.get("pool", "mean")
     h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for f in _files(path):
         h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
@@ -136,6 +142,11 @@ class ClassifierTeacher:
         except Exception as e:  # a bad file is the user's input: say which teacher and why
             raise DistillError(f"teacher '{self.name}': cannot load {path}: {type(e).__name__}: {e}") from None
         self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        self.capture = None  # teachers[].features: see forward_features
+        if cfg.get("features"):
+            from .feature_capture import FeatureCapture
+
+            self.capture = FeatureCapture(self.name, self.backend, self.model, cfg["features"], cfg.get("pool", "mean"))
 
     def _load(self, cfg: dict, path: Path) -> nn.Module:
         if self.backend == "hf":
@@ -149,8 +160,20 @@ class ClassifierTeacher:
             return model
         return torch.jit.load(str(path), map_location="cpu")
 
-    @torch.inference_mode()
     def __call__(self, features: np.ndarray) -> np.ndarray:
+        return self._forward(features)[0]
+
+    def forward_features(self, features: np.ndarray) -> dict:
+        """{"logits": [B, C], "features": {LAYER: [B, D] or [B, L, D]}} in one forward pass."""
+        self.capture.reset()
+        logits, out = self._forward(features, hidden=True)
+        hs = out.hidden_states if self.backend == "hf" else None
+        mask = torch.ones(hs[0].shape[:2], device=hs[0].device) if hs else None  # every token is real
+        return {"logits": logits, "features": self.capture.collect(hs, mask)}
+
+    @torch.inference_mode()
+    def _forward(self, features: np.ndarray, hidden: bool = False):
+        """(logits [B, C] float32 numpy, the model's raw output)."""
         x = torch.from_numpy(np.array(features, dtype=np.float32)).to(self.device)  # a copy: Arrow buffers are read-only
         if self.backend == "hf":
             # Sequence classifiers read integer token ids: feature values are used as ids.
@@ -159,15 +182,16 @@ class ClassifierTeacher:
                 raise DistillError(
                     f"teacher '{self.name}': hf backend needs integer features in [0, {self.vocab_size}) as token ids"
                 )
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            raw = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=hidden)
+            out = raw.logits
         else:
             try:
-                out = self.model(x)
+                out = raw = self.model(x)
             except RuntimeError as e:  # most often a feature width the teacher was not built for
                 lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
                 raise DistillError(f"teacher '{self.name}': fails on rows of {x.shape[-1]} features ({lines[-1]}); "
                                    "check that dataset.features matches what the teacher was trained on") from None
-        return out.float().cpu().numpy()
+        return out.float().cpu().numpy(), raw
 
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json")

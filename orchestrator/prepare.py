@@ -14,6 +14,7 @@ import pyarrow as pa
 from .config import DistillConfig
 from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
 from .errors import DistillError
+from .feature_capture import check_layers
 from .instruct import example_table, load_examples, pack_examples, tokenize_examples
 from .models import check_lm_limits, load_tokenizer, teacher_fingerprint, tokenizer_hash
 from .store import SCHEMA_VERSION
@@ -57,7 +58,10 @@ def ensemble_record(cfg: DistillConfig) -> dict:
 def teacher_identities(cfg: DistillConfig) -> list[dict]:
     """Teachers in one order everywhere: by name (the store's columns, the ensemble's inputs,
     evaluation), so reordering the config's list never changes a byte of a store."""
-    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump())}
+    for t in cfg.teachers:  # teachers[].features name layers the teachers have: caught before any deployment
+        check_layers(t.model_dump())
+    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump()),
+             **({"features": list(t.features), "pool": t.pool} if t.features else {})}  # no key: as before features
             for t in sorted(cfg.teachers, key=lambda t: t.name)]
 
 

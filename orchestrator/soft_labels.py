@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from . import codec
 from .ensemble import ensemble_dense, ensemble_topk, teacher_disagreement, teacher_disagreement_topk
+from .features import encode_features, features_of_output, logits_of, split_features
 from .instruct import rows_of, targets
 from .store import (SOFT_COLUMN, SOFT_REF_KEY, SOFT_TOPK, decode_teachers, encode_dense, encode_topk, stored_topk, teacher_column,
                     topk_columns)
@@ -36,7 +37,8 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
         inputs: the shard's input rows (sample_id, row, features+label or input_ids).
         outputs: per teacher name (any order: they are taken in the manifest's teacher order,
             so the shard's columns and the ensemble's sums never depend on the caller's order):
-            dense logits [B, C], or top-k (ids [B, P, k], logprobs [B, P, k]) for an LM store.
+            dense logits [B, C] (or {"logits", "features"} for a teacher with features: see
+            orchestrator/features.py), or top-k (ids [B, P, k], logprobs [B, P, k]) for an LM store.
         manifest: the store manifest (label_kind, k, ensemble, lm.vocab_size).
     Returns:
         (table, stats) with stats = mean teacher disagreement (JSD), mean top-k tail mass of the
@@ -44,6 +46,9 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
     """
     ens = manifest["ensemble"]
     outputs = {t["name"]: outputs[t["name"]] for t in manifest["teachers"]}
+    # teachers[].features: stored after every label column, in the manifest's teacher order
+    feats = {n: features_of_output(o) for n, o in outputs.items() if features_of_output(o)}
+    outputs = {n: logits_of(o) for n, o in outputs.items()}
     # Ensemble exactly what the store keeps (float32 logits; top-k through the codec), so that
     # re-ensembling stored outputs reproduces a freshly labeled shard bit for bit: the stored
     # codes go back unchanged, and the ensemble sees their decoded values either way.
@@ -61,7 +66,7 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
                               tau=ens["tau"], labels=inputs.column("label").to_numpy())
         stats = {"disagreement": float(teacher_disagreement(stacked, ens["temperature"]).mean()),
                  "tail_mass": 0.0, "tokens": 0}
-        return encode_dense(inputs, outputs, soft), stats
+        return encode_features(encode_dense(inputs, outputs, soft), feats), stats
 
     # Windows (format text): every position t of a row, predicting token t+1. Packed
     # instruction rows: the teachers answered only the positions that carry loss, in row order.
@@ -96,6 +101,8 @@ def stored_outputs(shard: pa.Table, manifest: dict) -> tuple[pa.Table, dict]:
     else:
         outputs = dict(zip(names, decode_teachers(shard, names)))
         labels = [*(teacher_column(n) for n in names), SOFT_COLUMN]
+        shard, feats = split_features(shard, manifest["teachers"])
+        outputs.update({n: {"logits": outputs[n], "features": f} for n, f in feats.items()})
     shard = shard.drop_columns([c for c in labels if c in shard.column_names])
     meta = {k: v for k, v in (shard.schema.metadata or {}).items() if k != SOFT_REF_KEY}
     return shard.replace_schema_metadata(meta or None), outputs

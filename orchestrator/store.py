@@ -61,6 +61,7 @@ from .columns import (  # noqa: F401  (re-exported: the store's column layout, i
     topk_columns,
 )
 from .errors import DistillError
+from .features import feature_bytes_per_sample, feature_write_options
 
 log = logging.getLogger("distill")
 
@@ -199,7 +200,7 @@ class LabelStore:
             return pq.ParquetFile(f).read_row_group(i)
 
     def write_shard(self, i: int, table: pa.Table, generation: int | None = None) -> ShardInfo:
-        data = _table_bytes(table, **shard_write_options(table))
+        data = _table_bytes(table, **shard_write_options(table), **feature_write_options(table))  # features: never both
         info = ShardInfo(rows=table.num_rows, bytes=data.size, checksum=checksum(data))
         self._write_atomic(self.shard_path(i, generation), data)
         self._write_atomic(self._sidecar(i, generation), json.dumps(info.__dict__).encode())
@@ -341,11 +342,13 @@ class LabelStore:
     def summary(self) -> dict:
         m = self.manifest or self.load_manifest()
         shards = m["shards"].values()
-        schema = None
+        schema = feature_bytes = None
         if m["shards"]:
             first = int(min(m["shards"], key=int))
             with self.fs.open_input_file(self.shard_path(first)) as f:
-                schema = pq.read_schema(f)
+                pf = pq.ParquetFile(f)
+                schema = pf.schema_arrow
+                feature_bytes = feature_bytes_per_sample(pf.metadata)  # teachers[].features (first shard)
         return {
             "store": self.uri,
             "rows": sum(s["rows"] for s in shards),
@@ -360,6 +363,7 @@ class LabelStore:
             "k": m.get("k"),
             "bytes_per_token": self.bytes_per_token(),
             "soft_same_as": soft_same_as(schema) if schema is not None else None,
+            **({"feature_bytes_per_sample": feature_bytes} if feature_bytes else {}),
         }
 
 
@@ -390,7 +394,12 @@ def _describe_diff(key: str, have, want) -> str:
         bits = []
         if set(h) != set(w):
             bits.append(f"store has teachers {sorted(h)}, config has {sorted(w)}")
-        bits += [f"teacher '{n}' weights/config changed" for n in sorted(set(h) & set(w)) if h[n] != w[n]]
+        feats = lambda ts, n: next((t.get("features"), t.get("pool")) for t in ts if t["name"] == n)  # noqa: E731
+        for n in sorted(set(h) & set(w)):
+            if h[n] != w[n] and feats(have, n) != feats(want, n):  # teachers[].features / pool
+                bits.append(f"teacher '{n}' features changed (store {feats(have, n)}, config {feats(want, n)})")
+            elif h[n] != w[n]:
+                bits.append(f"teacher '{n}' weights/config changed")
         return ", ".join(bits)
     if key == "dataset" and isinstance(have, dict) and isinstance(want, dict):
         return ", ".join(f"dataset.{k}: store {have.get(k)!r} vs config {want.get(k)!r}"

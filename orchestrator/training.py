@@ -39,6 +39,9 @@ def open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
 
 def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None = None) -> dict[str, dict]:
     store = store or open_complete_store(cfg, prep)
+    if cfg.train.extra_losses:  # issue 15: built by orchestrator/feature_losses.py, not yet in actors/student.py
+        log.warning("train.extra_losses: %d term(s) checked but not used yet: the train loop trains on the response "
+                    "loss only", len(cfg.train.extra_losses))
     states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha)}
     if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
         states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)

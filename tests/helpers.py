@@ -99,3 +99,22 @@ class InfTeacher(nn.Module):
         out = torch.zeros(x.shape[0], self.num_classes)
         out[x[:, 5] > 12] = float("inf")
         return out
+
+
+class TinyMLP(nn.Module):
+    """train_tiny's MLP as a `module: tests.helpers:TinyMLP` + state_dict teacher (hookable
+    modules: net.0, net.1, net.2), for teachers[].features."""
+
+    def __init__(self, in_dim: int = 64, hidden: int = 32, num_classes: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x / 16.0)
+
+
+def save_state_teacher(path: Path, hidden: int = 32, seed: int = 2) -> Path:
+    """A trained TinyMLP saved as a state_dict (train_tiny's keys are TinyMLP's)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(train_tiny(hidden, seed=seed).state_dict(), path)
+    return path
