@@ -7,8 +7,7 @@ Teachers, by task (``load_teacher``):
 - lm: ``CausalLMTeacher`` (backend ``hf``) or ``VLLMTeacher`` (backend ``vllm``, see
   orchestrator/vllm_teacher.py): ``windows [B, L] -> (top-k ids, log-probs) [B, L-1, k]``, and
   ``nll(windows) -> [B, L-1]``.
-The Serve deployment (actors/teacher.py) and the evaluation both load teachers through here, so
-what is served is exactly what is evaluated. Students: ``build_student`` from a plain spec.
+Serve (actors/teacher.py) and evaluation load teachers here (served = evaluated); students: ``build_student``.
 """
 from __future__ import annotations
 
@@ -22,8 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cls_students import build_cls_student
 from .errors import DistillError
 from .packing import check_packing, logits_at, split_rows  # noqa: F401  (re-exported)
+from .students import build_lm_student
 
 
 def _files(path: Path) -> list[Path]:
@@ -284,15 +285,14 @@ class MLPStudent(nn.Module):
 
 
 def build_student(spec: dict) -> nn.Module:
-    """spec: {arch, in_dim, num_classes, hidden, mean, std} (all plain data, so it pickles),
-    or {arch: "causal_lm", init: ..., ...}: a causal LM, see orchestrator.students (init defaults
-    to "scratch", {arch: "causal_lm", config: HF config dict} as before)."""
+    """spec, plain data (it pickles): {arch: "mlp", in_dim, num_classes, hidden, mean, std}, {arch: "hf", ...}
+    (orchestrator.cls_students) or {arch: "causal_lm", init, ...} (orchestrator.students; init default scratch)."""
     if spec["arch"] == "causal_lm":
-        from .students import build_lm_student
-
         return build_lm_student({"init": "scratch", **{k: v for k, v in spec.items() if k != "arch"}})
+    if spec["arch"] == "hf":
+        return build_cls_student(spec)
     if spec["arch"] != "mlp":
-        raise DistillError(f"student.arch: unknown '{spec['arch']}' (allowed: mlp)")
+        raise DistillError(f"student.arch: unknown '{spec['arch']}' (allowed: mlp, hf)")
     return MLPStudent(spec["in_dim"], spec["num_classes"], spec["hidden"], spec.get("mean"), spec.get("std"))
 
 
