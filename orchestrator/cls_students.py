@@ -48,7 +48,8 @@ def _teacher_config(spec: dict):
 
 def cls_student_config(spec: dict):
     """The HF config of the student ``spec`` builds, without loading weights, checked: its
-    num_labels is the ensemble's class count, and a decoder knows its padding id."""
+    num_labels is the ensemble's class count (spec["num_classes"], when given), and a decoder
+    knows its padding id."""
     init = _check_init(spec)
     if init == "scratch":
         config = lm_student_config(spec)  # AutoConfig.for_model(model_type, ...): any architecture
@@ -57,8 +58,8 @@ def cls_student_config(spec: dict):
     else:
         tcfg = _teacher_config(spec)
         config = kept_config(tcfg, check_layers(spec.get("layers"), tcfg.num_hidden_layers))
-    field, classes = FIELD[init], spec["num_classes"]
-    if config.num_labels != classes:
+    field, classes = FIELD[init], spec.get("num_classes")  # None: not known yet (prepare, before labeling)
+    if classes is not None and config.num_labels != classes:
         raise DistillError(f"{field}: the student has num_labels {config.num_labels}, the teachers' ensemble "
                            f"{classes} classes; set num_labels: {classes} in its config.json")
     if config.model_type in DECODERS and getattr(config, "pad_token_id", None) is None:

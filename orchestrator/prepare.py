@@ -74,7 +74,22 @@ def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict,
         if len(train_idx) == 0 or len(test_idx) == 0:
             raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {table.num_rows} rows")
         train, test = table.take(train_idx), table.take(test_idx)
+    if cfg.student.arch == "hf":  # before labeling: a student that cannot read these rows fails now
+        _check_cls_student(cfg, train)
     return train, test, {"feature_dim": features_of(train).shape[1]}, "dense", None
+
+
+def _check_cls_student(cfg: DistillConfig, train: pa.Table) -> None:
+    """student.arch hf: its config loads, the features fit it as token ids, and its num_labels
+    covers the dataset's labels (the teachers' class count is checked once labeled, in training)."""
+    from .cls_students import FIELD, check_token_inputs, cls_student_config
+
+    config = cls_student_config(lm_student_spec(cfg))
+    check_token_inputs(config, features_of(train))
+    top = int(train.column("label").to_numpy().max())
+    if top >= config.num_labels:
+        raise DistillError(f"{FIELD[cfg.student.init]}: the student has num_labels {config.num_labels}, the dataset has "
+                           f"class id {top}; set num_labels to the teachers' class count in its config.json")
 
 
 def check_vocabulary(cfg: DistillConfig) -> str:
