@@ -149,7 +149,8 @@ class LiveMetrics:
 def _classifier_step(model, loss_fn, batch: dict, config: dict):
     x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
     # student.arch hf: a sequence classifier reading the features as token ids (as the hf teachers do)
-    logits = cls_logits(model, x, batch.get("attention_mask")) if config["student"]["arch"] == "hf" else model(x)
+    spec = config["student"]
+    logits = cls_logits(model, x, spec.get("pad_token_id")) if spec["arch"] == "hf" else model(x)
     return loss_fn(logits, target, y), len(y)
 
 

@@ -12,9 +12,10 @@ A spec is plain data (it pickles into Ray workers), one of
 classifier, a Llama-family model's final norm + score), read tensor by tensor from its
 safetensors files as orchestrator/students.py does for causal LMs (DistilBERT initialisation).
 
-Inputs: token ids [B, L] int64 and an attention mask [B, L] (1 = token, 0 = padding). The
-classification store's ``features`` column holds the ids as float32 (as the hf teachers read
-them: the quickstart's pixel values 0..16 are token ids), so the mask is all ones there.
+Inputs: token ids [B, L]. The classification store's ``features`` column holds them as float32,
+as the hf teachers read them: the quickstart's pixel values 0..16 are token ids (no padding), or
+``dataset.text`` tokenized with the ensemble's tokenizer and padded with its pad id, which
+``spec["pad_token_id"]`` names so that padding is masked out of attention (as the teachers do).
 """
 from __future__ import annotations
 
@@ -88,10 +89,11 @@ def build_cls_student(spec: dict):
     return model.train()
 
 
-def cls_logits(model, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ids [B, L] (any numeric dtype holding token ids), mask [B, L] or None (no padding) -> logits [B, C]."""
+def cls_logits(model, ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+    """ids [B, L] (any numeric dtype holding token ids) -> logits [B, C]. pad_id: the id that pads
+    text rows (dataset.text; masked out of attention), or None: every position is a token."""
     ids = ids.round().long() if ids.is_floating_point() else ids.long()
-    mask = torch.ones_like(ids) if mask is None else mask.long()
+    mask = torch.ones_like(ids) if pad_id is None else (ids != pad_id).long()
     return model(input_ids=ids, attention_mask=mask).logits
 
 

@@ -205,8 +205,9 @@ TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
                        "student": ("init", "config", "path", "teacher", "layers", "tokenizer")},
     "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden", "tokenizer")},
 }
-# student.arch hf (task classification) reads the weight-source keys, not the MLP's.
-HF_CLS_UNUSED = {"student": ("hidden",)}
+# student.arch hf (task classification) reads the weight-source keys, not the MLP's, and may read
+# a text column (dataset.text) instead of the features.
+HF_CLS_UNUSED = {"student": ("hidden",), "dataset": ("format", "prompt", "response", "messages")}
 
 
 class DistillConfig(_Strict):
@@ -237,6 +238,9 @@ class DistillConfig(_Strict):
                              + f"; remove it, or {hint}")
         if self.task == "lm" or self.student.arch == "hf":
             self._check_lm_student()
+        if self.text_classification and "features" in self.dataset.model_fields_set:
+            raise ValueError("dataset.features: give dataset.text (a text column, tokenized) or dataset.features "
+                             "(token ids), not both")
         if self.task == "lm":
             if any(t.backend == "torch" for t in self.teachers):
                 raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
@@ -296,6 +300,12 @@ class DistillConfig(_Strict):
             return {"init": "pretrained", "path": local(s.path)}
         teacher = next(t for t in self.teachers if t.name == s.teacher)
         return {"init": "teacher", "path": local(teacher.path), "layers": list(s.layers)}
+
+    @property
+    def text_classification(self) -> bool:
+        """Classification from a text column (dataset.text given, student.arch hf): the rows are
+        tokenized with the ensemble's tokenizer and stored as token ids (orchestrator/prepare.py)."""
+        return self.task == "classification" and self.student.arch == "hf" and "text" in self.dataset.model_fields_set
 
     def ignored_keys(self) -> list[str]:
         """Keys set in the config, to other than their defaults, that the chosen task never reads,

@@ -54,7 +54,8 @@ def student_predictor(state: dict):
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if not hf:
             return model(x).numpy()
-        return torch.cat([cls_logits(model, x[i:i + EVAL_BATCH * 32]) for i in range(0, len(x), EVAL_BATCH * 32)]).numpy()
+        pad, step = state["spec"].get("pad_token_id"), EVAL_BATCH * 32
+        return torch.cat([cls_logits(model, x[i:i + step], pad) for i in range(0, len(x), step)]).numpy()
 
     return predict, count_params(model)
 

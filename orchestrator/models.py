@@ -1,5 +1,8 @@
 """Loading teachers and building students. Pure torch (+ transformers): no Ray.
 
+Over 300 lines: the teachers of both tasks and the students' dispatch stay in one module, so
+that what Serve serves is what evaluation scores.
+
 Teachers, by task (``load_teacher``):
 - classification: ``ClassifierTeacher``, backend ``torch`` (TorchScript, or ``module`` + a
   state_dict) or ``hf`` (a sequence classifier reading integer features as token ids):
@@ -137,6 +140,9 @@ class ClassifierTeacher:
         except Exception as e:  # a bad file is the user's input: say which teacher and why
             raise DistillError(f"teacher '{self.name}': cannot load {path}: {type(e).__name__}: {e}") from None
         self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
+        # An hf teacher that ships its tokenizer reads that tokenizer's pad id as padding (text
+        # rows, dataset.text, are padded with it); without one every position is a token.
+        self.pad_id = load_tokenizer(path).pad_token_id if self.backend == "hf" and tokenizer_hash(path) else None
 
     def _load(self, cfg: dict, path: Path) -> nn.Module:
         if self.backend == "hf":
@@ -160,7 +166,8 @@ class ClassifierTeacher:
                 raise DistillError(
                     f"teacher '{self.name}': hf backend needs integer features in [0, {self.vocab_size}) as token ids"
                 )
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            mask = torch.ones_like(ids) if self.pad_id is None else (ids != self.pad_id).long()
+            out = self.model(input_ids=ids, attention_mask=mask).logits
         else:
             try:
                 out = self.model(x)

@@ -14,7 +14,7 @@ from .config import DistillConfig
 from .datasets import features_of
 from .errors import DistillError
 from .instruct import is_packed
-from .prepare import Prepared, lm_student_spec
+from .prepare import Prepared, cls_tokenizer, lm_student_spec
 from .session import last_line, reraise_user_error
 from .store import SOFT_COLUMN, SOFT_TOPK, LabelStore, open_store, topk_columns
 
@@ -220,16 +220,8 @@ def hf_cls_spec(cfg: DistillConfig, x, num_classes: int) -> dict:
 
     spec = {"arch": "hf", "num_classes": num_classes, **lm_student_spec(cfg)}
     check_token_inputs(cls_student_config(spec), x)
+    if (tok := cls_tokenizer(cfg)) is not None:  # its pad id is padding, as for the teachers that share it
+        from .models import load_tokenizer
+
+        spec["pad_token_id"] = load_tokenizer(tok).pad_token_id
     return spec
-
-
-def cls_tokenizer(cfg: DistillConfig) -> str | None:
-    """The tokenizer exported with an arch hf student: student.tokenizer, else the first hf
-    teacher's dir that has tokenizer files, else none (token-id columns need no tokenizer)."""
-    from .models import tokenizer_hash
-
-    if cfg.task == "lm" or cfg.student.arch != "hf":
-        return None
-    if cfg.student.tokenizer:
-        return cfg.student.tokenizer
-    return next((t.path for t in cfg.teachers if t.backend == "hf" and tokenizer_hash(t.path)), None)

@@ -36,7 +36,7 @@ LAYERS = {"bert": "bert.encoder.layer.", "distilbert": "distilbert.transformer.l
 
 def save_teacher(root, cfg: dict, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_cls_student({"arch": "hf", "init": "scratch", "config": cfg, "num_classes": CLASSES}).eval()
+    model = build_cls_student({"arch": "hf", "init": "scratch", "config": cfg, "num_classes": cfg["num_labels"]}).eval()
     with torch.no_grad():  # norms start at exactly 1 / 0: make them distinct, so a wrong copy shows
         for name, p in model.named_parameters():
             if "norm" in name.lower():
@@ -99,9 +99,8 @@ def test_padding_is_masked():
     m = build_student({"arch": "hf", "init": "scratch", "config": TINY["bert"], "num_classes": CLASSES}).eval()
     x = ids(n=1, length=8)
     padded = torch.cat([x, torch.zeros(1, 4, dtype=x.dtype)], 1)
-    mask = torch.cat([torch.ones(1, 8), torch.zeros(1, 4)], 1)
     with torch.no_grad():
-        assert torch.allclose(cls_logits(m, x), cls_logits(m, padded, mask), atol=1e-5)
+        assert torch.allclose(cls_logits(m, x), cls_logits(m, padded, pad_id=0), atol=1e-5)
         assert not torch.allclose(cls_logits(m, x), cls_logits(m, padded), atol=1e-5)
 
 
@@ -220,3 +219,83 @@ def test_pipeline_with_a_student_kept_from_a_bert_teacher(ray_local, teachers, t
         with torch.no_grad():
             acc = float((cls_logits(model, x).argmax(1).numpy() == y).mean())
         assert acc == report["models"][name]["accuracy"]
+
+
+# ---- text inputs: dataset.text tokenized with the ensemble's tokenizer ---------------------------
+
+WORDS = ["red apple", "green pear and a long yellow banana", "blue sky", "the dark night sky and stars"]
+
+
+@pytest.fixture
+def text_setup(tmp_path):
+    """A text dataset (label: row % 2), a BPE tokenizer with a pad token, and a tiny BERT teacher
+    that ships that tokenizer."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers_lm import make_tokenizer
+
+    texts = [WORDS[i % 4] + f" {i}" for i in range(40)]
+    pq.write_table(pa.table({"body": texts, "label": [i % 2 for i in range(40)]}), tmp_path / "text.parquet")
+    tok = make_tokenizer(tmp_path / "bert", texts, vocab=300)
+    path, model = save_teacher(tmp_path, {**TINY["bert"], "vocab_size": len(tok), "num_labels": 2})
+    return tmp_path, tok, path, model, texts
+
+
+def _text_cfg(tmp, path, **student) -> dict:
+    return {"output_dir": str(tmp / "runs"), "dataset": {"source": str(tmp / "text.parquet"), "text": "body"},
+            "teachers": [{"name": "bert", "backend": "hf", "path": str(path)}],
+            "student": {"arch": "hf", "init": "teacher", "teacher": "bert", "layers": [0], **student}}
+
+
+def test_text_rows_are_padded_token_ids(text_setup):
+    from orchestrator.datasets import features_of
+    from orchestrator.prepare import prepare
+
+    tmp, tok, path, _, texts = text_setup
+    prep = prepare(config_from_dict(_text_cfg(tmp, path)))
+    x = np.concatenate([features_of(prep.train), features_of(prep.test)])
+    assert prep.train.num_rows + prep.test.num_rows == 40
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    assert x.shape[1] == max(lengths)  # padded to the longest row, none cut (64 positions)
+    # every row: its text's ids, then pad ids to the width
+    got = {tuple(r[r != tok.pad_token_id].astype(int)) for r in x}
+    assert got == {tuple(tok(t)["input_ids"]) for t in texts}
+    assert (x == tok.pad_token_id).sum() == sum(x.shape[1] - n for n in lengths)
+
+
+def test_teacher_with_a_tokenizer_masks_its_padding(text_setup):
+    from orchestrator.models import ClassifierTeacher
+
+    _, tok, path, model, _ = text_setup
+    teacher = ClassifierTeacher({"name": "bert", "backend": "hf", "path": str(path)})
+    assert teacher.pad_id == tok.pad_token_id
+    ids = tok(["red apple 3"])["input_ids"][0]
+    padded = np.array([ids + [tok.pad_token_id] * 5], np.float32)
+    with torch.no_grad():
+        alone = model(input_ids=torch.tensor([ids])).logits.numpy()
+    assert np.allclose(teacher(padded), alone, atol=1e-5)  # the pads changed nothing
+
+
+def test_text_needs_a_tokenizer_shared_by_the_hf_teachers(text_setup):
+    from orchestrator.prepare import prepare
+
+    tmp, _, path, _, _ = text_setup
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / f).unlink(missing_ok=True)
+    with pytest.raises(DistillError, match=r"student\.tokenizer: dataset\.text needs a tokenizer"):
+        prepare(config_from_dict(_text_cfg(tmp, path)))
+    other = tmp / "other"
+    from tests.helpers_lm import make_tokenizer
+
+    make_tokenizer(other, ["something else entirely"], vocab=280)
+    with pytest.raises(DistillError, match=r"teacher 'bert': dataset\.text is tokenized with .*other"):
+        prepare(config_from_dict(_text_cfg(tmp, path, tokenizer=str(other))))
+
+
+def test_text_and_features_together_are_refused(text_setup):
+    tmp, _, path, _, _ = text_setup
+    cfg = _text_cfg(tmp, path)
+    cfg["dataset"]["features"] = "pixels"
+    with pytest.raises(DistillError, match=r"dataset\.features: give dataset\.text .* or dataset\.features .*not both"):
+        config_from_dict(cfg)
