@@ -299,3 +299,31 @@ def test_text_and_features_together_are_refused(text_setup):
     cfg["dataset"]["features"] = "pixels"
     with pytest.raises(DistillError, match=r"dataset\.features: give dataset\.text .* or dataset\.features .*not both"):
         config_from_dict(cfg)
+
+
+@pytest.mark.slow
+def test_pipeline_on_text_exports_a_self_contained_classifier(ray_local, text_setup):
+    """dataset.text end to end: labeled by the BERT teacher, a student of its layer 0 trained a few
+    steps; the exported dir's own tokenizer + model score the held-out texts as the report does."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from orchestrator.datasets import features_of, split_indices
+    from orchestrator.pipeline import prepare, run
+
+    tmp, _, path, _, texts = text_setup
+    cfg = _text_cfg(tmp, path)
+    cfg.update(run={"name": "text"}, eval={"baseline": False}, store={"shard_size": 16},
+               train={"workers": 2, "cpus_per_worker": 0.5, "epochs": 1, "max_steps": 3, "batch_size": 8})
+    cfg["teachers"][0]["num_cpus"] = 0.25
+    cfg = config_from_dict(cfg)
+    report = json.loads(open(run(cfg, quiet=True)["report"]).read())
+    d = cfg.run_dir / "students" / "student"
+    tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)  # exported with the student
+    model = AutoModelForSequenceClassification.from_pretrained(str(d), local_files_only=True).eval()
+    _, test_idx = split_indices(len(texts), 0.3, 0)
+    width = features_of(prepare(cfg).test).shape[1]
+    enc = tok([texts[i] for i in test_idx], padding="max_length", max_length=width, return_tensors="pt")
+    with torch.no_grad():
+        pred = model(**enc).logits.argmax(1).numpy()
+    acc = float((pred == np.array([i % 2 for i in test_idx])).mean())
+    assert acc == report["models"]["student"]["accuracy"]
