@@ -129,9 +129,13 @@ def export_cls_student(model_or_state, spec: dict, out_dir, tokenizer_dir=None) 
     model = cls_from_state(spec, model_or_state) if isinstance(model_or_state, dict) else model_or_state
     tok = None
     if tokenizer_dir is not None:
-        from .models import load_tokenizer
+        from transformers import AutoTokenizer
 
-        tok = load_tokenizer(tokenizer_dir)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        except Exception as e:
+            raise DistillError(f"student.tokenizer: cannot load a tokenizer from {tokenizer_dir}: "
+                               f"{type(e).__name__}: {e}") from None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))

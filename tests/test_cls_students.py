@@ -197,6 +197,7 @@ def test_pipeline_with_a_student_kept_from_a_bert_teacher(ray_local, teachers, t
 
     from orchestrator.datasets import features_of
     from orchestrator.pipeline import prepare, run
+    from orchestrator.training import export_checkpoint
     from tests.helpers import tiny_config
 
     bert = {**TINY["bert"], "vocab_size": 17, "num_hidden_layers": 2}  # digits' pixels are 0..16
@@ -219,6 +220,12 @@ def test_pipeline_with_a_student_kept_from_a_bert_teacher(ray_local, teachers, t
         with torch.no_grad():
             acc = float((cls_logits(model, x).argmax(1).numpy() == y).mean())
         assert acc == report["models"][name]["accuracy"]
+    # `distill export` of the final state writes the same model again
+    again = export_checkpoint(cfg, prepare(cfg), name="student", out=str(tmp_path / "again"))
+    a = AutoModelForSequenceClassification.from_pretrained(str(again), local_files_only=True).state_dict()
+    b = AutoModelForSequenceClassification.from_pretrained(str(cfg.run_dir / "students" / "student"),
+                                                           local_files_only=True).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---- text inputs: dataset.text tokenized with the ensemble's tokenizer ---------------------------
