@@ -142,7 +142,8 @@ class ClassifierTeacher:
         self.vocab_size = getattr(getattr(self.model, "config", None), "vocab_size", None)
         # An hf teacher that ships its tokenizer reads that tokenizer's pad id as padding (text
         # rows, dataset.text, are padded with it); without one every position is a token.
-        self.pad_id = load_tokenizer(path).pad_token_id if self.backend == "hf" and tokenizer_hash(path) else None
+        has_tokenizer = self.backend == "hf" and tokenizer_hash(path) is not None
+        self.pad_id = load_tokenizer(path, f"teacher '{self.name}'").pad_token_id if has_tokenizer else None
 
     def _load(self, cfg: dict, path: Path) -> nn.Module:
         if self.backend == "hf":
@@ -192,13 +193,13 @@ def tokenizer_hash(path: str | Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, field: str = "lm.tokenizer"):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise DistillError(f"lm.tokenizer: cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
+        raise DistillError(f"{field}: cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
 
 
 class CausalLMTeacher:

@@ -127,7 +127,7 @@ def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
         if t.backend == "hf" and tokenizer_hash(t.path) != ref:
             raise DistillError(f"teacher '{t.name}': dataset.text is tokenized with {tok_dir}, and {t.path} has "
                                "other (or no) tokenizer files; an hf teacher must share the tokenizer (and its padding)")
-    tokenizer = load_tokenizer(tok_dir)
+    tokenizer = load_tokenizer(tok_dir, "student.tokenizer")
     if tokenizer.pad_token_id is None:
         raise DistillError(f"student.tokenizer: {tok_dir} defines no pad token to pad the texts with")
     configs = [cls_student_config(lm_student_spec(cfg)).to_dict()]

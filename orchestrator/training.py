@@ -223,5 +223,5 @@ def hf_cls_spec(cfg: DistillConfig, x, num_classes: int) -> dict:
     if (tok := cls_tokenizer(cfg)) is not None:  # its pad id is padding, as for the teachers that share it
         from .models import load_tokenizer
 
-        spec["pad_token_id"] = load_tokenizer(tok).pad_token_id
+        spec["pad_token_id"] = load_tokenizer(tok, "student.tokenizer").pad_token_id
     return spec
