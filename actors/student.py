@@ -26,6 +26,7 @@ import ray.train.torch
 from actors.lm_batch import LMBatch, decode_targets
 from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
                                 prepare, save_and_report)
+from orchestrator.cls_students import cls_logits
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student, check_packing
 from orchestrator.schedule import lr_lambda
@@ -147,7 +148,10 @@ class LiveMetrics:
 
 def _classifier_step(model, loss_fn, batch: dict, config: dict):
     x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
-    return loss_fn(model(x), target, y), len(y)
+    # student.arch hf: a sequence classifier reading the features as token ids (as the hf teachers do)
+    spec = config["student"]
+    logits = cls_logits(model, x, spec.get("pad_token_id")) if spec["arch"] == "hf" else model(x)
+    return loss_fn(logits, target, y), len(y)
 
 
 def _lm_step(model, loss_fn, batch: dict, config: dict):

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "label":
             s.add_argument("--reensemble", action="store_true",
                            help="recompute the soft labels from stored teacher outputs (no teacher calls)")
-    s = sub.add_parser("export", help="task lm: a student checkpoint as a save_pretrained dir (transformers, vLLM)")
+    s = sub.add_parser("export", help="task lm or student.arch hf: a student checkpoint as a save_pretrained dir (transformers, vLLM)")
     s.add_argument("config", help="run config YAML")
     s.add_argument("overrides", nargs="*", help="section.key=value overrides")
     s.add_argument("--checkpoint", help="a Ray Train checkpoint dir or state file (default: the run's final student)")

@@ -156,10 +156,12 @@ class LabelConfig(_Strict):
 
 
 class StudentConfig(_Strict):
-    # task classification: an MLP over the features
-    arch: Literal["mlp"] = "mlp"
-    hidden: list[int] = [32]
-    # task lm: where the causal-LM student's weights come from (orchestrator/students.py)
+    # task classification: mlp (an MLP over the features) or hf (a transformer sequence classifier over
+    # token ids, orchestrator/cls_students.py: its weights from init / config / path / teacher / layers below)
+    arch: Literal["mlp", "hf"] = "mlp"
+    hidden: list[int] = [32]  # arch mlp
+    tokenizer: Optional[str] = None  # arch hf: a tokenizer dir exported with the student (default: an hf teacher's, if any)
+    # task lm (and arch hf): where the student's weights come from (orchestrator/students.py)
     init: Literal["scratch", "pretrained", "teacher"] = "scratch"
     config: Optional[str] = None  # init scratch: an HF config.json (lm.student_config is the same)
     path: Optional[str] = None  # init pretrained: a local from_pretrained causal-LM dir
@@ -293,9 +295,12 @@ def _check_extra_losses(extra: list, teachers: dict[str, list]) -> None:
 # Per task, the keys it never reads (None: the whole section).
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
     "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "generate": None,
-                       "student": ("init", "config", "path", "teacher", "layers")},
-    "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden")},
+                       "student": ("init", "config", "path", "teacher", "layers", "tokenizer")},
+    "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden", "tokenizer")},
 }
+# student.arch hf (task classification) reads the weight-source keys, not the MLP's, and may read
+# a text column (dataset.text) instead of the features.
+HF_CLS_UNUSED = {"student": ("hidden",), "dataset": ("format", "prompt", "response", "messages")}
 
 
 class DistillConfig(_Strict):
@@ -318,11 +323,19 @@ class DistillConfig(_Strict):
     @model_validator(mode="after")
     def _lm_needs(self):
         if ignored := self.ignored_keys():
-            raise ValueError(f"{ignored[0]}: not used by task {self.task}"
+            where, hint = f"task {self.task}", "set the task that uses it"
+            if self.task == "classification" and ignored[0].startswith("student."):  # arch mlp and hf read different keys
+                where += f" with student.arch {self.student.arch}"
+                hint = f"set student.arch: {'hf' if self.student.arch == 'mlp' else 'mlp'}"
+            raise ValueError(f"{ignored[0]}: not used by {where}"
                              + (f" (nor {', '.join(ignored[1:])})" if ignored[1:] else "")
-                             + "; remove it, or set the task that uses it")
-        if self.task == "lm":
+                             + f"; remove it, or {hint}")
+        if self.task == "lm" or self.student.arch == "hf":
             self._check_lm_student()
+        if self.text_classification and "features" in self.dataset.model_fields_set:
+            raise ValueError("dataset.features: give dataset.text (a text column, tokenized) or dataset.features "
+                             "(token ids), not both")
+        if self.task == "lm":
             if any(t.backend == "torch" for t in self.teachers):
                 raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
         elif any(t.backend == "vllm" for t in self.teachers):
@@ -347,7 +360,8 @@ class DistillConfig(_Strict):
         if self.lm.student_config and s.config and self.lm.student_config != s.config:
             raise ValueError("lm.student_config and student.config name different files: keep one")
         if s.init == "scratch" and not (s.config or self.lm.student_config):
-            raise ValueError("student.config: required for task lm with student.init scratch "
+            which = "task lm" if self.task == "lm" else "student.arch hf"
+            raise ValueError(f"student.config: required for {which} with student.init scratch "
                              "(an HF config.json; or start from student.init pretrained / teacher)")
         if s.init != "scratch" and getattr(s, need) is None:
             raise ValueError(f"student.{need}: required with student.init {s.init}")
@@ -362,10 +376,14 @@ class DistillConfig(_Strict):
             if not s.layers:
                 raise ValueError("student.layers: required with student.init teacher (the teacher's decoder "
                                  "layer indices to keep, e.g. [0, 2, 4])")
+            backend = next(t.backend for t in self.teachers if t.name == s.teacher)
+            if self.task == "classification" and backend != "hf":
+                raise ValueError(f"student.teacher: '{s.teacher}' is a {backend} teacher; student.init teacher keeps an "
+                                 "hf sequence classifier's layers (name an hf teacher, or use init scratch / pretrained)")
 
     @property
     def student_spec_source(self) -> dict:
-        """task lm: the student's weights source as orchestrator.students takes it (paths resolved)."""
+        """task lm / arch hf: the student's weights source as orchestrator.students takes it (paths resolved)."""
         s = self.student
         if s.init == "scratch":
             return {"init": "scratch", "config_file": s.config or self.lm.student_config}
@@ -379,12 +397,19 @@ class DistillConfig(_Strict):
         teacher = next(t for t in self.teachers if t.name == s.teacher)
         return {"init": "teacher", "path": local(teacher.path), "layers": list(s.layers)}
 
+    @property
+    def text_classification(self) -> bool:
+        """Classification from a text column (dataset.text given, student.arch hf): the rows are
+        tokenized with the ensemble's tokenizer and stored as token ids (orchestrator/prepare.py)."""
+        return self.task == "classification" and self.student.arch == "hf" and "text" in self.dataset.model_fields_set
+
     def ignored_keys(self) -> list[str]:
         """Keys set in the config, to other than their defaults, that the chosen task never reads,
         as dotted paths: refused, so that nothing a user wrote is silently dropped (a dumped
         config, every default written out, still loads)."""
         found = []
-        for section, keys in TASK_UNUSED[self.task].items():
+        unused = HF_CLS_UNUSED if self.task == "classification" and self.student.arch == "hf" else {}
+        for section, keys in {**TASK_UNUSED[self.task], **unused}.items():
             sub = getattr(self, section)
             given = sub.model_fields_set if keys is None else sub.model_fields_set & set(keys)
             found += [f"{section}.{k}" for k in sorted(given) if getattr(sub, k) != type(sub).model_fields[k].default]

@@ -71,6 +71,21 @@ def _features_from_table(table: pa.Table, features: str | list[str], source: str
     return x
 
 
+def _labels(table: pa.Table, label: str, source: str) -> np.ndarray:
+    ycol = _column(table, label, "label", source)
+    if ycol.null_count:
+        raise DistillError(f"dataset.label: column '{label}' in {source} has {ycol.null_count} missing values")
+    try:
+        if pa.types.is_boolean(ycol.type):
+            raise TypeError("boolean")
+        yf = ycol.to_numpy(zero_copy_only=False).astype(np.float64)
+        if not np.all(np.isfinite(yf)) or np.any(yf != np.floor(yf)):
+            raise ValueError("fractional")
+    except (ValueError, TypeError):
+        raise DistillError(f"dataset.label: column '{label}' in {source} must hold integer class ids") from None
+    return yf.astype(np.int64)
+
+
 def load_dataset(
     source: str,
     features: str | list[str] = "features",
@@ -87,18 +102,7 @@ def load_dataset(
         if table.num_rows == 0:
             raise DistillError(f"dataset.source: {source} has no rows")
         x = _features_from_table(table, features, source)
-        ycol = _column(table, label, "label", source)
-        if ycol.null_count:
-            raise DistillError(f"dataset.label: column '{label}' in {source} has {ycol.null_count} missing values")
-        try:
-            if pa.types.is_boolean(ycol.type):
-                raise TypeError("boolean")
-            yf = ycol.to_numpy(zero_copy_only=False).astype(np.float64)
-            if not np.all(np.isfinite(yf)) or np.any(yf != np.floor(yf)):
-                raise ValueError("fractional")
-        except (ValueError, TypeError):
-            raise DistillError(f"dataset.label: column '{label}' in {source} must hold integer class ids") from None
-        y = yf.astype(np.int64)
+        y = _labels(table, label, source)
         if id_column:
             ids = [str(v) for v in _column(table, id_column, "id_column", source).to_pylist()]
     if limit is not None:
@@ -116,6 +120,30 @@ def load_dataset(
     elif len(set(ids)) != len(ids):
         raise DistillError(f"dataset.id_column: '{id_column}' in {source} is not unique")
     return make_table(ids, x, y)
+
+
+def load_labeled_text(source: str, text: str = "text", label: str = "label", id_column: str | None = None,
+                      limit: int | None = None) -> tuple[list[str], np.ndarray, list[str] | None]:
+    """Classification from text (dataset.text): (texts, labels [N] int64, ids or None), validated."""
+    table = _read_file(Path(source))
+    texts = load_text(source, text, limit)  # strings, none empty
+    y = _labels(table, label, source)[:limit]
+    if (y < 0).any():
+        raise DistillError(f"dataset.label: class ids must be >= 0 (found {int(y.min())}) in {source}")
+    ids = [str(v) for v in _column(table, id_column, "id_column", source).to_pylist()[:limit]] if id_column else None
+    if ids is not None and len(set(ids)) != len(ids):
+        raise DistillError(f"dataset.id_column: '{id_column}' in {source} is not unique")
+    return texts, y, ids
+
+
+def pad_tokens(token_ids: list[list[int]], pad_id: int, max_len: int) -> tuple[np.ndarray, int]:
+    """Rows of token ids -> [N, L] float32 (L: the longest row, at most max_len), right-padded with
+    pad_id; also how many rows were cut at max_len."""
+    width = min(max(len(t) for t in token_ids), max_len)
+    x = np.full((len(token_ids), width), pad_id, np.float32)
+    for i, t in enumerate(token_ids):
+        x[i, :min(len(t), width)] = t[:width]
+    return x, sum(len(t) > width for t in token_ids)
 
 
 def make_table(ids: list[str], x: np.ndarray, y: np.ndarray) -> pa.Table:

@@ -37,13 +37,25 @@ def _scores(log_probs: np.ndarray, y: np.ndarray) -> dict:
 
 
 def student_predictor(state: dict):
-    model = build_student(state["spec"])
-    model.load_state_dict(state["model"])
-    model.eval()
+    """features [N, D] -> logits [N, C] of a trained student (an MLP, or an arch hf sequence
+    classifier reading the features as token ids, EVAL_BATCH * 32 rows per forward pass)."""
+    hf = state["spec"]["arch"] == "hf"
+    if hf:
+        from .cls_students import cls_from_state, cls_logits
+
+        model = cls_from_state(state["spec"], state["model"])
+    else:
+        model = build_student(state["spec"])
+        model.load_state_dict(state["model"])
+        model.eval()
 
     @torch.inference_mode()
     def predict(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if not hf:
+            return model(x).numpy()
+        pad, step = state["spec"].get("pad_token_id"), EVAL_BATCH * 32
+        return torch.cat([cls_logits(model, x[i:i + step], pad) for i in range(0, len(x), step)]).numpy()
 
     return predict, count_params(model)
 

@@ -1,5 +1,8 @@
 """Loading teachers and building students. Pure torch (+ transformers): no Ray.
 
+Over 300 lines: the teachers of both tasks and the students' dispatch stay in one module, so
+that what Serve serves is what evaluation scores.
+
 Teachers, by task (``load_teacher``):
 - classification: ``ClassifierTeacher``, backend ``torch`` (TorchScript, or ``module`` + a
   state_dict) or ``hf`` (a sequence classifier reading integer features as token ids):
@@ -26,8 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cls_students import build_cls_student
 from .errors import DistillError
 from .packing import check_packing, logits_at, split_rows  # noqa: F401  (re-exported)
+from .students import build_lm_student
 
 
 def _files(path: Path) -> list[Path]:
@@ -147,6 +152,10 @@ class ClassifierTeacher:
             from .feature_capture import FeatureCapture
 
             self.capture = FeatureCapture(self.name, self.backend, self.model, cfg["features"], cfg.get("pool", "mean"))
+        # An hf teacher that ships its tokenizer reads that tokenizer's pad id as padding (text
+        # rows, dataset.text, are padded with it); without one every position is a token.
+        has_tokenizer = self.backend == "hf" and tokenizer_hash(path) is not None
+        self.pad_id = load_tokenizer(path, f"teacher '{self.name}'").pad_token_id if has_tokenizer else None
 
     def _load(self, cfg: dict, path: Path) -> nn.Module:
         if self.backend == "hf":
@@ -182,7 +191,8 @@ class ClassifierTeacher:
                 raise DistillError(
                     f"teacher '{self.name}': hf backend needs integer features in [0, {self.vocab_size}) as token ids"
                 )
-            raw = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=hidden)
+            mask = torch.ones_like(ids) if self.pad_id is None else (ids != self.pad_id).long()
+            raw = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=hidden)
             out = raw.logits
         else:
             try:
@@ -208,13 +218,13 @@ def tokenizer_hash(path: str | Path) -> str | None:
     return h.hexdigest()[:16]
 
 
-def load_tokenizer(path: str | Path):
+def load_tokenizer(path: str | Path, field: str = "lm.tokenizer"):
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:
-        raise DistillError(f"lm.tokenizer: cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
+        raise DistillError(f"{field}: cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
 
 
 class CausalLMTeacher:
@@ -308,15 +318,14 @@ class MLPStudent(nn.Module):
 
 
 def build_student(spec: dict) -> nn.Module:
-    """spec: {arch, in_dim, num_classes, hidden, mean, std} (all plain data, so it pickles),
-    or {arch: "causal_lm", init: ..., ...}: a causal LM, see orchestrator.students (init defaults
-    to "scratch", {arch: "causal_lm", config: HF config dict} as before)."""
+    """spec, plain data (it pickles): {arch: "mlp", in_dim, num_classes, hidden, mean, std}, {arch: "hf", ...}
+    (orchestrator.cls_students) or {arch: "causal_lm", init, ...} (orchestrator.students; init default scratch)."""
     if spec["arch"] == "causal_lm":
-        from .students import build_lm_student
-
         return build_lm_student({"init": "scratch", **{k: v for k, v in spec.items() if k != "arch"}})
+    if spec["arch"] == "hf":
+        return build_cls_student(spec)
     if spec["arch"] != "mlp":
-        raise DistillError(f"student.arch: unknown '{spec['arch']}' (allowed: mlp)")
+        raise DistillError(f"student.arch: unknown '{spec['arch']}' (allowed: mlp, hf)")
     return MLPStudent(spec["in_dim"], spec["num_classes"], spec["hidden"], spec.get("mean"), spec.get("std"))
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 
 from .config import DistillConfig
-from .datasets import features_of, fingerprint, load_dataset, load_text, pack, split_indices, token_table
+from .datasets import (content_ids, features_of, fingerprint, load_dataset, load_labeled_text, load_text, make_table,
+                       pack, pad_tokens, split_indices, token_table)
 from .errors import DistillError
 from .feature_capture import check_layers
 from .instruct import example_table, load_examples, pack_examples, tokenize_examples
@@ -67,9 +68,13 @@ def teacher_identities(cfg: DistillConfig) -> list[dict]:
 
 def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, None]:
     d = cfg.dataset
-    table = load_dataset(d.source, d.features, d.label, d.id_column, d.limit)
+    if cfg.text_classification:  # dataset.text: token ids of the texts, in the same columns
+        table, test_table = _text_tables(cfg)
+    else:
+        table = load_dataset(d.source, d.features, d.label, d.id_column, d.limit)
+        test_table = load_dataset(d.test_source, d.features, d.label, d.id_column) if d.test_source else None
     if d.test_source:  # a separate held-out file: every row of `source` is labeled and trained on
-        train, test = table, load_dataset(d.test_source, d.features, d.label, d.id_column)
+        train, test = table, test_table
         if features_of(test).shape[1] != features_of(train).shape[1]:
             raise DistillError(f"dataset.test_source: {d.test_source} has {features_of(test).shape[1]} features, "
                                f"dataset.source has {features_of(train).shape[1]}")
@@ -78,7 +83,73 @@ def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict,
         if len(train_idx) == 0 or len(test_idx) == 0:
             raise DistillError(f"dataset.test_fraction: {d.test_fraction} leaves an empty split of {table.num_rows} rows")
         train, test = table.take(train_idx), table.take(test_idx)
+    if cfg.student.arch == "hf":  # before labeling: a student that cannot read these rows fails now
+        _check_cls_student(cfg, train)
     return train, test, {"feature_dim": features_of(train).shape[1]}, "dense", None
+
+
+def _check_cls_student(cfg: DistillConfig, train: pa.Table) -> None:
+    """student.arch hf: its config loads, the features fit it as token ids, and its num_labels
+    covers the dataset's labels (the teachers' class count is checked once labeled, in training)."""
+    from .cls_students import FIELD, check_token_inputs, cls_student_config
+
+    config = cls_student_config(lm_student_spec(cfg))
+    check_token_inputs(config, features_of(train))
+    top = int(train.column("label").to_numpy().max())
+    if top >= config.num_labels:
+        raise DistillError(f"{FIELD[cfg.student.init]}: the student has num_labels {config.num_labels}, the dataset has "
+                           f"class id {top}; set num_labels to the teachers' class count in its config.json")
+
+
+def cls_tokenizer(cfg: DistillConfig) -> str | None:
+    """student.arch hf: the ensemble's tokenizer dir (dataset.text is tokenized with it, padding is
+    its pad id, it is exported with the student): student.tokenizer, else the first hf teacher's
+    dir with tokenizer files, else None (token-id columns without padding need none)."""
+    if cfg.task == "lm" or cfg.student.arch != "hf":
+        return None
+    if cfg.student.tokenizer:
+        return cfg.student.tokenizer
+    return next((t.path for t in cfg.teachers if t.backend == "hf" and tokenizer_hash(t.path)), None)
+
+
+def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
+    """dataset.text: source (and test_source) tokenized with the ensemble's tokenizer, right-padded
+    with its pad id to one width (the longest row, cut at the fewest positions any hf model takes),
+    stored as the `features` token ids. Every hf teacher must use that tokenizer, so that it reads
+    the same ids and masks the same padding (orchestrator/models.py ClassifierTeacher)."""
+    from .cls_students import cls_student_config
+    from .models import POSITION_KEYS
+
+    d, tok_dir = cfg.dataset, cls_tokenizer(cfg)
+    if tok_dir is None:
+        raise DistillError("student.tokenizer: dataset.text needs a tokenizer to turn the texts into token ids; "
+                           "set student.tokenizer, or use an hf teacher whose dir has its tokenizer files")
+    ref = tokenizer_hash(tok_dir)
+    if ref is None:
+        raise DistillError(f"student.tokenizer: no tokenizer files in {tok_dir}")
+    for t in cfg.teachers:
+        if t.backend == "hf" and tokenizer_hash(t.path) != ref:
+            raise DistillError(f"teacher '{t.name}': dataset.text is tokenized with {tok_dir}, and {t.path} has "
+                               "other (or no) tokenizer files; an hf teacher must share the tokenizer (and its padding)")
+    tokenizer = load_tokenizer(tok_dir, "student.tokenizer")
+    if tokenizer.pad_token_id is None:
+        raise DistillError(f"student.tokenizer: {tok_dir} defines no pad token to pad the texts with")
+    configs = [cls_student_config(lm_student_spec(cfg)).to_dict()]
+    configs += [json.loads((Path(t.path) / "config.json").read_text()) for t in cfg.teachers if t.backend == "hf"]
+    limits = [c[k] for c in configs for k in POSITION_KEYS[:1] if isinstance(c.get(k), int)]
+    max_len = min([*limits, *([tokenizer.model_max_length] if tokenizer.model_max_length < 1e6 else [])] or [512])
+    parts = [load_labeled_text(d.source, d.text, d.label, d.id_column, d.limit)]
+    if d.test_source:
+        parts.append(load_labeled_text(d.test_source, d.text, d.label, d.id_column))
+    encoded = [tokenizer(texts)["input_ids"] for texts, _, _ in parts]
+    x, cut = pad_tokens([t for e in encoded for t in e], tokenizer.pad_token_id, max_len)
+    log.info("prepare: dataset.text tokenized with %s: %d rows of %d tokens (%d cut at %d)",
+             tok_dir, len(x), x.shape[1], cut, max_len)
+    tables, at = [], 0
+    for (_, y, ids), e in zip(parts, encoded):
+        xi, at = x[at:at + len(e)], at + len(e)
+        tables.append(make_table(ids if ids is not None else content_ids(xi), xi, y))
+    return tables[0], tables[1] if len(tables) > 1 else None
 
 
 def check_vocabulary(cfg: DistillConfig) -> str:

@@ -86,6 +86,11 @@ def _teacher_student_config(spec: dict):
                            f"init: teacher supports model_type {', '.join(TEACHER_INIT_TYPES)} "
                            f"(Llama / Mistral / Qwen2 / Qwen3 layout); use init: pretrained or scratch")
     keep = check_layers(spec.get("layers"), tcfg.num_hidden_layers)
+    return kept_config(tcfg, keep), tcfg, keep
+
+
+def kept_config(tcfg, keep: list[int]):
+    """A copy of the teacher's config with only the layers ``keep`` (their per-layer settings too)."""
     scfg = tcfg.__class__.from_dict(tcfg.to_dict())  # a copy
     scfg.num_hidden_layers = len(keep)
     types = getattr(tcfg, "layer_types", None)
@@ -93,7 +98,7 @@ def _teacher_student_config(spec: dict):
         scfg.layer_types = [types[i] for i in keep]
     if getattr(tcfg, "max_window_layers", None) is not None:  # Qwen2/3: layers below it use full attention
         scfg.max_window_layers = sum(1 for i in keep if i < tcfg.max_window_layers)
-    return scfg, tcfg, keep
+    return scfg
 
 
 def lm_student_config(spec: dict):
@@ -149,12 +154,14 @@ def _safetensors_files(path: Path) -> list[Path]:
                        f"(model.safetensors or its index); re-save the teacher with save_pretrained")
 
 
-def _load_kept_layers(model, path: Path, keep: list[int], tied: bool) -> None:
+def _load_kept_layers(model, path: Path, keep: list[int], tied: bool, prefix: str = "model.layers.") -> None:
     """Copy the teacher's tensors the student keeps into ``model``, one tensor at a time.
 
-    Teacher key model.layers.{keep[j]}.X -> student key model.layers.{j}.X; every other key
+    Teacher key {prefix}{keep[j]}.X -> student key {prefix}{j}.X; every other key
     (embeddings, final norm, lm_head) keeps its name. A tied lm_head is absent from the file
-    and stays tied to the embeddings it shares a Parameter with.
+    and stays tied to the embeddings it shares a Parameter with. ``prefix`` names the layer
+    list: model.layers. (Llama family), bert.encoder.layer. and the like for sequence
+    classifiers (orchestrator/cls_students.py).
     """
     from safetensors import safe_open
 
@@ -165,11 +172,11 @@ def _load_kept_layers(model, path: Path, keep: list[int], tied: bool) -> None:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():
                 name = key
-                if key.startswith("model.layers."):
-                    old, rest = key[len("model.layers."):].split(".", 1)
+                if key.startswith(prefix):
+                    old, rest = key[len(prefix):].split(".", 1)
                     if int(old) not in new_index:
                         continue  # a dropped layer: never read
-                    name = f"model.layers.{new_index[int(old)]}.{rest}"
+                    name = f"{prefix}{new_index[int(old)]}.{rest}"
                 if name not in target:
                     raise DistillError(f"student.path: unexpected tensor {key} in {f}; is this a "
                                        f"{model.config.model_type} checkpoint saved by transformers?")

@@ -14,7 +14,7 @@ from .config import DistillConfig
 from .datasets import features_of
 from .errors import DistillError
 from .instruct import is_packed
-from .prepare import Prepared, lm_student_spec
+from .prepare import Prepared, cls_tokenizer, lm_student_spec
 from .session import last_line, reraise_user_error
 from .store import SOFT_COLUMN, SOFT_TOPK, LabelStore, open_store, topk_columns
 
@@ -122,15 +122,22 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     import torch
 
     torch.save(state, out / f"{name}.pt")  # the full state (optimiser too), for resuming and `distill export`
-    if cfg.task == "lm":
-        state["export"] = str(export(state, prep, out / name))
+    if cfg.task == "lm" or cfg.student.arch == "hf":
+        state["export"] = str(export(state, prep, out / name, cls_tokenizer(cfg)))
     return state
 
 
-def export(state: dict, prep: Prepared, out: Path) -> Path:
-    """A trained LM student as a save_pretrained dir with the ensemble's tokenizer (transformers, vLLM)."""
+def export(state: dict, prep: Prepared, out: Path, cls_tokenizer_dir: str | None = None) -> Path:
+    """A trained student as a save_pretrained dir with the ensemble's tokenizer: an LM (transformers,
+    vLLM), or an arch hf sequence classifier (transformers; the tokenizer when there is one)."""
     from .students import export_student
 
+    if state["spec"]["arch"] == "hf":
+        from .cls_students import export_cls_student
+
+        path = export_cls_student(state["model"], state["spec"], out, cls_tokenizer_dir)
+        log.info("train: exported %s (AutoModelForSequenceClassification.from_pretrained this dir)", path)
+        return path
     spec = {k: v for k, v in state["spec"].items() if k != "arch"}
     path = export_student(state["model"], spec, out, prep.tokenizer)
     log.info("train: exported %s (transformers / vLLM: from_pretrained this dir)", path)
@@ -145,9 +152,9 @@ def export_checkpoint(cfg: DistillConfig, prep: Prepared, checkpoint: str | None
 
     from actors.student import STATE_FILE
 
-    if cfg.task != "lm":
-        raise DistillError(f"distill export: task {cfg.task} students are not transformers models; "
-                           "their state is in students/NAME.pt")
+    if cfg.task != "lm" and cfg.student.arch != "hf":
+        raise DistillError(f"distill export: task {cfg.task} students with student.arch {cfg.student.arch} are not "
+                           "transformers models; their state is in students/NAME.pt")
     path = Path(checkpoint) if checkpoint else cfg.run_dir / "students" / f"{name}.pt"
     path = path / STATE_FILE if path.is_dir() else path
     try:
@@ -155,7 +162,7 @@ def export_checkpoint(cfg: DistillConfig, prep: Prepared, checkpoint: str | None
     except Exception as e:  # not there, not a torch file (a snapshot .json, say), truncated
         raise DistillError(f"--checkpoint: cannot read a student state from {path}: {type(e).__name__}: {e}; "
                            "give a checkpoint_* dir of the run or a students/NAME.pt file") from None
-    return export(state, prep, Path(out) if out else cfg.run_dir / "students" / name)
+    return export(state, prep, Path(out) if out else cfg.run_dir / "students" / name, cls_tokenizer(cfg))
 
 
 def total_steps(rows: int, t) -> int:
@@ -202,6 +209,22 @@ def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, 
         packed = ["position_ids", "loss_mask"] if is_packed(rows) else []
         return {"arch": "causal_lm", **spec}, ["input_ids", *packed, ids, lps]  # top-k last (actors.student.LMBatch)
     x = features_of(rows)
+    if cfg.student.arch == "hf":  # a sequence classifier over the features read as token ids
+        return hf_cls_spec(cfg, x, width), ["features", "label", SOFT_COLUMN]
     spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": width, "hidden": cfg.student.hidden,
             "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}
     return spec, ["features", "label", SOFT_COLUMN]
+
+
+def hf_cls_spec(cfg: DistillConfig, x, num_classes: int) -> dict:
+    """student.arch hf: the sequence classifier's spec, checked in the driver before any worker
+    starts: its num_labels is the ensemble's class count, the features fit it as token ids."""
+    from .cls_students import check_token_inputs, cls_student_config
+
+    spec = {"arch": "hf", "num_classes": num_classes, **lm_student_spec(cfg)}
+    check_token_inputs(cls_student_config(spec), x)
+    if (tok := cls_tokenizer(cfg)) is not None:  # its pad id is padding, as for the teachers that share it
+        from .models import load_tokenizer
+
+        spec["pad_token_id"] = load_tokenizer(tok, "student.tokenizer").pad_token_id
+    return spec

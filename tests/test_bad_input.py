@@ -232,6 +232,35 @@ def test_dataset_errors(good, tmp_path, capsys, dataset, expect):
     _check(capsys, good, tmp_path, _like_good(good, _section("dataset", limit=None, **dataset(tmp_path))), expect)
 
 
+# ---- student.arch hf: the transformer student is checked in prepare, before labeling ------------
+
+_HF_STUDENT = {"model_type": "bert", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 64, "num_labels": 10}
+
+
+@pytest.mark.parametrize(
+    "student, expect",
+    [
+        ({"num_labels": 3}, r"student\.config: the student has num_labels 3, the dataset has class id 9; "
+                            r"set num_labels to the teachers' class count in its config\.json"),
+        ({"vocab_size": 8}, r"dataset\.features: student\.arch hf reads the features as token ids, integers in "
+                            r"\[0, 8\) \(its vocab_size\); found values in \[0, 16\]"),
+        ({"max_position_embeddings": 32}, r"dataset\.features: rows of 64 tokens are longer than the student takes "
+                                          r"\(max_position_embeddings 32\)"),
+    ],
+    ids=["hf-student-num-labels", "hf-student-vocab-below-the-token-ids", "hf-student-positions-below-the-row"],
+)
+def test_hf_student_errors(good, tmp_path, capsys, student, expect):
+    (tmp_path / "student.json").write_text(json.dumps({**_HF_STUDENT, **student}))
+    cfg = _like_good(good, lambda c: c.update(student={"arch": "hf", "config": str(tmp_path / "student.json")}))
+    _check(capsys, good, tmp_path, cfg, expect)
+
+
+def test_hf_student_without_a_config(good, tmp_path, capsys):
+    cfg = _like_good(good, lambda c: c.update(student={"arch": "hf"}))
+    _check(capsys, good, tmp_path, cfg, r"student\.config: required for student\.arch hf with student\.init scratch")
+
+
 # ---- task lm: vocabulary, k, lengths and text are checked in prepare ------------------------
 
 

@@ -60,7 +60,7 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.store.model_dump() == {"path": None, "shard_size": 256}
     assert cfg.label.model_dump() == {"executor": "auto", "concurrency": 2, "num_cpus": 0.25}
     assert cfg.student.model_dump() == {"arch": "mlp", "hidden": [32], "init": "scratch", "config": None, "path": None,
-                                        "teacher": None, "layers": None}
+                                        "teacher": None, "layers": None, "tokenizer": None}
     assert cfg.train.model_dump() == {
         "workers": 2, "cpus_per_worker": 1, "use_gpu": False, "epochs": 20, "batch_size": 64,
         "lr": 3e-3, "weight_decay": 0.0, "loss": "kd", "alpha": 0.1, "beta": 0.5,
