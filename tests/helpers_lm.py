@@ -61,26 +61,36 @@ def make_tokenizer(out: Path, texts: list[str], vocab: int = 300):
     return fast
 
 
-def make_lm(out: Path, tokenizer, texts: list[str], hidden: int, layers: int, seed: int, steps: int = 40) -> Path:
+def tiny_llama(tokenizer, hidden: int, layers: int, seed: int):
+    """A seeded random Llama over ``tokenizer``'s vocabulary and specials (64 positions)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(cfg)
-    ids = torch.tensor([t for doc in tokenizer(texts)["input_ids"] for t in doc])
-    windows = ids[: len(ids) // 32 * 32].view(-1, 32)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(steps):
-        batch = windows[torch.randint(len(windows), (16,))]
-        loss = model(input_ids=batch, labels=batch).loss
+    return LlamaForCausalLM(cfg)
+
+
+def fit_and_save(model, tokenizer, out: Path, batches, lr: float) -> Path:
+    """AdamW over ``batches`` (an iterable of (input_ids, labels)), then save model and tokenizer to ``out``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for ids, labels in batches:
+        loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def make_lm(out: Path, tokenizer, texts: list[str], hidden: int, layers: int, seed: int, steps: int = 40) -> Path:
+    model = tiny_llama(tokenizer, hidden, layers, seed)
+    ids = torch.tensor([t for doc in tokenizer(texts)["input_ids"] for t in doc])
+    windows = ids[: len(ids) // 32 * 32].view(-1, 32)
+    batches = (windows[torch.randint(len(windows), (16,))] for _ in range(steps))
+    return fit_and_save(model, tokenizer, out, ((b, b) for b in batches), lr=3e-3)
 
 
 def make_lm_setup(root: Path, teacher_steps: int = 40) -> dict:
