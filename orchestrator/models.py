@@ -154,7 +154,7 @@ class ClassifierTeacher:
             self.capture = FeatureCapture(self.name, self.backend, self.model, cfg["features"], cfg.get("pool", "mean"))
         # An hf teacher that ships its tokenizer reads that tokenizer's pad id as padding (text
         # rows, dataset.text, are padded with it); without one every position is a token.
-        has_tokenizer = self.backend == "hf" and tokenizer_hash(path) is not None
+        has_tokenizer = self.backend == "hf" and bool(tokenizer_files(path))
         self.pad_id = load_tokenizer(path, f"teacher '{self.name}'").pad_token_id if has_tokenizer else None
 
     def _load(self, cfg: dict, path: Path) -> nn.Module:
@@ -207,9 +207,14 @@ class ClassifierTeacher:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model", "special_tokens_map.json")
 
 
+def tokenizer_files(path: str | Path) -> list[Path]:
+    """The vocabulary files a from_pretrained dir has (empty: no tokenizer)."""
+    return [Path(path) / f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+
+
 def tokenizer_hash(path: str | Path) -> str | None:
     """Hash of the vocabulary files in a from_pretrained dir (None if it has none)."""
-    found = [Path(path) / f for f in TOKENIZER_FILES if (Path(path) / f).is_file()]
+    found = tokenizer_files(path)
     if not found:
         return None
     h = hashlib.sha256()

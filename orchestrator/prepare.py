@@ -17,7 +17,7 @@ from .datasets import (content_ids, features_of, fingerprint, load_dataset, load
 from .errors import DistillError
 from .feature_capture import check_layers
 from .instruct import example_table, load_examples, pack_examples, tokenize_examples
-from .models import check_lm_limits, load_tokenizer, teacher_fingerprint, tokenizer_hash
+from .models import check_lm_limits, load_tokenizer, teacher_fingerprint, tokenizer_files, tokenizer_hash
 from .store import SCHEMA_VERSION
 
 log = logging.getLogger("distill")
@@ -109,7 +109,7 @@ def cls_tokenizer(cfg: DistillConfig) -> str | None:
         return None
     if cfg.student.tokenizer:
         return cfg.student.tokenizer
-    return next((t.path for t in cfg.teachers if t.backend == "hf" and tokenizer_hash(t.path)), None)
+    return next((t.path for t in cfg.teachers if t.backend == "hf" and tokenizer_files(t.path)), None)
 
 
 def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
