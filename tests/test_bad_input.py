@@ -481,3 +481,24 @@ def test_features_of_another_width_than_the_teachers(good, tmp_path, capsys):
     assert "dataset.feature_dim: store 64 vs config 10" in err, err
     cfg["store"]["path"] = str(tmp_path / "store")
     _check(capsys, good, tmp_path, cfg, r"teacher 'linear': fails on rows of 10 features .*check that dataset\.features")
+
+
+# ---- python -m jobs.self_distill: checked before any generation runs ---------------------------
+
+
+@pytest.mark.parametrize("args, lm, expect", [
+    (["--generations", "0"], False, r"--generations: must be 1 or more \(got 0\)"),
+    (["--generations", "two"], False, r"--generations: expected a whole number, got 'two'"),
+    ([], True, r"task: self-distillation serves each generation's student as the next one's teacher, .*not task lm"),
+], ids=["self-distill-zero-generations", "self-distill-generations-not-a-number", "self-distill-lm-student"])
+def test_self_distill_errors(good, lm_files, tmp_path, capsys, args, lm, expect):
+    from jobs.self_distill import main as self_distill
+
+    cfg = _lm_like_good(good, lm_files, tmp_path) if lm else _like_good(good)
+    capsys.readouterr()
+    code = self_distill([str(write_yaml(tmp_path / "bad.yaml", cfg)), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert re.search(expect, err), err
+    assert _snapshot(good.run_dir) == good.files
+    assert not list(good.run_dir.parent.glob("*_gen*"))  # no generation started
