@@ -129,18 +129,19 @@ def combined_report(base: DistillConfig, cfgs: list[DistillConfig], gen1: str) -
     rows = []
     for g, (c, r) in enumerate(zip(cfgs, reports), 1):
         m = r["models"]["student"]
-        rows.append({"model": f"gen{g}", "learned_from": first if g == 1 else f"gen{g - 1}", "run": c.run.name,
-                     "accuracy": m["accuracy"], "nll": m["nll"], "params": m["params"],
+        rows.append({"model": f"gen{g}", "kind": "student", "learned_from": first if g == 1 else f"gen{g - 1}",
+                     "run": c.run.name, "accuracy": m["accuracy"], "nll": m["nll"], "params": m["params"],
                      "student": str(c.run_dir / "students" / ("student" if c.student.arch == "hf" else "student.pt"))})
-    others = [{"model": n, "learned_from": m.get("kind", ""), "run": cfgs[0].run.name, "accuracy": m["accuracy"],
-               "nll": m["nll"], "params": m["params"]} for n, m in reports[0]["models"].items() if n != "student"]
+    others = [{"model": n, "kind": m.get("kind", ""), "learned_from": "hard labels" if n == "student_hard" else "",
+               "run": cfgs[0].run.name, "accuracy": m["accuracy"], "nll": m["nll"], "params": m["params"]}
+              for n, m in reports[0]["models"].items() if n != "student"]
     out = {"run": base.run.name, "gen1": gen1, "generations": rows, "generation1_others": others,
            "test_rows": reports[0]["test_rows"]}
     lines = [f"# Self-distillation: {base.run.name}", "",
              f"Held-out rows: {out['test_rows']}. Generation g+1 learned from generation g's student, served "
              "as its only teacher; the rows below the generations are generation 1's run.", "",
-             "| model | learned from | accuracy | nll | params |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['learned_from']} | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['params']:,} |"
+             "| model | kind | learned from | accuracy | nll | params |", "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['kind']} | {r['learned_from']} | {r['accuracy']:.4f} | {r['nll']:.4f} | {r['params']:,} |"
               for r in rows + others]
     out["table"] = "\n".join(lines[4:])
     base.run_dir.mkdir(parents=True, exist_ok=True)

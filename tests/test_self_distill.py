@@ -153,11 +153,11 @@ def test_generation_2_learns_from_generation_1_served(ray_local, teachers, tmp_p
         ("gen1", "hard labels", r1["models"]["student"]["accuracy"]), ("gen2", "gen1", r2["models"]["student"]["accuracy"])]
     assert {m["model"] for m in combined["generation1_others"]} == {"linear", "mlp", "ensemble"}
     md = (base.run_dir / "self_distill.md").read_text()
-    assert "| gen1 | hard labels |" in md and "| gen2 | gen1 |" in md
+    assert "| gen1 | student | hard labels |" in md and "| gen2 | student | gen1 |" in md
 
     # A re-run skips both generations: nothing of theirs is rewritten.
     before = {p: p.stat().st_mtime_ns for d in (g1, g2) for p in d.rglob("*") if p.is_file()}
     capsys.readouterr()
     assert self_distill([str(path), "--generations", "2"]) == 0
-    assert "| gen2 | gen1 |" in capsys.readouterr().out
+    assert "| gen2 | student | gen1 |" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for d in (g1, g2) for p in d.rglob("*") if p.is_file()} == before
