@@ -73,17 +73,19 @@ class OnPolicy:
     """One train worker's on-policy steps and their counters (this epoch's, checkpointed with a
     mid-epoch checkpoint). config: the train loop's; config["on_policy"]: teachers_for_training's."""
 
-    def __init__(self, config: dict, rank: int):
+    def __init__(self, config: dict, ctx):
+        self.op, self.ctx, self.counters = config.get("on_policy"), ctx, self.fresh()
+        if not self.op:  # inert: no on-policy batch, nothing checkpointed or reported
+            return
         from ray import serve
 
         from actors import metrics
 
-        self.op, self.k, self.seed, self.rank = config["on_policy"], config["k"], config["seed"], rank
+        self.k, self.seed, self.rank = config["k"], config["seed"], ctx.get_world_rank()
         self.handles = {n: serve.get_app_handle(a) for n, a in self.op["apps"].items()}
         self.loss_fn = build_topk_loss(self.op["divergence"], beta=self.op["beta"], temperature=config["temperature"])
         self.m = metrics.on_policy()
-        self.tags = {"run": config.get("run", ""), "student": config.get("name", "student"), "rank": str(rank)}
-        self.counters = self.fresh()
+        self.tags = {"run": config.get("run", ""), "student": config.get("name", "student"), "rank": str(self.rank)}
 
     @staticmethod
     def fresh() -> dict:
@@ -92,6 +94,8 @@ class OnPolicy:
     def step_for(self, epoch: int, batch: int):
         """None (an ordinary batch), or the on-policy step for batch `batch` (0-based) of `epoch`,
         with the signature of the loop's own steps: (model, loss_fn, batch, config) -> (loss, n)."""
+        if not self.op:
+            return None
         self.counters["batches"] += 1
         if not is_on_policy(self.seed, epoch, batch, self.op["fraction"], self.op["every"]):
             self.m["fraction"].set(self.counters["on_policy"] / self.counters["batches"], tags=self.tags)
@@ -158,10 +162,26 @@ class OnPolicy:
             out[name] = tuple(np.concatenate(p) for p in zip(*answers))
         return out
 
-    def epoch_metrics(self, gather) -> dict:
+    def checkpoint(self, partial: dict) -> None:
+        """A mid-epoch checkpoint keeps every rank's counters of the epoch (a collective)."""
+        if self.op:
+            partial["on_policy"] = self._gather(self.counters)
+
+    def resume(self, partial: dict) -> None:
+        if self.op and "on_policy" in partial:
+            self.counters = partial["on_policy"][self.rank]
+
+    def _gather(self, obj) -> list:
+        out = [None] * self.ctx.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def epoch_metrics(self) -> dict:
         """This epoch's on-policy figures over every rank (a collective: every rank calls it), for
-        the train history; the counters start afresh."""
-        every = gather(self.counters)
+        the train history ({} when inert); the counters start afresh."""
+        if not self.op:
+            return {}
+        every = self._gather(self.counters)
         self.counters = self.fresh()
         tokens = sum(c["tokens"] for c in every)
         on = sum(c["on_policy"] for c in every)

@@ -7,6 +7,9 @@ epoch, history) and every rank reports, so a restarted or resumed run continues 
 latest checkpoint with the same history. A mid-epoch checkpoint also records how many batches
 of its epoch were consumed and every rank's RNG state: the resumed run skips exactly those
 batches of the same (seeded) epoch order, so no row is seen twice or skipped.
+
+Over 300 lines: the loop and its resume bookkeeping read best in one function, beside the epoch
+batching and live metrics only it uses (the on-policy step is its own module, actors/on_policy.py).
 """
 from __future__ import annotations
 
@@ -235,8 +238,7 @@ def train_loop(config: dict) -> None:
             "replayed": epoch_batches.cache is not None})  # later epochs replay the shard from memory: a resume must too
 
     live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps + (partial["steps"] if partial else 0))
-    # train.on_policy: some batches' prompts completed by the student, scored by the Serve teachers
-    on_policy = OnPolicy(config, ctx.get_world_rank()) if config.get("on_policy") else None
+    on_policy = OnPolicy(config, ctx)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
     accum, max_steps, every = config["grad_accum"], config["max_steps"], config.get("checkpoint_every")
     # bf16 autocast on a GPU (float32 master weights; the losses upcast to float32 inside).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.get("use_gpu") else contextlib.nullcontext()
@@ -248,8 +250,7 @@ def train_loop(config: dict) -> None:
         if partial:  # resumed mid-epoch: carry on the epoch's counters, skip its consumed batches
             seen, total, steps, micro, spent = (partial[k] for k in ("seen", "total", "steps", "batches", "elapsed"))
             rows = partial["rows"][ctx.get_world_rank()] if "rows" in partial else []
-            if on_policy and "on_policy" in partial:
-                on_policy.counters = partial["on_policy"][ctx.get_world_rank()]
+            on_policy.resume(partial)
         skip, partial = micro, None
         opt.zero_grad(set_to_none=True)
         for batch in epoch_batches(epoch, skip=skip):
@@ -261,8 +262,8 @@ def train_loop(config: dict) -> None:
             sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
-                    on_policy_step = on_policy.step_for(epoch, micro - 1) if on_policy else None
-                    loss, n = (on_policy_step or (_lm_step if lm else _classifier_step))(model, loss_fn, batch, config)
+                    step_fn = on_policy.step_for(epoch, micro - 1) or (_lm_step if lm else _classifier_step)
+                    loss, n = step_fn(model, loss_fn, batch, config)
                 (loss / accum).backward()
             seen, total = seen + n, total + loss.item() * n
             live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
@@ -279,8 +280,7 @@ def train_loop(config: dict) -> None:
                                "elapsed": spent + time.perf_counter() - t0}
                     if hooks.get("record_rows"):
                         partial["rows"] = gather(rows, ctx)
-                    if on_policy:
-                        partial["on_policy"] = gather(on_policy.counters, ctx)
+                    on_policy.checkpoint(partial)
                     metrics = {"epoch": epoch, "step": done_steps + steps, "batches": micro, "partial": True,
                                "loss": total / max(seen, 1)}
                     checkpoint_now(metrics, epoch, partial)
@@ -299,8 +299,7 @@ def train_loop(config: dict) -> None:
             "world_size": ctx.get_world_size(),
             "steps": steps,
         }
-        if on_policy:  # on_policy_fraction, _tokens, _sample_nll (ensemble NLL per sampled token), _score_s
-            metrics.update(on_policy.epoch_metrics(lambda obj: gather(obj, ctx)))
+        metrics.update(on_policy.epoch_metrics())  # on_policy_*: fraction, tokens, sample_nll, score_s
         if hooks.get("record_rows"):  # TEST ONLY: every rank's rows of this epoch, in the order consumed
             metrics["rows"] = gather(rows, ctx)
         history.append(metrics)
