@@ -6,6 +6,8 @@ served by Serve for the whole training run, the student sampling on its two DDP 
                                 trained off-policy only, and no teacher application is left up
   a teacher replica killed   -> Serve replaces it, the on-policy requests are retried, and the run
   during training               ends with every optimiser step of every epoch
+  a train worker killed      -> restored from a mid-epoch checkpoint, the run makes the on-policy
+  mid-epoch                     choices and samples of an uninterrupted one
 """
 from __future__ import annotations
 
@@ -113,3 +115,35 @@ def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_loca
 
     large = [a for a in ray._private.state.actors().values() if "teacher-large" in a["ActorClassName"]]
     assert len(large) >= 3 and victim[0] in [a["Pid"] for a in large], large
+
+
+def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_local, setup, tmp_path, monkeypatch):
+    """A worker SIGKILLed after optimiser step 5 (test hook), restored from the mid-epoch checkpoint
+    at step 4: the on-policy choices, samples and counters continue as in an uninterrupted run."""
+    from orchestrator import pipeline
+    from orchestrator.training import TEST_HOOKS_ENV
+
+    raw = _config(tmp_path, setup, "onpol_resume")
+    raw["train"].update(batch_size=1, checkpoint_every=2, max_failures=1)
+    cfg = config_from_dict(raw)
+    prep = pipeline.prepare(cfg)
+    store = pipeline.label(cfg, prep)
+
+    def train(out: str, **hooks) -> dict:
+        monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
+        run = config_from_dict({**raw, "output_dir": str(tmp_path / out), "store": {"path": store.uri}})
+        from actors.on_policy import teachers_for_training
+
+        with teachers_for_training(run, prep, store) as on_policy:
+            return pipeline.train(run, prep, store, "student", run.train.loss, run.train.alpha, on_policy)
+
+    ref = train("ref")
+    assert ref["history"][0]["steps"] > 5  # the kill lands mid-epoch 0, after two checkpoints
+    res = train("killed", kill_at_step=5, kill_rank=1)
+    assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] == 0 and res["resumed_at"][0][1] > 0, res["resumed_at"]
+    _check_history(res["history"], seed=0)
+    for h_ref, h_res in zip(ref["history"], res["history"], strict=True):
+        assert h_res["steps"] == h_ref["steps"] and h_res["on_policy_tokens"] == h_ref["on_policy_tokens"]
+        assert h_res["on_policy_fraction"] == h_ref["on_policy_fraction"]
+        assert h_res["on_policy_sample_nll"] == pytest.approx(h_ref["on_policy_sample_nll"], rel=1e-4)
+        assert h_res["loss"] == pytest.approx(h_ref["loss"], rel=1e-4)
