@@ -50,3 +50,17 @@ def trainer() -> dict:
         "step": Gauge("distill_train_step", "Optimiser steps taken.", tags),
         "epoch": Gauge("distill_train_epoch", "Epochs finished.", tags),
     }
+
+
+@lru_cache(maxsize=None)
+def on_policy() -> dict:
+    """train.on_policy (actors/on_policy.py), per train worker."""
+    tags = ("run", "student", "rank")
+    return {
+        "fraction": Gauge("distill_onpolicy_fraction", "Fraction of this epoch's batches trained on-policy so far.", tags),
+        "score_latency": Histogram("distill_onpolicy_score_seconds", "Teachers' scoring of one on-policy batch "
+                                   "(every teacher, through Serve, retries included).", LATENCY_BUCKETS, tags),
+        "sample_nll": Gauge("distill_onpolicy_sample_nll", "The teacher ensemble's NLL per token of the student's "
+                            "samples, last on-policy batch.", tags),
+        "tokens": Counter("distill_onpolicy_tokens", "Tokens the student sampled in on-policy batches.", tags),
+    }

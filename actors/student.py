@@ -7,6 +7,9 @@ epoch, history) and every rank reports, so a restarted or resumed run continues 
 latest checkpoint with the same history. A mid-epoch checkpoint also records how many batches
 of its epoch were consumed and every rank's RNG state: the resumed run skips exactly those
 batches of the same (seeded) epoch order, so no row is seen twice or skipped.
+
+Over 300 lines: the loop and its resume bookkeeping read best in one function, beside the epoch
+batching and live metrics only it uses (the on-policy step is its own module, actors/on_policy.py).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import ray.train
 import ray.train.torch
 
 from actors.lm_batch import LMBatch, decode_targets
+from actors.on_policy import OnPolicy
 from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
                                 prepare, save_and_report)
 from orchestrator.cls_students import cls_logits
@@ -234,6 +238,7 @@ def train_loop(config: dict) -> None:
             "replayed": epoch_batches.cache is not None})  # later epochs replay the shard from memory: a resume must too
 
     live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps + (partial["steps"] if partial else 0))
+    on_policy = OnPolicy(config, ctx)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
     accum, max_steps, every = config["grad_accum"], config["max_steps"], config.get("checkpoint_every")
     # bf16 autocast on a GPU (float32 master weights; the losses upcast to float32 inside).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.get("use_gpu") else contextlib.nullcontext()
@@ -245,6 +250,7 @@ def train_loop(config: dict) -> None:
         if partial:  # resumed mid-epoch: carry on the epoch's counters, skip its consumed batches
             seen, total, steps, micro, spent = (partial[k] for k in ("seen", "total", "steps", "batches", "elapsed"))
             rows = partial["rows"][ctx.get_world_rank()] if "rows" in partial else []
+            on_policy.resume(partial)
         skip, partial = micro, None
         opt.zero_grad(set_to_none=True)
         for batch in epoch_batches(epoch, skip=skip):
@@ -256,7 +262,8 @@ def train_loop(config: dict) -> None:
             sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
-                    loss, n = (_lm_step if lm else _classifier_step)(model, loss_fn, batch, config)
+                    step_fn = on_policy.step_for(epoch, micro - 1) or (_lm_step if lm else _classifier_step)
+                    loss, n = step_fn(model, loss_fn, batch, config)
                 (loss / accum).backward()
             seen, total = seen + n, total + loss.item() * n
             live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
@@ -273,6 +280,7 @@ def train_loop(config: dict) -> None:
                                "elapsed": spent + time.perf_counter() - t0}
                     if hooks.get("record_rows"):
                         partial["rows"] = gather(rows, ctx)
+                    on_policy.checkpoint(partial)
                     metrics = {"epoch": epoch, "step": done_steps + steps, "batches": micro, "partial": True,
                                "loss": total / max(seen, 1)}
                     checkpoint_now(metrics, epoch, partial)
@@ -291,6 +299,7 @@ def train_loop(config: dict) -> None:
             "world_size": ctx.get_world_size(),
             "steps": steps,
         }
+        metrics.update(on_policy.epoch_metrics())  # on_policy_*: fraction, tokens, sample_nll, score_s
         if hooks.get("record_rows"):  # TEST ONLY: every rank's rows of this epoch, in the order consumed
             metrics["rows"] = gather(rows, ctx)
         history.append(metrics)

@@ -50,6 +50,8 @@ class Teacher:
         # Batches are measured in rows (a request is a [rows, D] array), not in requests.
         self.predict.set_max_batch_size(cfg["max_batch_size"])
         self.predict.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
+        self.score_batched.set_max_batch_size(cfg["max_batch_size"])  # on-policy scoring: the same batches
+        self.score_batched.set_batch_wait_timeout_s(cfg["batch_wait_timeout_s"])
 
     @staticmethod
     def _load(cfg: dict, task: str, k: int):
@@ -133,6 +135,20 @@ class Teacher:
         out = await asyncio.wrap_future(self._call(generate_with, self.model, prompts, seeds, options))
         self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
         return out
+
+    @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))
+    async def score_batched(self, batches: list[np.ndarray]) -> list:
+        """On-policy training (actors/on_policy.py): `score` of packed rows [rows_i, 3, L] from
+        every train worker, batched as predict batches them -> each caller's (top-k ids, log-probs,
+        NLL) at its rows' loss positions. Callers send rows of one length (lm.max_len)."""
+        t0 = time.perf_counter()
+        x = np.concatenate(batches)
+        out = await asyncio.wrap_future(self._call(self.model.score, x))
+        self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
+        self.metrics["requests"].inc(len(batches), tags=self.tags)
+        self.metrics["rows"].inc(len(x), tags=self.tags)
+        cuts = np.cumsum(targets(x).sum(axis=1))[np.cumsum([len(b) for b in batches])[:-1] - 1]
+        return list(zip(*(np.split(o, cuts) for o in out)))
 
     def params(self) -> int:
         """Parameters of the served model (from its weight files: the same for every backend)."""

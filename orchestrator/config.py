@@ -175,6 +175,18 @@ class StudentConfig(_Strict):
         return self
 
 
+class OnPolicyConfig(_Strict):
+    """train.on_policy (task lm, instruction data): with probability `fraction` a batch's prompts are
+    completed by the current student and the Serve teachers score its samples (actors/on_policy.py)."""
+
+    fraction: float = Field(0.5, ge=0, le=1)  # lambda: probability that a considered batch is on-policy
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(1.0, ge=0)  # the student's sampling temperature; 0: greedy
+    every: int = Field(1, ge=1)  # only every N-th batch is considered (1: every batch)
+    divergence: Literal["reverse_kl", "jsd", "forward_kl"] = "reverse_kl"  # over the sampled positions
+    beta: float = Field(0.5, ge=0, le=1)  # jsd: mixture weight
+
+
 class TrainConfig(_Strict):
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1, gt=0)
@@ -210,6 +222,7 @@ class TrainConfig(_Strict):
     # Feature / relation terms beside the response loss (check_extra_loss below; built by
     # orchestrator/feature_losses.py build_extra_loss). Not yet read by the train loop.
     extra_losses: list[dict[str, Any]] = []
+    on_policy: Optional[OnPolicyConfig] = None  # task lm, instruction data: see OnPolicyConfig
 
 
 class EvalConfig(_Strict):
@@ -292,6 +305,17 @@ def _check_extra_losses(extra: list, teachers: dict[str, list]) -> None:
                                f"{spec['teacher_layer']!r}; add it to that teacher's features")
 
 
+def _check_on_policy(cfg) -> None:
+    """train.on_policy needs prompts to complete: task lm with instruction data, one full student per worker."""
+    if cfg.task != "lm" or cfg.dataset.format == "text":
+        what = f"task {cfg.task}" if cfg.task != "lm" else "dataset.format text (no prompts)"
+        raise ValueError(f"train.on_policy: needs task lm with instruction data (dataset.format prompt_response or chat), "
+                         f"got {what}; remove train.on_policy")
+    if cfg.train.strategy != "ddp":
+        raise ValueError("train.on_policy: the student samples on each worker and needs its whole weights there: "
+                         "use train.strategy ddp")
+
+
 # Per task, the keys it never reads (None: the whole section).
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
     "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "generate": None,
@@ -340,6 +364,8 @@ class DistillConfig(_Strict):
                 raise ValueError("teachers: task lm needs causal-LM teachers (backend hf or vllm)")
         elif any(t.backend == "vllm" for t in self.teachers):
             raise ValueError("teachers: backend vllm serves causal LMs: set task: lm")
+        if self.train.on_policy is not None:
+            _check_on_policy(self)
         if self.task == "lm" and (t := next((t for t in self.teachers if t.features), None)):
             raise ValueError(f"teachers: features are stored for task classification only (teacher '{t.name}')")
         return self

@@ -42,13 +42,17 @@ def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None 
     if cfg.train.extra_losses:  # issue 15: built by orchestrator/feature_losses.py, not yet in actors/student.py
         log.warning("train.extra_losses: %d term(s) checked but not used yet: the train loop trains on the response "
                     "loss only", len(cfg.train.extra_losses))
-    states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha)}
+    from actors.on_policy import teachers_for_training
+
+    with teachers_for_training(cfg, prep, store) as on_policy:  # train.on_policy: Serve teachers up meanwhile
+        states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha, on_policy)}
     if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
         states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)
     return states
 
 
-def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss: str, alpha: float) -> dict:
+def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss: str, alpha: float,
+          on_policy: dict | None = None) -> dict:
     """Train one student with Ray Train; return its final state (also saved in the run folder).
 
     The Ray Train run is named after the settings that shape the result, so re-running the
@@ -76,6 +80,8 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         "total_steps": total_steps(rows, t), "checkpoint_every": t.checkpoint_every,
         "strategy": t.strategy,
     }
+    if on_policy:  # actors/on_policy.py: the served teachers and the sampling settings
+        loop_cfg["on_policy"] = on_policy
     if hooks := os.environ.get(TEST_HOOKS_ENV):  # TEST ONLY, see TEST_HOOKS_ENV
         loop_cfg["test_hooks"] = json.loads(hooks)
     # `epochs` (and the schedule length it implies) is left out: raising it resumes the same run

@@ -127,6 +127,11 @@ def _section(name: str, **kv):
          r"\(got num_gpus: 0\)"),
         (_teacher(0, health_check_timeout_s=0),
          r"teachers\.0\.health_check_timeout_s: Input should be greater than 0 \(got 0\)"),
+        (_section("train", on_policy={"fraction": 1.5}),
+         r"train\.on_policy\.fraction: Input should be less than or equal to 1 \(got 1\.5\)"),
+        (_section("train", on_policy={"fraction": 0.5}),
+         r"train\.on_policy: needs task lm with instruction data \(dataset\.format prompt_response or chat\), "
+         r"got task classification; remove train\.on_policy"),
     ],
     ids=["mistyped-key", "unknown-section", "wrong-type", "section-not-a-mapping", "negative-size", "negative-limit",
          "unknown-backend", "unknown-mode", "unknown-loss", "unknown-label-executor",
@@ -134,7 +139,8 @@ def _section(name: str, **kv):
          "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names",
          "lm-key-on-classification", "text-column-on-classification", "store-path-not-creatable",
          "store-path-unreachable-bucket",
-         "engine-on-a-torch-teacher", "tensor-parallel-below-1", "tensor-parallel-without-gpus", "health-check-timeout-0"],
+         "engine-on-a-torch-teacher", "tensor-parallel-below-1", "tensor-parallel-without-gpus", "health-check-timeout-0",
+         "on-policy-fraction-above-1", "on-policy-on-classification"],
 )
 def test_config_errors(good, tmp_path, capsys, change, expect):
     _check(capsys, good, tmp_path, _like_good(good, change), expect)
@@ -292,8 +298,11 @@ def _texts(tmp: Path, texts: list[str]) -> dict:
          r"dataset\.text: row 0 of .*text\.parquet is empty; drop empty texts"),
         (lambda t: {"dataset": _texts(t, ["def", "x"])},
          r"lm\.max_len: 32 tokens is longer than the whole text \(\d+ tokens\); give more text or a smaller lm\.max_len"),
+        (lambda t: {"train": {"on_policy": {"fraction": 0.5}}},
+         r"train\.on_policy: needs task lm with instruction data .*got dataset\.format text \(no prompts\)"),
     ],
-    ids=["lm-k-larger-than-vocab", "lm-max-len-beyond-positions", "lm-empty-texts", "lm-text-shorter-than-a-window"],
+    ids=["lm-k-larger-than-vocab", "lm-max-len-beyond-positions", "lm-empty-texts", "lm-text-shorter-than-a-window",
+         "on-policy-on-text-data"],
 )
 def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
     _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)

@@ -1,0 +1,191 @@
+"""On-policy distillation (train.on_policy) on Ray: the Serve teachers kept up for the student's
+training run (driver side), and the on-policy step of the train loop (worker side).
+
+Driver: ``teachers_for_training`` deploys the teachers (or attaches to running `serve_app`
+ones, which stay up), checks they serve the weights the store was labeled with, hands the train
+loop what it needs as plain data, and shuts the deployed ones down after training.
+
+Worker: ``OnPolicy.step_for(epoch, batch)`` says whether a batch is on-policy (seeded: every
+rank, and a resumed run, choose alike; orchestrator/on_policy.py) and gives the step to run then:
+the batch's prompts completed by the current student (orchestrator/generation.py's seeded
+sampler, on this worker), scored by every teacher through its Serve handle (`score_batched`:
+Serve batches the requests of all workers), ensembled as labeling does, and the chosen
+divergence between the student and that target over the sampled positions.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from orchestrator.generation import sample
+from orchestrator.instruct import targets
+from orchestrator.losses import build_topk_loss
+from orchestrator.on_policy import completion_rows, ensemble_scores, is_on_policy, prompts_of, sample_seed, sampled_tokens
+
+log = logging.getLogger("distill")
+
+
+@contextlib.contextmanager
+def teachers_for_training(cfg, prep, store):
+    """-> the loop's ``on_policy`` settings (None without train.on_policy), the teachers served
+    while the block runs; the ones deployed here are shut down after it, even on failure."""
+    if cfg.train.on_policy is None:
+        yield None
+        return
+    from actors import teacher as serve_teachers
+    from orchestrator.labeling import _check_fingerprints
+    from orchestrator.models import load_tokenizer
+    from orchestrator.prompts import eos_ids
+    from orchestrator.session import reraise_user_error
+
+    tokenizer = load_tokenizer(prep.tokenizer)
+    eos = sorted({i for t in cfg.teachers for i in eos_ids(t.name, Path(t.path), tokenizer)})
+    teachers = {t.name: t.model_dump() for t in cfg.teachers}
+    order = [t["name"] for t in prep.identity["teachers"]]
+    apps = serve_teachers.attach([t for t in teachers.values() if t["serve_app"]])
+    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers.values() if not t["serve_app"]], "lm", cfg.lm.k)
+    try:
+        apps = {n: {**apps, **owned}[n] for n in order}
+        from orchestrator.instruct import rows_of
+
+        try:
+            infos = serve_teachers.probe(apps, rows_of(prep.train.slice(0, 1)))
+        except Exception as e:  # noqa: BLE001  (a teacher that cannot take the rows: one line)
+            reraise_user_error(e)
+        _check_fingerprints(infos, prep.identity["teachers"], apps)
+        log.info("train: on-policy teachers up (%s)", ", ".join(f"{n}: {a}" for n, a in apps.items()))
+        yield {**cfg.train.on_policy.model_dump(), "apps": apps, "chunk": {t.name: t.max_batch_size for t in cfg.teachers},
+               "ensemble": store.manifest["ensemble"], "vocab_size": store.manifest["num_classes"],
+               "max_len": cfg.lm.max_len, "eos_ids": eos,
+               "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]}
+    finally:
+        serve_teachers.shutdown(owned)
+        if owned:
+            log.info("train: on-policy teachers shut down (%s)", ", ".join(owned.values()))
+
+
+class OnPolicy:
+    """One train worker's on-policy steps and their counters (this epoch's, checkpointed with a
+    mid-epoch checkpoint). config: the train loop's; config["on_policy"]: teachers_for_training's."""
+
+    def __init__(self, config: dict, ctx):
+        self.op, self.ctx, self.counters = config.get("on_policy"), ctx, self.fresh()
+        if not self.op:  # inert: no on-policy batch, nothing checkpointed or reported
+            return
+        from ray import serve
+
+        from actors import metrics
+
+        self.k, self.seed, self.rank = config["k"], config["seed"], ctx.get_world_rank()
+        self.handles = {n: serve.get_app_handle(a) for n, a in self.op["apps"].items()}
+        self.loss_fn = build_topk_loss(self.op["divergence"], beta=self.op["beta"], temperature=config["temperature"])
+        self.m = metrics.on_policy()
+        self.tags = {"run": config.get("run", ""), "student": config.get("name", "student"), "rank": str(self.rank)}
+
+    @staticmethod
+    def fresh() -> dict:
+        return {"batches": 0, "on_policy": 0, "tokens": 0, "nll_sum": 0.0, "score_s": 0.0}
+
+    def step_for(self, epoch: int, batch: int):
+        """None (an ordinary batch), or the on-policy step for batch `batch` (0-based) of `epoch`,
+        with the signature of the loop's own steps: (model, loss_fn, batch, config) -> (loss, n)."""
+        if not self.op:
+            return None
+        self.counters["batches"] += 1
+        if not is_on_policy(self.seed, epoch, batch, self.op["fraction"], self.op["every"]):
+            self.m["fraction"].set(self.counters["on_policy"] / self.counters["batches"], tags=self.tags)
+            return None
+        self.counters["on_policy"] += 1
+        self.m["fraction"].set(self.counters["on_policy"] / self.counters["batches"], tags=self.tags)
+        return lambda model, _loss_fn, rows, _config: self.step(model, rows, epoch, batch)
+
+    def step(self, model, batch: dict, epoch: int, index: int):
+        """-> (the divergence over the sampled positions, their count)."""
+        op = self.op
+        ids = batch["input_ids"].cpu().numpy()
+        mask = np.pad(batch["sel"].cpu().numpy(), ((0, 0), (1, 0)))  # a row's first token never carries loss
+        prompts = prompts_of(ids, batch["position_ids"].cpu().numpy(), mask)
+        module = model.module if hasattr(model, "module") else model  # DDP: sample without its hooks
+        module.eval()  # no dropout while sampling
+        seeds = [[sample_seed(self.seed, epoch, index, self.rank, i)] for i in range(len(prompts))]
+        out = sample(module, prompts, seeds, temperature=op["temperature"], top_p=1.0, max_new_tokens=op["max_new_tokens"],
+                     eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"])
+        module.train()
+        rows = completion_rows(prompts, [s[0]["tokens"] for s in out], op["max_len"], op["pad_id"])
+        tokens = sampled_tokens(rows)
+        t0 = time.perf_counter()
+        scores = self._score(rows)
+        spent = time.perf_counter() - t0
+        t_ids, t_lps, _, nll = ensemble_scores(scores, op["ensemble"], self.k, op["vocab_size"], tokens)
+        device = next(module.parameters()).device
+        sel = torch.from_numpy(targets(rows)).to(device)
+        x, pos = (torch.from_numpy(rows[:, i]).long().to(device) for i in (0, 1))
+        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits[:, :-1][sel]  # [N, V], through DDP
+        loss = self.loss_fn(logits, torch.from_numpy(t_ids).to(device), torch.from_numpy(t_lps).to(device))
+        c = self.counters
+        c["tokens"], c["nll_sum"], c["score_s"] = c["tokens"] + len(tokens), c["nll_sum"] + nll * len(tokens), c["score_s"] + spent
+        self.m["score_latency"].observe(spent, tags=self.tags)
+        self.m["sample_nll"].set(nll, tags=self.tags)
+        self.m["tokens"].inc(len(tokens), tags=self.tags)
+        return loss, len(tokens)
+
+    def _score(self, rows: np.ndarray) -> dict[str, tuple]:
+        """Every teacher's (top-k ids, log-probs, NLL) of the rows' sampled positions, all teachers
+        asked at once, in chunks of at most the teacher's Serve batch; a request lost with its
+        replica is sent again, as the labeler does (teachers are pure: same answer)."""
+        from actors.labeler import REPLICA_LOST, RETRIES
+        from orchestrator.errors import DistillError
+
+        pending = {n: [(rows[i:i + c], h.score_batched.remote(rows[i:i + c])) for i in range(0, len(rows), c)]
+                   for n, h in self.handles.items() for c in [self.op["chunk"][n]]}
+        out = {}
+        for name, parts in pending.items():
+            answers = []
+            for chunk, response in parts:
+                for attempt in range(RETRIES + 1):
+                    try:
+                        answers.append(response.result())
+                        break
+                    except REPLICA_LOST as e:
+                        if attempt == RETRIES:
+                            raise DistillError(f"teacher '{name}': no live replica answered an on-policy batch after "
+                                               f"{RETRIES} retries ({type(e).__name__})") from None
+                        log.warning("teacher '%s': on-policy request lost with its replica (%s); retry %d/%d",
+                                    name, type(e).__name__, attempt + 1, RETRIES)
+                        time.sleep(min(2 ** attempt, 10))
+                        response = self.handles[name].score_batched.remote(chunk)
+            out[name] = tuple(np.concatenate(p) for p in zip(*answers))
+        return out
+
+    def checkpoint(self, partial: dict) -> None:
+        """A mid-epoch checkpoint keeps every rank's counters of the epoch (a collective)."""
+        if self.op:
+            partial["on_policy"] = self._gather(self.counters)
+
+    def resume(self, partial: dict) -> None:
+        if self.op and "on_policy" in partial:
+            self.counters = partial["on_policy"][self.rank]
+
+    def _gather(self, obj) -> list:
+        out = [None] * self.ctx.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def epoch_metrics(self) -> dict:
+        """This epoch's on-policy figures over every rank (a collective: every rank calls it), for
+        the train history ({} when inert); the counters start afresh."""
+        if not self.op:
+            return {}
+        every = self._gather(self.counters)
+        self.counters = self.fresh()
+        tokens = sum(c["tokens"] for c in every)
+        on = sum(c["on_policy"] for c in every)
+        return {"on_policy_fraction": every[0]["on_policy"] / max(every[0]["batches"], 1),
+                "on_policy_tokens": tokens,
+                "on_policy_sample_nll": sum(c["nll_sum"] for c in every) / tokens if tokens else None,
+                "on_policy_score_s": sum(c["score_s"] for c in every) / on if on else None}

@@ -1,0 +1,149 @@
+"""On-policy training (train.on_policy) end to end on real Ray: two tiny instruction teachers
+served by Serve for the whole training run, the student sampling on its two DDP workers.
+
+  a run with fraction 0.5    -> the epochs' on-policy fractions are the seeded choices, samples
+                                were scored (tokens, a finite ensemble NLL), the baseline student
+                                trained off-policy only, and no teacher application is left up
+  a teacher replica killed   -> Serve replaces it, the on-policy requests are retried, and the run
+  during training               ends with every optimiser step of every epoch
+  a train worker killed      -> restored from a mid-epoch checkpoint, the run makes the on-policy
+  mid-epoch                     choices and samples of an uninterrupted one
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.cli import main
+from orchestrator.config import config_from_dict
+from orchestrator.on_policy import is_on_policy
+from tests.helpers import write_yaml
+from tests.helpers_gen import make_gen_setup
+from tests.helpers_lm import lm_config
+from tests.test_faults import _actor_pids, _wait_for
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_gen_setup(tmp_path_factory.mktemp("onpol"))
+
+
+def _config(tmp: Path, setup: dict, name: str, **on_policy) -> dict:
+    cfg = lm_config(tmp, setup, run={"name": name},
+                    dataset={"source": str(setup["train"]), "test_source": str(setup["test"]), "format": "prompt_response"},
+                    lm={"max_len": 64, "k": 4}, ensemble={"mode": "mean_prob", "temperature": 1.0})
+    cfg["train"].update(epochs=2, batch_size=2, on_policy={"fraction": 0.5, "max_new_tokens": 8, "divergence": "jsd",
+                                                             "beta": 0.3, **on_policy})
+    return cfg
+
+
+def _applications() -> set[str]:
+    from ray import serve
+
+    return set(serve.status().applications)
+
+
+def _check_history(history: list[dict], seed: int) -> None:
+    for epoch, h in enumerate(history):
+        expected = [is_on_policy(seed, epoch, b, 0.5, 1) for b in range(h["steps"])]  # grad_accum 1: a batch a step
+        assert h["on_policy_fraction"] == pytest.approx(sum(expected) / len(expected)), (epoch, h)
+    assert sum(h["on_policy_tokens"] for h in history) > 0
+    nll = [h["on_policy_sample_nll"] for h in history if h["on_policy_tokens"]]
+    assert nll and all(math.isfinite(x) and x > 0 for x in nll), history
+    assert all(h["on_policy_score_s"] > 0 for h in history if h["on_policy_tokens"])
+
+
+def test_on_policy_run_trains_and_shuts_the_teachers_down(ray_local, setup, tmp_path):
+    cfg = _config(tmp_path, setup, "onpol")
+    before = _applications()
+    assert main(["run", str(write_yaml(tmp_path / "c.yaml", cfg)), "-q"]) == 0
+    run_dir = tmp_path / "runs" / "onpol"
+    state = torch.load(run_dir / "students" / "student.pt", map_location="cpu", weights_only=False)
+    history = state["history"]
+    assert len(history) == 2
+    _check_history(history, seed=0)
+    assert 0 < sum(h["on_policy_fraction"] for h in history) / 2 < 1
+    hard = torch.load(run_dir / "students" / "student_hard.pt", map_location="cpu", weights_only=False)["history"]
+    assert not any("on_policy_fraction" in h for h in hard)  # the hard-label baseline stays off-policy
+    report = json.loads((run_dir / "report.json").read_text())
+    assert math.isfinite(report["models"]["student"]["perplexity"])
+    # The teachers the train stage deployed are gone (labeling's own were shut down before it).
+    assert not {a for a in _applications() - before if a.startswith("distill-onpol-")}
+
+
+def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_local, setup, tmp_path):
+    from orchestrator import pipeline
+
+    raw = _config(tmp_path, setup, "onpol_kill", fraction=1.0)  # every batch asks the teachers
+    raw["train"]["epochs"] = 3
+    cfg = config_from_dict(raw)
+    prep = pipeline.prepare(cfg)
+    store = pipeline.label(cfg, prep)
+    result: dict = {}
+
+    def work():
+        try:
+            result["states"] = pipeline.train_students(cfg, prep, store)
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    # Training has started once its workers exist; the teachers are up by then (deployed first).
+    _wait_for(lambda: len(_actor_pids("RayTrainWorker")) == 2, what="2 train workers")
+    victim = _actor_pids("teacher-large")
+    assert len(victim) == 1, victim
+    os.kill(victim[0], signal.SIGKILL)
+    t.join(timeout=600)
+    assert not t.is_alive() and "error" not in result, result.get("error")
+    history = result["states"]["student"]["history"]
+    assert len(history) == 3 and all(h["on_policy_fraction"] == 1.0 for h in history)
+    steps = -(-(-(-prep.train.num_rows // 2)) // 2)  # every worker's batches of 2, per epoch
+    assert [h["steps"] for h in history] == [steps] * 3
+    assert not {a for a in _applications() if a.startswith("distill-onpol_kill-")}
+    # Serve replaced the victim: labeling's replica, training's (killed) and its replacement.
+    import ray._private.state
+
+    large = [a for a in ray._private.state.actors().values() if "teacher-large" in a["ActorClassName"]]
+    assert len(large) >= 3 and victim[0] in [a["Pid"] for a in large], large
+
+
+def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_local, setup, tmp_path, monkeypatch):
+    """A worker SIGKILLed after optimiser step 5 (test hook), restored from the mid-epoch checkpoint
+    at step 4: the on-policy choices, samples and counters continue as in an uninterrupted run."""
+    from orchestrator import pipeline
+    from orchestrator.training import TEST_HOOKS_ENV
+
+    raw = _config(tmp_path, setup, "onpol_resume")
+    raw["train"].update(batch_size=1, checkpoint_every=2, max_failures=1)
+    cfg = config_from_dict(raw)
+    prep = pipeline.prepare(cfg)
+    store = pipeline.label(cfg, prep)
+
+    def train(out: str, **hooks) -> dict:
+        monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
+        run = config_from_dict({**raw, "output_dir": str(tmp_path / out), "store": {"path": store.uri}})
+        from actors.on_policy import teachers_for_training
+
+        with teachers_for_training(run, prep, store) as on_policy:
+            return pipeline.train(run, prep, store, "student", run.train.loss, run.train.alpha, on_policy)
+
+    ref = train("ref")
+    assert ref["history"][0]["steps"] > 5  # the kill lands mid-epoch 0, after two checkpoints
+    res = train("killed", kill_at_step=5, kill_rank=1)
+    assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] == 0 and res["resumed_at"][0][1] > 0, res["resumed_at"]
+    _check_history(res["history"], seed=0)
+    for h_ref, h_res in zip(ref["history"], res["history"], strict=True):
+        assert h_res["steps"] == h_ref["steps"] and h_res["on_policy_tokens"] == h_ref["on_policy_tokens"]
+        assert h_res["on_policy_fraction"] == h_ref["on_policy_fraction"]
+        assert h_res["on_policy_sample_nll"] == pytest.approx(h_ref["on_policy_sample_nll"], rel=1e-4)
+        assert h_res["loss"] == pytest.approx(h_ref["loss"], rel=1e-4)
