@@ -7,6 +7,9 @@ epoch, history) and every rank reports, so a restarted or resumed run continues 
 latest checkpoint with the same history. A mid-epoch checkpoint also records how many batches
 of its epoch were consumed and every rank's RNG state: the resumed run skips exactly those
 batches of the same (seeded) epoch order, so no row is seen twice or skipped.
+
+Over 300 lines: the loop and its per-worker helpers (epoch order, live metrics, the two step
+kinds) stay together so the order of operations in a worker reads top-down in one file.
 """
 from __future__ import annotations
 
@@ -189,8 +192,7 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     model = build_student(config["student"])
-    # train.extra_losses (orchestrator/extra_terms.py): hooks on the unwrapped student, and the hint
-    # projections, which train with it and are checkpointed beside it (never in its own state).
+    # train.extra_losses: hooks on the unwrapped student; hint projections checkpointed beside it, not in it
     terms = ExtraTerms(config["extra_terms"], model) if config.get("extra_terms") else None
     start, history, resumes, resumed_at, partial, replayed = 0, [], [], [], None, False
     hooks = config.get("test_hooks") or {}  # TEST ONLY (tests/test_resume.py; see training.TEST_HOOKS_ENV)
@@ -207,7 +209,7 @@ def train_loop(config: dict) -> None:
     opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms else [])], lr=config["lr"],
                             weight_decay=config["weight_decay"])
     if terms is not None:  # the projections' gradients, averaged over the workers before every step
-        opt.register_step_pre_hook(lambda *_: terms.sync_grads())
+        opt.register_step_pre_hook(terms.sync_grads)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
         schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))

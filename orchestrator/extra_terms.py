@@ -235,7 +235,7 @@ class ExtraTerms(nn.Module):
         self._sums, self._count = [0.0] * len(self.resolved), 0
         return out
 
-    def sync_grads(self) -> None:
+    def sync_grads(self, *_hook_args) -> None:
         """Average the projections' gradients over the workers before an optimiser step (DDP does
         this for the student's; these parameters live outside its wrapper)."""
         params = list(self.parameters())
