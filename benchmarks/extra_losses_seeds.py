@@ -8,6 +8,7 @@ and scored on the held-out split (539 digits) from its save_pretrained dir, as t
 Writes benchmarks/results_extra_losses.json: per-seed accuracies, mean and population SD per variant.
 
     flock /tmp/ray-tests.lock python -m benchmarks.extra_losses_seeds [--seeds 0 1 2] [--config ...]
+        [--set KEY=VALUE ...] [--name xl] [--out FILE]   (--set: config overrides for every run, e.g. the student)
 """
 from __future__ import annotations
 
@@ -38,12 +39,14 @@ def main() -> None:
     ap.add_argument("--config", default="examples/cls_features.yaml")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides (section.key=value) for every run")
+    ap.add_argument("--name", default="xl", help="run.name prefix of the students' run dirs")
     args = ap.parse_args()
 
     from orchestrator.config import load_config
     from orchestrator.pipeline import label, prepare, ray_session, train
 
-    base = load_config(args.config)
+    base = load_config(args.config, args.set)
     terms = base.train.extra_losses
     prep = prepare(base)
     variants = {"response": [], "response+feature": [t for t in terms if t["kind"] in ("hint", "attention")],
@@ -54,7 +57,7 @@ def main() -> None:
         store = label(base, prep)
         for seed in args.seeds:
             for variant, extra in variants.items():
-                cfg = load_config(args.config, [f"train.seed={seed}", f"run.name=xl_{seed}_{len(extra)}",
+                cfg = load_config(args.config, [*args.set, f"train.seed={seed}", f"run.name={args.name}_{seed}_{len(extra)}",
                                                 f"store.path={base.store_path}"])
                 cfg.train.extra_losses = extra
                 t0 = time.perf_counter()
@@ -62,7 +65,7 @@ def main() -> None:
                 seconds[variant].append(time.perf_counter() - t0)
                 rows[variant][seed] = accuracy(state["export"], prep.test)
                 print(f"seed {seed} {variant}: {rows[variant][seed]:.4f} ({seconds[variant][-1]:.0f} s)", flush=True)
-    result = {"config": args.config, "seeds": args.seeds, "extra_losses": terms, "test_rows": prep.test.num_rows,
+    result = {"config": args.config, "overrides": args.set, "seeds": args.seeds, "extra_losses": terms, "test_rows": prep.test.num_rows,
               "accuracy": rows, "train_seconds": seconds,
               "mean": {k: statistics.fmean(v.values()) for k, v in rows.items()},
               "population_sd": {k: statistics.pstdev(v.values()) for k, v in rows.items()}}

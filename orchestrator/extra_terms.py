@@ -140,7 +140,7 @@ def check_before_labeling(cfg, width: int) -> None:
     check_student_layers(cfg.train.extra_losses, student, width)
 
 
-def plan_terms(cfg, store, student: dict, width: int) -> list[dict]:
+def plan_terms(cfg, store, extra_losses: list[dict], student: dict, width: int) -> list[dict]:
     """training (driver): resolve_terms with the feature shapes the store's first shard records."""
     import json
 
@@ -152,7 +152,7 @@ def plan_terms(cfg, store, student: dict, width: int) -> list[dict]:
         schema = pq.read_schema(f)
     shapes = {f.name: json.loads(f.metadata[SHAPE_KEY]) for f in schema if f.name.startswith(PREFIX)}
     teachers = [{"name": t.name, "features": t.features, "pool": t.pool} for t in cfg.teachers]
-    return resolve_terms(cfg.train.extra_losses, teachers, shapes, student, width)
+    return resolve_terms(extra_losses, teachers, shapes, student, width)
 
 
 def describe(spec: dict, s_out: dict, parts: list[dict]) -> str:

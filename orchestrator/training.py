@@ -80,7 +80,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     if extra_losses:  # checked against the stored feature shapes; their columns join the train read
         from .extra_terms import plan_terms
 
-        loop_cfg["extra_terms"] = plan_terms(cfg, store, spec, features_of(prep.train.slice(0, 1)).shape[1])
+        loop_cfg["extra_terms"] = plan_terms(cfg, store, extra_losses, spec, features_of(prep.train.slice(0, 1)).shape[1])
         columns += list(dict.fromkeys(p["column"] for r in loop_cfg["extra_terms"] for p in r["parts"]))
         for r in loop_cfg["extra_terms"]:
             log.info("train: %s extra term %s", name, r["label"])
