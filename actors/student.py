@@ -8,8 +8,9 @@ latest checkpoint with the same history. A mid-epoch checkpoint also records how
 of its epoch were consumed and every rank's RNG state: the resumed run skips exactly those
 batches of the same (seeded) epoch order, so no row is seen twice or skipped.
 
-Over 300 lines: the loop and its resume bookkeeping read best in one function, beside the epoch
-batching and live metrics only it uses (the on-policy step is its own module, actors/on_policy.py).
+Over 300 lines: the loop and its per-worker helpers (epoch order, live metrics, the two step
+kinds) stay together so the order of operations in a worker reads top-down in one file (the
+on-policy step is its own module, actors/on_policy.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from actors.on_policy import OnPolicy
 from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
                                 prepare, save_and_report)
 from orchestrator.cls_students import cls_logits
+from orchestrator.extra_terms import ExtraTerms
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student, check_packing
 from orchestrator.schedule import lr_lambda
@@ -150,10 +152,13 @@ class LiveMetrics:
             self.m["step"].set(self.total_steps, tags=self.tags)
 
 
-def _classifier_step(model, loss_fn, batch: dict, config: dict):
+def _classifier_step(model, loss_fn, batch: dict, config: dict, terms: ExtraTerms | None = None):
     x, y, target = batch["features"].float(), batch["label"].long(), batch[SOFT_COLUMN].float()
     # student.arch hf: a sequence classifier reading the features as token ids (as the hf teachers do)
     spec = config["student"]
+    if terms is not None:  # train.extra_losses: the same forward also yields the outputs the terms read
+        logits, extra = terms.step(model, x, batch, spec.get("pad_token_id"))
+        return loss_fn(logits, target, y) + extra, len(y)
     logits = cls_logits(model, x, spec.get("pad_token_id")) if spec["arch"] == "hf" else model(x)
     return loss_fn(logits, target, y), len(y)
 
@@ -189,17 +194,24 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     model = build_student(config["student"])
+    # train.extra_losses: hooks on the unwrapped student; hint projections checkpointed beside it, not in it
+    terms = ExtraTerms(config["extra_terms"], model) if config.get("extra_terms") else None
     start, history, resumes, resumed_at, partial, replayed = 0, [], [], [], None, False
     hooks = config.get("test_hooks") or {}  # TEST ONLY (tests/test_resume.py; see training.TEST_HOOKS_ENV)
     checkpoint = ray.train.get_checkpoint()
     state = load_state(checkpoint) if checkpoint else None
     if state:  # the whole model's weights, before FSDP (if used) shards them
         model.load_state_dict(state["model"])
+        if terms is not None:
+            terms.load_state_dict(state["extra_terms"])
     if "position_ids" in config.get("columns", []):  # packed instruction rows: examples must stay apart
         check_packing(model, "the student")
     model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
     # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms else [])], lr=config["lr"],
+                            weight_decay=config["weight_decay"])
+    if terms is not None:  # the projections' gradients, averaged over the workers before every step
+        opt.register_step_pre_hook(terms.sync_grads)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
         schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))
@@ -235,7 +247,8 @@ def train_loop(config: dict) -> None:
         save_and_report(model, opt, sched, metrics, ctx, {
             "epoch": epoch, "history": history, "spec": config["student"], "worker_nodes": nodes,
             "resumed_after_epoch": resumes, "resumed_at": resumed_at, "partial": partial,
-            "replayed": epoch_batches.cache is not None})  # later epochs replay the shard from memory: a resume must too
+            "replayed": epoch_batches.cache is not None,  # later epochs replay the shard from memory: a resume must too
+            **({"extra_terms": terms.state_dict()} if terms is not None else {})})
 
     live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps + (partial["steps"] if partial else 0))
     on_policy = OnPolicy(config, ctx)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
@@ -262,8 +275,11 @@ def train_loop(config: dict) -> None:
             sync = contextlib.nullcontext() if step_now or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with autocast:
-                    step_fn = on_policy.step_for(epoch, micro - 1) or (_lm_step if lm else _classifier_step)
-                    loss, n = step_fn(model, loss_fn, batch, config)
+                    if (step_fn := on_policy.step_for(epoch, micro - 1)) is not None:  # train.on_policy
+                        loss, n = step_fn(model, loss_fn, batch, config)
+                    else:
+                        loss, n = _lm_step(model, loss_fn, batch, config) if lm else \
+                            _classifier_step(model, loss_fn, batch, config, terms)
                 (loss / accum).backward()
             seen, total = seen + n, total + loss.item() * n
             live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
@@ -298,6 +314,7 @@ def train_loop(config: dict) -> None:
             "unit": "tokens" if lm else "samples",
             "world_size": ctx.get_world_size(),
             "steps": steps,
+            **({"extra_losses": terms.pop_means()} if terms is not None else {}),  # each term's mean, weighted
         }
         metrics.update(on_policy.epoch_metrics())  # on_policy_*: fraction, tokens, sample_nll, score_s
         if hooks.get("record_rows"):  # TEST ONLY: every rank's rows of this epoch, in the order consumed

@@ -220,7 +220,7 @@ class TrainConfig(_Strict):
     # gradients and optimiser state sharded; one unit per decoder layer), for students too large for one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Feature / relation terms beside the response loss (check_extra_loss below; built by
-    # orchestrator/feature_losses.py build_extra_loss). Not yet read by the train loop.
+    # orchestrator/feature_losses.py build_extra_loss; added to the train step by orchestrator/extra_terms.py).
     extra_losses: list[dict[str, Any]] = []
     on_policy: Optional[OnPolicyConfig] = None  # task lm, instruction data: see OnPolicyConfig
 

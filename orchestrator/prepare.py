@@ -85,6 +85,10 @@ def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict,
         train, test = table.take(train_idx), table.take(test_idx)
     if cfg.student.arch == "hf":  # before labeling: a student that cannot read these rows fails now
         _check_cls_student(cfg, train)
+    if cfg.train.extra_losses:  # before labeling too: the layers the terms read from the student
+        from .extra_terms import check_before_labeling
+
+        check_before_labeling(cfg, features_of(train).shape[1])
     return train, test, {"feature_dim": features_of(train).shape[1]}, "dense", None
 
 

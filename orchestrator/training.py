@@ -39,21 +39,22 @@ def open_complete_store(cfg: DistillConfig, prep: Prepared) -> LabelStore:
 
 def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None = None) -> dict[str, dict]:
     store = store or open_complete_store(cfg, prep)
-    if cfg.train.extra_losses:  # issue 15: built by orchestrator/feature_losses.py, not yet in actors/student.py
-        log.warning("train.extra_losses: %d term(s) checked but not used yet: the train loop trains on the response "
-                    "loss only", len(cfg.train.extra_losses))
     from actors.on_policy import teachers_for_training
 
     with teachers_for_training(cfg, prep, store) as on_policy:  # train.on_policy: Serve teachers up meanwhile
-        states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha, on_policy)}
+        states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha, on_policy=on_policy,
+                                   extra_losses=cfg.train.extra_losses)}
     if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
+        if cfg.train.extra_losses:
+            log.info("train: student_hard trains on the hard labels only (no soft labels, no train.extra_losses)")
         states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)
     return states
 
 
 def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss: str, alpha: float,
-          on_policy: dict | None = None) -> dict:
+          on_policy: dict | None = None, extra_losses: list[dict] = ()) -> dict:
     """Train one student with Ray Train; return its final state (also saved in the run folder).
+    extra_losses: train.extra_losses terms beside the response loss (orchestrator/extra_terms.py).
 
     The Ray Train run is named after the settings that shape the result, so re-running the
     same settings resumes from the latest checkpoint and changed settings start afresh.
@@ -82,6 +83,13 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     }
     if on_policy:  # actors/on_policy.py: the served teachers and the sampling settings
         loop_cfg["on_policy"] = on_policy
+    if extra_losses:  # checked against the stored feature shapes; their columns join the train read
+        from .extra_terms import plan_terms
+
+        loop_cfg["extra_terms"] = plan_terms(cfg, store, extra_losses, spec, features_of(prep.train.slice(0, 1)).shape[1])
+        columns += list(dict.fromkeys(p["column"] for r in loop_cfg["extra_terms"] for p in r["parts"]))
+        for r in loop_cfg["extra_terms"]:
+            log.info("train: %s extra term %s", name, r["label"])
     if hooks := os.environ.get(TEST_HOOKS_ENV):  # TEST ONLY, see TEST_HOOKS_ENV
         loop_cfg["test_hooks"] = json.loads(hooks)
     # `epochs` (and the schedule length it implies) is left out: raising it resumes the same run
@@ -123,6 +131,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         raise DistillError(f"training '{name}' produced no checkpoint (see {storage}/{run_name})")
     state = load_state(result.checkpoint)
     state["loss"] = loss
+    state.pop("extra_terms", None)  # the hint projections train with the student but are not part of it
     out = cfg.run_dir / "students"
     out.mkdir(parents=True, exist_ok=True)
     import torch

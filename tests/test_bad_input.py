@@ -267,6 +267,33 @@ def test_hf_student_without_a_config(good, tmp_path, capsys):
     _check(capsys, good, tmp_path, cfg, r"student\.config: required for student\.arch hf with student\.init scratch")
 
 
+# ---- train.extra_losses: the student layers the terms read are checked in prepare ----------------
+
+
+@pytest.mark.parametrize(
+    "student, layer, expect",
+    [
+        (None, "net.9", r"train\.extra_losses\.0\.student_layer: student\.arch mlp takes a module name "
+                        r"\(net, net\.0, net\.1, net\.2\), got 'net\.9'"),
+        (_HF_STUDENT, 2, r"train\.extra_losses\.0\.student_layer: index 2 out of range: the student has 2 hidden "
+                         r"states \(0 = embeddings \.\. 1\)"),
+    ],
+    ids=["extra-loss-unknown-student-module", "extra-loss-student-layer-out-of-range"],
+)
+def test_extra_loss_student_layer_errors(good, tmp_path, capsys, student, layer, expect):
+    from tests.helpers import save_state_teacher
+
+    def change(c):
+        c["teachers"].append({"name": "state", "backend": "torch", "module": "tests.helpers:TinyMLP",
+                              "path": str(save_state_teacher(tmp_path / "state.pt")), "features": ["net.1"]})
+        c["train"]["extra_losses"] = [{"kind": "rkd_distance", "teacher": "state", "teacher_layer": "net.1",
+                                       "student_layer": layer}]
+        if student is not None:
+            (tmp_path / "student.json").write_text(json.dumps(student))
+            c["student"] = {"arch": "hf", "config": str(tmp_path / "student.json")}
+    _check(capsys, good, tmp_path, _like_good(good, change), expect)
+
+
 # ---- task lm: vocabulary, k, lengths and text are checked in prepare ------------------------
 
 

@@ -1,0 +1,88 @@
+"""train.extra_losses end to end on real Ray / Serve / Train: a transformer student (kept from a
+BERT teacher's layer 1) learns from the soft labels plus a hint (the BERT teacher's last hidden
+state, through a learned projection) and an RKD distance term (a torch teacher's hidden layer).
+A worker killed mid-run resumes with the projection's trained state (and ends exactly where an
+uninterrupted run ends); the exported student carries no projection."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from orchestrator import pipeline
+from orchestrator.config import config_from_dict
+from orchestrator.store import LabelStore
+from orchestrator.training import TEST_HOOKS_ENV
+from tests.helpers import save_state_teacher, tiny_config
+from tests.test_features_pipeline import _bert
+
+pytestmark = pytest.mark.slow
+EVERY = 3  # train.checkpoint_every (not a divisor of the 8 steps per epoch: the last two checkpoints differ)
+TERMS = [{"kind": "hint", "weight": 0.5, "teacher": "bert", "teacher_layer": 2, "student_layer": 1},
+         {"kind": "rkd_distance", "teacher": "mlp", "teacher_layer": "net.1", "student_layer": 1}]
+LABELS = ["hint x0.5: bert/2 -> student hidden state 1, projection 8->8",
+          "rkd_distance x1: mlp/net.1 -> student hidden state 1"]
+
+
+@pytest.fixture(scope="module")
+def labeled(ray_local, teachers, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("extra")
+    bert = _bert(tmp / "bert")
+    raw = tiny_config(tmp, {"linear": teachers["linear"]}, run={"name": "extra"},
+                      student={"arch": "hf", "init": "teacher", "teacher": "bert", "layers": [1]},
+                      train={"epochs": 2, "batch_size": 16, "max_samples": 256, "checkpoint_every": EVERY,
+                             "max_failures": 1, "extra_losses": TERMS})
+    del raw["student"]["hidden"]
+    raw["teachers"] += [
+        {"name": "mlp", "backend": "torch", "path": str(save_state_teacher(tmp / "mlp.pt")), "num_cpus": 0.25,
+         "module": "tests.helpers:TinyMLP", "features": ["net.1"]},
+        {"name": "bert", "backend": "hf", "path": str(bert), "num_cpus": 0.25, "features": [2]}]
+    cfg = config_from_dict(raw)
+    pipeline.label(cfg, pipeline.prepare(cfg))
+    return raw, cfg.store_path
+
+
+def _train(raw: dict, store_path: str, out, monkeypatch, **hooks):
+    cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": store_path}})
+    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
+    store = LabelStore(store_path)
+    store.load_manifest()
+    state = pipeline.train(cfg, pipeline.prepare(cfg), store, "student", cfg.train.loss, cfg.train.alpha,
+                           extra_losses=cfg.train.extra_losses)
+    kept = sorted((cfg.run_dir / "train").glob("student-*/checkpoint_*/state.pt"), key=lambda p: p.stat().st_mtime)
+    return cfg, state, [torch.load(p, weights_only=False) for p in kept]  # the last 2 kept, oldest first
+
+
+def test_trains_resumes_with_the_projection_and_exports_without_it(labeled, tmp_path, monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    raw, store_path = labeled
+    cfg, ref, kept = _train(raw, store_path, tmp_path / "ref", monkeypatch)
+    before, ref_ckpt = kept[-2:]
+    # every epoch logs each term's mean (weighted) value; the terms are live and finite
+    for h in ref["history"]:
+        assert list(h["extra_losses"]) == LABELS and all(0 < v < 100 for v in h["extra_losses"].values()), h
+    proj = ref_ckpt["extra_terms"]
+    assert set(proj) == {"losses.0.0.loss.proj.weight", "losses.0.0.loss.proj.bias"}
+    assert proj["losses.0.0.loss.proj.weight"].shape == (8, 8)  # student width 8 -> the teacher's 8
+
+    # killed mid-epoch 1 (past 2 mid-epoch checkpoints), restored by Ray Train: same end, projection included
+    steps = ref["history"][0]["steps"]
+    assert steps > 2 * EVERY
+    _, res, kept = _train(raw, store_path, tmp_path / "killed", monkeypatch, kill_at_step=steps + 3, kill_rank=1)
+    res_ckpt = kept[-1]  # the latest (checkpoints of the attempt before the restore may be kept too)
+    assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] in (0, 1), res["resumed_at"]
+    for name, want in ref["model"].items():
+        assert torch.allclose(res["model"][name], want, rtol=1e-5, atol=1e-6), name
+    for name, want in proj.items():  # a fresh projection after the restore would have ended elsewhere
+        assert torch.allclose(res_ckpt["extra_terms"][name], want, rtol=1e-5, atol=1e-6), name
+    assert before["history"] != ref_ckpt["history"]  # an earlier checkpoint, whose projection differs: it trains
+    assert not torch.allclose(before["extra_terms"]["losses.0.0.loss.proj.weight"], proj["losses.0.0.loss.proj.weight"])
+
+    # the student's own state and its export: no projection anywhere
+    saved = torch.load(cfg.run_dir / "students" / "student.pt", weights_only=False)
+    assert "extra_terms" not in saved and not any("proj" in k for k in saved["model"])
+    model = AutoModelForSequenceClassification.from_pretrained(ref["export"], local_files_only=True)
+    assert set(model.state_dict()) == set(saved["model"])
+    assert model.config.num_hidden_layers == 1
