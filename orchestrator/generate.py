@@ -42,7 +42,7 @@ from .curation import curate, mixture_nll
 from .errors import DistillError
 from .models import check_lm_limits, load_tokenizer, tokenizer_hash
 from .prepare import check_vocabulary, teacher_identities
-from .prompts import Prompt, eos_ids, load_prompts, reference_answers
+from .prompts import Prompt, eos_ids, load_prompts, reference_answers, reference_record
 
 log = logging.getLogger("distill")
 TEST_HOOKS_ENV = "DISTILL_TEST_HOOKS"  # TEST ONLY: {"generate_stall_after_parts": N}, see _test_hook
@@ -262,7 +262,7 @@ def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt]
         grouped = {p.id: [] for p in prompts}
         for r in keep:
             grouped[r["prompt_id"]].append(r)
-        keep = [x for p in prompts for x in [_reference_record(p, refs[p.id]), *grouped[p.id]]]
+        keep = [x for p in prompts for x in [reference_record(p, refs[p.id]), *grouped[p.id]]]
     cols = {"sample_id": pa.array([r["sample_id"] for r in keep], pa.string())}
     if d.format == "prompt_response":
         cols[d.prompt] = pa.array([by_id[r["prompt_id"]].value for r in keep], pa.string())
@@ -294,10 +294,3 @@ def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt]
     log.info("generate: %d responses, %d kept (dropped: %s) -> %s", counts["total"], counts["kept"], dropped, dataset)
     return {"dataset": str(dataset), "manifest": str(out / "generate.json"), **curation,
             "throughput": throughput or {}}
-
-
-def _reference_record(p: Prompt, answer) -> dict:
-    """generate.include_reference: the dataset's own answer to a prompt, as a row of the output."""
-    return {"sample_id": f"{p.id}/reference", "prompt_id": p.id, "origin": "reference", "teacher": None,
-            "sample_index": None, "response_ids": None, "own_nll_mean": None, "ensemble_nll": None,
-            **({"conversation": answer} if isinstance(answer, list) else {"text": answer})}

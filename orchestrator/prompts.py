@@ -109,3 +109,10 @@ def reference_answers(cfg: DistillConfig, prompts: list[Prompt]) -> dict[str, st
                                f"(dataset.{field}); drop the row or set include_reference false")
         out[p.id] = v if d.format == "prompt_response" else [{"role": m["role"], "content": m["content"]} for m in v]
     return out
+
+
+def reference_record(p: Prompt, answer) -> dict:
+    """generate.include_reference: the dataset's own answer to a prompt, as a row of generated.parquet."""
+    return {"sample_id": f"{p.id}/reference", "prompt_id": p.id, "origin": "reference", "teacher": None,
+            "sample_index": None, "response_ids": None, "own_nll_mean": None, "ensemble_nll": None,
+            **({"conversation": answer} if isinstance(answer, list) else {"text": answer})}
