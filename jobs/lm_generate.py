@@ -14,7 +14,9 @@
 
 Overrides apply to every command (e.g. `train.seed=1 run.name=lm_generate_s1`). The generated
 data and the label stores live under <output_dir>/lm_generate_data and are shared by every seed
-(they do not depend on train.seed): a second seed only trains and evaluates.
+(they do not depend on train.seed): a second seed only trains and evaluates. `--variants a,b`
+runs only those training sets (`--variants none`: generate only); the table shows every
+variant whose report is there.
 """
 import json
 import sys
@@ -51,19 +53,26 @@ if __name__ == "__main__":
     from jobs.train_instruct_teachers import ensure_instruct_teachers
 
     ensure_instruct_teachers()
-    overrides = sys.argv[1:]
+    args = sys.argv[1:]
+    chosen = VARIANTS
+    if "--variants" in args:
+        at = args.index("--variants")
+        chosen = [v for v in args[at + 1].split(",") if v != "none"]
+        args = args[:at] + args[at + 2:]
+        if unknown := [v for v in chosen if v not in VARIANTS]:
+            sys.exit(f"error: --variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)}, or none)")
+    overrides = args
     name, root = _override(overrides, "run.name", "lm_generate"), Path(_override(overrides, "output_dir", "runs"))
     data = Path(_override(overrides, "generate.output", str(root / "lm_generate_data")))
     if code := main(["generate", str(CONFIG), *overrides, f"generate.output={data}", "generate.include_reference=true"]):
         sys.exit(code)
     sources = {"reference": _override(overrides, "dataset.source", "artifacts/teachers/instruct/data/train.parquet"),
                **{k: str(v) for k, v in _split(data / "generated.parquet").items()}}
-    reports = {}
-    for v in VARIANTS:
+    for v in chosen:
         run = [f"run.name={name}_{v}", f"dataset.source={sources[v]}", f"store.path={data / ('store_' + v)}"]
         if code := main(["run", str(CONFIG), *overrides, *run]):
             sys.exit(code)
-        reports[v] = json.loads((root / f"{name}_{v}" / "report.json").read_text())
+    reports = {v: json.loads(p.read_text()) for v in VARIANTS if (p := root / f"{name}_{v}" / "report.json").exists()}
 
     labels = {("reference", "student"): "KD on reference", ("reference", "student_hard"): "hard labels on reference",
               ("generated", "student"): "SeqKD + KD on generated", ("generated", "student_hard"): "SeqKD (hard CE) on generated",
@@ -72,8 +81,11 @@ if __name__ == "__main__":
     print(f"\ngenerated: {gen['curation']['kept']} of {gen['curation']['total']} teacher answers kept; "
           + ", ".join(f"{t} {r['tokens_per_s']:.0f} tokens/s" for t, r in gen.get("throughput", {}).items()))
     print(f"{'student (' + name + ')':<44} {'steps':>6} {'ref ppl':>9} {'teacher NLL of samples':>23}")
-    ens = reports["reference"]["models"]["ensemble"]
-    print(f"{'ensemble (reference)':<44} {'':>6} {ens['perplexity']:>9.2f}")
+    ens = next(iter(reports.values()))["models"]["ensemble"] if reports else None
+    if ens:
+        print(f"{'teacher ensemble':<44} {'':>6} {ens['perplexity']:>9.2f}")
     for (v, s), label in labels.items():
+        if v not in reports:
+            continue
         m = reports[v]["models"][s]
         print(f"{label:<44} {steps(reports[v], s):>6} {m['perplexity']:>9.2f} {m.get('teacher_nll_of_samples', float('nan')):>23.3f}")

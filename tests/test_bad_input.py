@@ -417,7 +417,7 @@ def _gen_no_eos(t: Path, lm_files: dict) -> dict:
          r"or the tokenizer's eos_token\), so its responses could never end; set one"),
         (lambda t, f: {},
          r"dataset\.format: distill generate needs prompts: task lm with format prompt_response or chat \(got task lm, format text\)"),
-        (lambda t, f: {"generate": {"include_reference": True}, "dataset": _pairs(t, "prompt_response", [{"prompt": "a?"}])},
+        (lambda t, f: {"generate": {"include_reference": True, "max_new_tokens": 8}, "dataset": _pairs(t, "prompt_response", [{"prompt": "a?"}])},
          r"generate\.include_reference: .*pairs\.parquet has no 'response' column \(dataset\.response\) with the reference "
          r"answers; add it or set include_reference false"),
     ],
