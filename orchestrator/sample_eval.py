@@ -122,6 +122,8 @@ def score_samples(handles: dict, prompts: list[list[int]], samples: list[dict], 
     from .generate import _score_rows
 
     seqs = [(p + s["tokens"].tolist(), len(p)) for p, s in zip(prompts, samples) if len(s["tokens"])]
+    if not seqs:  # nothing written (every budget 0): nothing to score
+        return {n: {"ids": np.zeros((0, k), np.int64), "logprobs": np.zeros((0, k)), "nll": np.zeros(0)} for n in handles}
     out = {}
     for name, handle in handles.items():
         parts, pending = [], []
