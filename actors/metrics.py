@@ -24,6 +24,10 @@ def teacher() -> dict:
         "rows": Counter("distill_teacher_rows", "Rows (samples or windows) a teacher replica labeled.", tags),
         "latency": Histogram("distill_teacher_latency_seconds", "Forward time of one batched teacher call.",
                              LATENCY_BUCKETS, tags),
+        # distill generate: tokens a replica wrote, and its rate over its last generate call
+        "generated_tokens": Counter("distill_teacher_generated_tokens", "Tokens a teacher replica generated.", tags),
+        "generate_tokens_per_s": Gauge("distill_teacher_generate_tokens_per_second",
+                                       "Generated tokens per second of a replica's last generate call.", tags),
     }
 
 

@@ -133,7 +133,11 @@ class Teacher:
 
         t0 = time.perf_counter()
         out = await asyncio.wrap_future(self._call(generate_with, self.model, prompts, seeds, options))
-        self.metrics["latency"].observe(time.perf_counter() - t0, tags=self.tags)
+        seconds = time.perf_counter() - t0
+        self.metrics["latency"].observe(seconds, tags=self.tags)
+        tokens = sum(len(s["tokens"]) for per_prompt in out for s in per_prompt)
+        self.metrics["generated_tokens"].inc(tokens, tags=self.tags)
+        self.metrics["generate_tokens_per_s"].set(tokens / max(seconds, 1e-9), tags=self.tags)
         return out
 
     @serve.batch(max_batch_size=256, batch_wait_timeout_s=0.005, batch_size_fn=lambda xs: sum(len(x) for x in xs))

@@ -83,7 +83,11 @@ def _command(args, cfg, quiet: bool) -> None:
         out = generate(cfg, quiet)
         print(f"generated: {out['total']} responses, {out['kept']} kept "
               f"(dropped: {', '.join(f'{k} {v}' for k, v in out['dropped'].items())})")
-        print(f"kept per teacher: {', '.join(f'{t} {n}' for t, n in out['per_teacher'].items())}")
+        print(f"kept per teacher: {', '.join(f'{t} {n}' for t, n in out['per_teacher'].items())}"
+              + (f"; reference answers {out['references']}" if out["references"] else ""))
+        if out["throughput"]:
+            rates = ", ".join(f"{t} {r['tokens_per_s']:.0f}" for t, r in out["throughput"].items())
+            print(f"generated tokens/s: {rates}")
         print(f"dataset: {out['dataset']}")
         print(f"next: distill run {args.config} dataset.source={out['dataset']}  (labels it with every teacher)")
         return

@@ -227,6 +227,12 @@ class TrainConfig(_Strict):
 
 class EvalConfig(_Strict):
     baseline: bool = True  # also train the same student on hard labels only (`student_hard`)
+    # task lm, instruction formats: each student answers the held-out prompts (up to this many new
+    # tokens; 0: off) and the teacher ensemble scores the answers: `teacher_nll_of_samples` in the
+    # report (orchestrator/sample_eval.py). Temperature 0: greedy; else fixed-seed samples.
+    sample_max_new_tokens: int = Field(32, ge=0)
+    sample_temperature: float = Field(0.0, ge=0)
+    sample_seed: int = 0
 
 
 class RayConfig(_Strict):
@@ -253,6 +259,9 @@ class GenerateConfig(_Strict):
     keep: Optional[int] = Field(None, ge=1)  # keep the best (lowest NLL) per prompt
     block_size: int = Field(8, ge=1)  # prompts per output part (the unit written exactly once)
     output: Optional[str] = None  # default: <output_dir>/<run.name>/generated
+    # Also write each prompt's own (reference) answer into generated.parquet (column origin:
+    # reference | teacher), so that `distill run` on it trains on both. Curation only: no regeneration.
+    include_reference: bool = False
 
 
 EXTRA_LOSS_KINDS = ("hint", "attention", "rkd_distance", "rkd_angle", "similarity")
@@ -319,6 +328,7 @@ def _check_on_policy(cfg) -> None:
 # Per task, the keys it never reads (None: the whole section).
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
     "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "generate": None,
+                       "eval": ("sample_max_new_tokens", "sample_temperature", "sample_seed"),
                        "student": ("init", "config", "path", "teacher", "layers", "tokenizer")},
     "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden", "tokenizer")},
 }

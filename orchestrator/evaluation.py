@@ -44,7 +44,10 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
         with ray_session(cfg, quiet):
             t_scores = teacher_scores(cfg, prep, teachers, rows)
             s_scores = {n: {**score_student(cfg, s, rows), "loss": s.get("loss")} for n, s in states.items()}
+            samples = _sample_scores(cfg, prep, states, vocab)
         results = {**evaluate_lm(labels, t_scores, prep.ensemble, s_scores, cfg.lm.k, vocab), "test_rows": len(rows)}
+        for n, extra in samples.items():  # beside each student's reference perplexity
+            results["models"][n].update(extra)
     else:
         results = evaluate(prep.test, teachers, prep.ensemble, states)
     metrics.eval_results(cfg.run.name, results["models"])
@@ -144,6 +147,15 @@ def teacher_scores(cfg: DistillConfig, prep: Prepared, teachers: list[dict], row
 
 
 # ---- students, in a Ray task ---------------------------------------------------------------------
+
+
+def _sample_scores(cfg: DistillConfig, prep: Prepared, states: dict[str, dict], vocab: int) -> dict[str, dict]:
+    """Each student's answers to the held-out prompts, scored by the teachers (eval.sample_*)."""
+    if not cfg.eval.sample_max_new_tokens or not states:
+        return {}
+    from .sample_eval import for_students
+
+    return for_students(cfg, prep, states, vocab)
 
 
 def score_student(cfg: DistillConfig, state: dict, rows: np.ndarray) -> dict:

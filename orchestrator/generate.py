@@ -36,12 +36,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import metrics
 from .config import DistillConfig
 from .curation import curate, mixture_nll
 from .errors import DistillError
 from .models import check_lm_limits, load_tokenizer, tokenizer_hash
 from .prepare import check_vocabulary, teacher_identities
-from .prompts import Prompt, eos_ids, load_prompts
+from .prompts import Prompt, eos_ids, load_prompts, reference_answers, reference_record
 
 log = logging.getLogger("distill")
 TEST_HOOKS_ENV = "DISTILL_TEST_HOOKS"  # TEST ONLY: {"generate_stall_after_parts": N}, see _test_hook
@@ -57,6 +58,7 @@ def generate(cfg: DistillConfig, quiet: bool = False) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     eos = {t.name: eos_ids(t.name, Path(t.path), tokenizer) for t in cfg.teachers}
     prompts = load_prompts(cfg, tokenizer)
+    refs = reference_answers(cfg, prompts) if g.include_reference else None  # refused before any teacher runs
     names = [t["name"] for t in teacher_identities(cfg)]
     identity = {"schema_version": 1, "source": d.source, "format": d.format, "num_prompts": len(prompts),
                 "prompts": hashlib.sha256(json.dumps([[p.id, p.ids] for p in prompts]).encode()).hexdigest()[:16],
@@ -73,9 +75,11 @@ def generate(cfg: DistillConfig, quiet: bool = False) -> dict:
                                "delete it or set generate.output to a new folder")
     blocks = [prompts[i:i + g.block_size] for i in range(0, len(prompts), g.block_size)]
     todo = [(t, b) for b in range(len(blocks)) for t in names if not _part(out, t, b).exists()]
+    # Throughput of the last run that generated (a re-curation generates nothing and keeps it).
+    throughput = json.loads(manifest.read_text()).get("throughput") if manifest.exists() else None
     if todo:
-        _run_teachers(cfg, out, identity, blocks, todo, eos, tokenizer, quiet)
-    return _curate(cfg, out, identity, prompts, names, tokenizer)
+        throughput = _run_teachers(cfg, out, identity, blocks, todo, eos, tokenizer, quiet)
+    return _curate(cfg, out, identity, prompts, names, tokenizer, throughput, refs)
 
 
 def sample_seed(seed: int, prompt_id: str, teacher: str, index: int) -> int:
@@ -115,15 +119,24 @@ def _run_teachers(cfg, out: Path, identity: dict, blocks: list, todo: list, eos:
             _write_json(out / "generate.json", {"identity": identity})
             handles = {n: serve.get_app_handle(a) for n, a in apps.items()}
             t0, written, tokens = time.perf_counter(), 0, 0
+            rate = {t: {"tokens": 0, "seconds": 0.0} for t in names}
             for b in sorted({b for _, b in todo}):
                 block, writers = blocks[b], [t for t in names if (t, b) in todo]
+                sent = time.perf_counter()
                 asked = {t: handles[t].generate.remote(
                     [p.ids for p in block], [[sample_seed(g.seed, p.id, t, i) for i in range(g.n)] for p in block],
                     {"temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
                      "eos_ids": eos[t], "pad_id": pad}) for t in writers}
+                try:
+                    answers = _timed(asked, sent)
+                except Exception as e:  # noqa: BLE001
+                    reraise_user_error(e)
                 for t in writers:
+                    samples = [s for per_prompt in answers[t][0] for s in per_prompt]
+                    rate[t]["tokens"] += sum(len(s["tokens"]) for s in samples)
+                    rate[t]["seconds"] += answers[t][1]
+                    metrics.generate_rate(cfg.run.name, t, rate[t]["tokens"] / rate[t]["seconds"])
                     try:
-                        samples = [s for per_prompt in asked[t].result() for s in per_prompt]
                         scores = _cross_score(handles, block, samples, g.n, pad) if g.cross_score else {}
                     except Exception as e:  # noqa: BLE001
                         reraise_user_error(e)
@@ -135,6 +148,21 @@ def _run_teachers(cfg, out: Path, identity: dict, blocks: list, todo: list, eos:
                     _test_hook(written, out)
         finally:
             serve_teachers.shutdown(owned)
+    return {t: {**r, "tokens_per_s": r["tokens"] / r["seconds"]} for t, r in rate.items() if r["seconds"] > 0}
+
+
+def _timed(asked: dict, sent: float) -> dict[str, tuple]:
+    """Each teacher's generate answer and its own wall time (request sent -> answer back): the
+    answers are waited on side by side, so one teacher's time does not include another's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def wait(response):
+        answer = response.result()
+        return answer, time.perf_counter() - sent
+
+    with ThreadPoolExecutor(max_workers=len(asked)) as pool:
+        futures = {t: pool.submit(wait, r) for t, r in asked.items()}
+        return {t: f.result() for t, f in futures.items()}
 
 
 def _score_rows(seqs: list[list[int]], prompt_lens: list[int], pad: int) -> np.ndarray:
@@ -206,7 +234,8 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt], names: list[str], tokenizer) -> dict:
+def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt], names: list[str], tokenizer,
+            throughput: dict | None = None, refs: dict | None = None) -> dict:
     """All parts -> curated OUTPUT/generated.parquet; the counts into OUTPUT/generate.json."""
     g, d = cfg.generate, cfg.dataset
     paths = [_part(out, t, b) for b in range((len(prompts) + g.block_size - 1) // g.block_size) for t in names]
@@ -228,15 +257,22 @@ def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt]
                         "empty": not r["text"].strip(), "score": r["ensemble_nll"] if g.cross_score else own})
     kept, counts = curate(samples, g.max_nll, g.keep)
     by_id = {p.id: p for p in prompts}
-    keep = [rows[i] for i in kept]
+    keep = [{**rows[i], "origin": "teacher"} for i in kept]
+    if refs is not None:  # generate.include_reference: each prompt's own answer first, then its generated ones
+        grouped = {p.id: [] for p in prompts}
+        for r in keep:
+            grouped[r["prompt_id"]].append(r)
+        keep = [x for p in prompts for x in [reference_record(p, refs[p.id]), *grouped[p.id]]]
     cols = {"sample_id": pa.array([r["sample_id"] for r in keep], pa.string())}
     if d.format == "prompt_response":
         cols[d.prompt] = pa.array([by_id[r["prompt_id"]].value for r in keep], pa.string())
         cols[d.response] = pa.array([r["text"] for r in keep], pa.string())
     else:
-        cols[d.messages] = pa.array([by_id[r["prompt_id"]].value + [{"role": "assistant", "content": r["text"]}]
-                                     for r in keep], pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
+        cols[d.messages] = pa.array([r.get("conversation") or by_id[r["prompt_id"]].value + [
+            {"role": "assistant", "content": r["text"]}] for r in keep],
+            pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))
     cols.update({
+        "origin": pa.array([r["origin"] for r in keep], pa.string()),  # teacher | reference
         "prompt_id": pa.array([r["prompt_id"] for r in keep], pa.string()),
         "teacher": pa.array([r["teacher"] for r in keep], pa.string()),
         "sample_index": pa.array([r["sample_index"] for r in keep], pa.int32()),
@@ -250,8 +286,11 @@ def _curate(cfg: DistillConfig, out: Path, identity: dict, prompts: list[Prompt]
     os.replace(tmp, dataset)
     curation = {**counts, "max_nll": g.max_nll, "keep": g.keep,
                 "score": "ensemble NLL per token (weighted mixture, T=1)" if g.cross_score else "own teacher's NLL per token",
-                "per_teacher": {t: sum(1 for r in keep if r["teacher"] == t) for t in names}}
-    _write_json(out / "generate.json", {"identity": identity, "curation": curation, "dataset": str(dataset)})
+                "per_teacher": {t: sum(1 for r in keep if r["teacher"] == t) for t in names},
+                "references": sum(1 for r in keep if r["origin"] == "reference")}
+    _write_json(out / "generate.json", {"identity": identity, "curation": curation, "dataset": str(dataset),
+                                        **({"throughput": throughput} if throughput else {})})
     dropped = ", ".join(f"{k} {v}" for k, v in counts["dropped"].items())
     log.info("generate: %d responses, %d kept (dropped: %s) -> %s", counts["total"], counts["kept"], dropped, dataset)
-    return {"dataset": str(dataset), "manifest": str(out / "generate.json"), **curation}
+    return {"dataset": str(dataset), "manifest": str(out / "generate.json"), **curation,
+            "throughput": throughput or {}}

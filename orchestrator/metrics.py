@@ -26,6 +26,12 @@ BYTES_PER_TOKEN = Gauge("distill_store_bytes_per_token", "Stored label bytes per
                         ["run", "teacher"], registry=REGISTRY)
 EVAL_ACCURACY = Gauge("distill_eval_accuracy", "Held-out accuracy (top-1 next token for LMs).", ["run", "model"],
                       registry=REGISTRY)
+GENERATE_TOKENS_PER_S = Gauge("distill_generate_tokens_per_second",
+                              "distill generate: tokens per second of each teacher so far (request to answer).",
+                              ["run", "teacher"], registry=REGISTRY)
+EVAL_SAMPLE_NLL = Gauge("distill_eval_teacher_nll_of_samples",
+                        "Teacher ensemble's NLL per token of a student's own answers to the held-out prompts.",
+                        ["run", "model"], registry=REGISTRY)
 EVAL_NLL = Gauge("distill_eval_nll", "Held-out negative log-likelihood (nats; exp() is perplexity).", ["run", "model"],
                  registry=REGISTRY)
 
@@ -78,3 +84,9 @@ def eval_results(run: str, models: dict[str, dict]) -> None:
             EVAL_ACCURACY.labels(run, name).set(m["accuracy"])
         if m.get("nll") is not None:
             EVAL_NLL.labels(run, name).set(m["nll"])
+        if m.get("teacher_nll_of_samples") is not None:
+            EVAL_SAMPLE_NLL.labels(run, name).set(m["teacher_nll_of_samples"])
+
+
+def generate_rate(run: str, teacher: str, tokens_per_s: float) -> None:
+    GENERATE_TOKENS_PER_S.labels(run, teacher).set(tokens_per_s)

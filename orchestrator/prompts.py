@@ -86,3 +86,33 @@ def _prompt_turns(conv, row: int, source: str) -> list[dict]:
     if not turns:
         raise DistillError(f"dataset.messages: row {row} of {source} has no turn before its answer to prompt with")
     return turns
+
+
+def reference_answers(cfg: DistillConfig, prompts: list[Prompt]) -> dict[str, str | list]:
+    """generate.include_reference: each prompt's own answer in the dataset, {prompt id: the
+    response text (prompt_response), or the whole conversation (chat)}. A prompt without one
+    is refused: the option promises every reference pair."""
+    d = cfg.dataset
+    table = _read_file(Path(d.source))
+    name, field = (d.response, "response") if d.format == "prompt_response" else (d.messages, "messages")
+    if name not in table.column_names:
+        raise DistillError(f"generate.include_reference: {d.source} has no '{name}' column (dataset.{field}) with the "
+                           "reference answers; add it or set include_reference false")
+    values = _column(table, name, field, d.source).to_pylist()
+    out = {}
+    for p in prompts:
+        v = values[p.row]
+        ok = (isinstance(v, str) and v.strip()) if d.format == "prompt_response" else \
+            any(m.get("role") == "assistant" and (m.get("content") or "").strip() for m in v)
+        if not ok:
+            raise DistillError(f"generate.include_reference: row {p.row} of {d.source} has no reference answer "
+                               f"(dataset.{field}); drop the row or set include_reference false")
+        out[p.id] = v if d.format == "prompt_response" else [{"role": m["role"], "content": m["content"]} for m in v]
+    return out
+
+
+def reference_record(p: Prompt, answer) -> dict:
+    """generate.include_reference: the dataset's own answer to a prompt, as a row of generated.parquet."""
+    return {"sample_id": f"{p.id}/reference", "prompt_id": p.id, "origin": "reference", "teacher": None,
+            "sample_index": None, "response_ids": None, "own_nll_mean": None, "ensemble_nll": None,
+            **({"conversation": answer} if isinstance(answer, list) else {"text": answer})}

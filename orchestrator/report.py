@@ -6,14 +6,15 @@ from pathlib import Path
 
 COLUMNS = {
     "classification": ("accuracy", "nll", "params", "latency_ms", "agreement_with_ensemble"),
-    "lm": ("perplexity", "nll", "accuracy", "params", "latency_ms", "agreement_with_ensemble"),
+    "lm": ("perplexity", "teacher_nll_of_samples", "nll", "accuracy", "params", "latency_ms", "agreement_with_ensemble"),
 }
+OPTIONAL = ("teacher_nll_of_samples",)  # a column only when some model has it (eval.sample_max_new_tokens)
 HEADLINE = {"classification": "accuracy", "lm": "perplexity"}
 
 
 def table(models: dict, task: str = "classification") -> str:
     """The report table as GitHub markdown (also what the CLI prints)."""
-    cols = COLUMNS[task]
+    cols = [c for c in COLUMNS[task] if c not in OPTIONAL or any(c in m for m in models.values())]
     lines = ["| model | kind | " + " | ".join(cols) + " |", "|---|---|" + "---:|" * len(cols)]
     for name, m in models.items():
         cells = []
@@ -71,6 +72,10 @@ def write_report(run_dir: Path, run: str, task: str, results: dict, curves: dict
               if "approximation" in results["models"]["ensemble"] else
               "exact (each teacher's own probability of the true token, mixed by the ensemble's weights).")]
           if task == "lm" else []),
+        *([f"`teacher_nll_of_samples`: the teacher ensemble's NLL per token of each student's own answers to the "
+           f"held-out prompts (eval.sample_max_new_tokens {sampled['max_new_tokens']}, temperature "
+           f"{sampled['temperature']}; lower: the teachers would have written it)."]
+          if (sampled := next((m["samples"] for m in results["models"].values() if "samples" in m), None)) else []),
         "",
         table(results["models"], task),
         "",

@@ -453,9 +453,12 @@ def _gen_no_eos(t: Path, lm_files: dict) -> dict:
          r"or the tokenizer's eos_token\), so its responses could never end; set one"),
         (lambda t, f: {},
          r"dataset\.format: distill generate needs prompts: task lm with format prompt_response or chat \(got task lm, format text\)"),
+        (lambda t, f: {"generate": {"include_reference": True, "max_new_tokens": 8}, "dataset": _pairs(t, "prompt_response", [{"prompt": "a?"}])},
+         r"generate\.include_reference: .*pairs\.parquet has no 'response' column \(dataset\.response\) with the reference "
+         r"answers; add it or set include_reference false"),
     ],
     ids=["generate-n-zero", "generate-prompt-longer-than-max-len", "generate-empty-prompt-set", "generate-teacher-without-eos",
-         "generate-on-text-data"],
+         "generate-on-text-data", "generate-include-reference-without-answers"],
 )
 def test_generate_errors(good, lm_files, tmp_path, capsys, sections, expect):
     """`distill generate`: exit 2, one line, the good run dir (where OUTPUT would be) unchanged."""
