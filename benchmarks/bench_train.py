@@ -42,7 +42,8 @@ from benchmarks.common import (Samples, classification_config, dataset_rows_for,
 # ---- the true hard-only baseline (runs in the Ray Train workers) ---------------------------------
 
 
-def _hard_step(model, loss_fn, batch: dict, config: dict):
+def _hard_step(model, loss_fn, batch: dict, config: dict, terms=None):
+    """actors.student._classifier_step's signature (terms: train.extra_losses, none here)."""
     import torch.nn.functional as F
 
     x, y = batch["features"].float(), batch["label"].long()
