@@ -53,22 +53,8 @@ class Labeler:
         return out
 
     def _result(self, name: str, response, rows: np.ndarray):
-        """A teacher's answer; a request lost with its replica (killed, node gone) is sent again.
-
-        Teachers are pure functions of their input, so a retry gives the same labels. Serve
-        replaces a dead replica; the handle routes the retry to a live one once it is up.
-        """
-        for attempt in range(RETRIES + 1):
-            try:
-                return response.result()
-            except REPLICA_LOST as e:
-                if attempt == RETRIES:
-                    raise DistillError(f"teacher '{name}': no live replica answered after {RETRIES} retries "
-                                       f"({type(e).__name__}); re-run to resume from the finished shards") from None
-                log.warning("teacher '%s': request lost with its replica (%s); retry %d/%d",
-                            name, type(e).__name__, attempt + 1, RETRIES)
-                time.sleep(min(2 ** attempt, 10))
-                response = self.handles[name].predict.remote(rows)
+        return answer(name, response, lambda: self.handles[name].predict.remote(rows),
+                      then="; re-run to resume from the finished shards")
 
     def _check(self, outputs: dict, inputs, x: np.ndarray, shard: int) -> None:
         rows = inputs.num_rows
@@ -117,3 +103,24 @@ class Labeler:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self.label_shard(int(s)) for s in batch["shard"]]
         return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+def answer(name: str, response, resend, lost: str = "request", what: str = "", then: str = ""):
+    """A teacher's answer to `response`; a request lost with its replica (killed, node gone) is
+    sent again with `resend()`, up to RETRIES times (labeling, on-policy scoring).
+
+    Teachers are pure functions of their input, so a retry gives the same labels. Serve
+    replaces a dead replica; the handle routes the retry to a live one once it is up.
+    lost / what / then word the warning and the final error for the caller.
+    """
+    for attempt in range(RETRIES + 1):
+        try:
+            return response.result()
+        except REPLICA_LOST as e:
+            if attempt == RETRIES:
+                raise DistillError(f"teacher '{name}': no live replica answered{what} after {RETRIES} retries "
+                                   f"({type(e).__name__}){then}") from None
+            log.warning("teacher '%s': %s lost with its replica (%s); retry %d/%d",
+                        name, lost, type(e).__name__, attempt + 1, RETRIES)
+            time.sleep(min(2 ** attempt, 10))
+            response = resend()

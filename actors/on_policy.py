@@ -138,27 +138,14 @@ class OnPolicy:
         """Every teacher's (top-k ids, log-probs, NLL) of the rows' sampled positions, all teachers
         asked at once, in chunks of at most the teacher's Serve batch; a request lost with its
         replica is sent again, as the labeler does (teachers are pure: same answer)."""
-        from actors.labeler import REPLICA_LOST, RETRIES
-        from orchestrator.errors import DistillError
+        from actors.labeler import answer
 
         pending = {n: [(rows[i:i + c], h.score_batched.remote(rows[i:i + c])) for i in range(0, len(rows), c)]
                    for n, h in self.handles.items() for c in [self.op["chunk"][n]]}
         out = {}
         for name, parts in pending.items():
-            answers = []
-            for chunk, response in parts:
-                for attempt in range(RETRIES + 1):
-                    try:
-                        answers.append(response.result())
-                        break
-                    except REPLICA_LOST as e:
-                        if attempt == RETRIES:
-                            raise DistillError(f"teacher '{name}': no live replica answered an on-policy batch after "
-                                               f"{RETRIES} retries ({type(e).__name__})") from None
-                        log.warning("teacher '%s': on-policy request lost with its replica (%s); retry %d/%d",
-                                    name, type(e).__name__, attempt + 1, RETRIES)
-                        time.sleep(min(2 ** attempt, 10))
-                        response = self.handles[name].score_batched.remote(chunk)
+            answers = [answer(name, response, lambda c=chunk, n=name: self.handles[n].score_batched.remote(c),
+                              lost="on-policy request", what=" an on-policy batch") for chunk, response in parts]
             out[name] = tuple(np.concatenate(p) for p in zip(*answers))
         return out
 
