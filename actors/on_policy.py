@@ -3,7 +3,8 @@ training run (driver side), and the on-policy step of the train loop (worker sid
 
 Driver: ``teachers_for_training`` deploys the teachers (or attaches to running `serve_app`
 ones, which stay up), checks they serve the weights the store was labeled with, hands the train
-loop what it needs as plain data, and shuts the deployed ones down after training.
+loop what it needs as plain data, and shuts the deployed ones down after training (unless
+pipeline.run holds them from labeling to evaluation: orchestrator/teacher_pool.py).
 
 Worker: ``OnPolicy.step_for(epoch, batch)`` says whether a batch is on-policy (seeded: every
 rank, and a resumed run, choose alike; orchestrator/on_policy.py) and gives the step to run then:
@@ -38,6 +39,7 @@ def teachers_for_training(cfg, prep, store):
         yield None
         return
     from actors import teacher as serve_teachers
+    from orchestrator import teacher_pool
     from orchestrator.labeling import _check_fingerprints
     from orchestrator.models import load_tokenizer
     from orchestrator.prompts import eos_ids
@@ -48,7 +50,7 @@ def teachers_for_training(cfg, prep, store):
     teachers = {t.name: t.model_dump() for t in cfg.teachers}
     order = [t["name"] for t in prep.identity["teachers"]]
     apps = serve_teachers.attach([t for t in teachers.values() if t["serve_app"]])
-    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers.values() if not t["serve_app"]], "lm", cfg.lm.k)
+    owned = teacher_pool.deploy(cfg.run.name, [t for t in teachers.values() if not t["serve_app"]], "lm", cfg.lm.k)
     try:
         apps = {n: {**apps, **owned}[n] for n in order}
         from orchestrator.instruct import rows_of
@@ -64,8 +66,7 @@ def teachers_for_training(cfg, prep, store):
                "max_len": cfg.lm.max_len, "eos_ids": eos,
                "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]}
     finally:
-        serve_teachers.shutdown(owned)
-        if owned:
+        if teacher_pool.release(owned):  # else a hold keeps them up for a later stage
             log.info("train: on-policy teachers shut down (%s)", ", ".join(owned.values()))
 
 

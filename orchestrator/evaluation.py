@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import metrics
+from . import metrics, teacher_pool
 from .config import DistillConfig
 from .errors import DistillError
 from .prepare import Prepared
@@ -41,7 +41,8 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
     if cfg.task == "lm":
         vocab = store.load_manifest()["lm"]["vocab_size"]
         rows, labels = lm_rows(prep.test)
-        with ray_session(cfg, quiet):
+        # One deployment serves both the missing held-out scores and teacher_nll_of_samples.
+        with ray_session(cfg, quiet), teacher_pool.hold():
             t_scores = teacher_scores(cfg, prep, teachers, rows)
             s_scores = {n: {**score_student(cfg, s, rows), "loss": s.get("loss")} for n, s in states.items()}
             samples = _sample_scores(cfg, prep, states, vocab)
@@ -135,13 +136,13 @@ def teacher_scores(cfg: DistillConfig, prep: Prepared, teachers: list[dict], row
     scores = {t["name"]: _cached(cfg, prep, t) for t in teachers}
     missing = [t for t in teachers if scores[t["name"]] is None]
     if missing:
-        log.info("evaluate: deploying %s to score the held-out split", ", ".join(t["name"] for t in missing))
+        log.info("evaluate: scoring the held-out split through %s", ", ".join(t["name"] for t in missing))
         apps = serve_teachers.attach([t for t in missing if t["serve_app"]])
-        owned = serve_teachers.deploy(cfg.run.name, [t for t in missing if not t["serve_app"]], cfg.task, cfg.lm.k)
+        owned = teacher_pool.deploy(cfg.run.name, [t for t in missing if not t["serve_app"]], cfg.task, cfg.lm.k)
         try:
             score_teachers(cfg, prep, {**apps, **owned}, rows)
         finally:
-            serve_teachers.shutdown(owned)
+            teacher_pool.release(owned)
         scores.update({t["name"]: _cached(cfg, prep, t) for t in missing})
     return scores
 

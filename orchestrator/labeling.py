@@ -46,11 +46,14 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
 
     from actors import teacher as serve_teachers
 
+    from . import teacher_pool
+
     teachers = {t.name: t.model_dump() for t in cfg.teachers}
     order = [t["name"] for t in prep.identity["teachers"]]  # the store's one teacher order
     # Teachers with `serve_app` are already running (a RayService, say): use them, leave them up.
     apps = serve_teachers.attach([t for t in teachers.values() if t["serve_app"]])
-    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers.values() if not t["serve_app"]], cfg.task, cfg.lm.k)
+    # Deployed here, or still up from an earlier stage of this process (orchestrator/teacher_pool.py).
+    owned = teacher_pool.deploy(cfg.run.name, [t for t in teachers.values() if not t["serve_app"]], cfg.task, cfg.lm.k)
     apps = {n: {**apps, **owned}[n] for n in order}
     try:
         try:
@@ -69,7 +72,7 @@ def label(cfg: DistillConfig, prep: Prepared, reensemble: bool = False) -> Label
 
             score_teachers(cfg, prep, {n: apps[n] for n in missing_scores(cfg, prep)})
     finally:
-        serve_teachers.shutdown(owned)
+        teacher_pool.release(owned)  # shut down now, or kept up for a later stage (a hold)
     missing = store.record_finished()
     metrics.store_summary(cfg.run.name, store.bytes_per_token())
     if missing:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from . import metrics
+from . import metrics, teacher_pool
 from .config import DistillConfig
 from .evaluation import evaluate_and_report
 from .labeling import label
@@ -33,7 +33,8 @@ __all__ = ["RAY_ENV", "Prepared", "evaluate_and_report", "label", "open_complete
 def run(cfg: DistillConfig, quiet: bool = False) -> dict:
     t0, timings, name = time.perf_counter(), {}, cfg.run.name
     prep = prepare(cfg)
-    with ray_session(cfg, quiet):
+    # Serve teachers needed by several stages (train.on_policy) are deployed once: teacher_pool.py.
+    with ray_session(cfg, quiet), teacher_pool.for_run(cfg):
         with metrics.stage(name, "label", timings):
             label(cfg, prep)
         with metrics.stage(name, "train", timings):

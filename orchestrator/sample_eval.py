@@ -168,13 +168,15 @@ def teacher_nll_of_samples(state_or_model, prompts: list[list[int]], handles: di
 
 def for_students(cfg, prep, states: dict[str, dict], vocab_size: int) -> dict[str, dict]:
     """evaluation's hook: every student's teacher_nll_of_samples on the held-out prompts, the
-    teachers deployed for it (attached ones used and left running) and shut down after."""
+    teachers deployed for it, or reused from an earlier stage (orchestrator/teacher_pool.py;
+    attached ones used and left running), and shut down after unless a hold keeps them."""
     from pathlib import Path
 
     from ray import serve
 
     from actors import teacher as serve_teachers
 
+    from . import teacher_pool
     from .evaluate import lm_rows
     from .models import load_tokenizer
     from .prompts import eos_ids
@@ -190,7 +192,7 @@ def for_students(cfg, prep, states: dict[str, dict], vocab_size: int) -> dict[st
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     teachers = sorted((t.model_dump() for t in cfg.teachers), key=lambda t: t["name"])
     apps = serve_teachers.attach([t for t in teachers if t["serve_app"]])
-    owned = serve_teachers.deploy(cfg.run.name, [t for t in teachers if not t["serve_app"]], cfg.task, cfg.lm.k)
+    owned = teacher_pool.deploy(cfg.run.name, [t for t in teachers if not t["serve_app"]], cfg.task, cfg.lm.k)
     try:
         handles = {t["name"]: serve.get_app_handle({**apps, **owned}[t["name"]]) for t in teachers}
         out = {}
@@ -206,4 +208,4 @@ def for_students(cfg, prep, states: dict[str, dict], vocab_size: int) -> dict[st
                      name, len(prompts), out[name]["samples"]["tokens"], out[name]["teacher_nll_of_samples"])
         return out
     finally:
-        serve_teachers.shutdown(owned)
+        teacher_pool.release(owned)

@@ -45,6 +45,9 @@ def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None 
         states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha, on_policy=on_policy,
                                    extra_losses=cfg.train.extra_losses)}
     if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
+        from . import teacher_pool
+
+        teacher_pool.end("the hard-label baseline (eval.baseline) trains without them")  # when pipeline.run held them
         if cfg.train.extra_losses:
             log.info("train: student_hard trains on the hard labels only (no soft labels, no train.extra_losses)")
         states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)

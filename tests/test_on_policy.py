@@ -164,3 +164,22 @@ def test_on_policy_needs_instruction_data():
     cfg["dataset"]["format"] = "text"
     with pytest.raises(DistillError, match=r"train\.on_policy: needs task lm with instruction data .*got dataset\.format text"):
         config_from_dict(cfg)
+
+
+@pytest.mark.parametrize("on_policy, baseline, fmt, new_tokens, keep, says", [
+    ({}, False, "chat", 32, True, "teachers stay up from labeling through evaluation: train.on_policy needs them"),
+    ({}, True, "chat", 32, True, "shut down before the hard-label baseline trains"),
+    (None, False, "chat", 32, False, "deployed again at evaluation for teacher_nll_of_samples"),
+    (None, False, "chat", 0, False, None),  # no sample eval: no stage after labeling needs them
+    (None, True, "text", 32, False, None),  # text windows have no prompts to answer
+])
+def test_pipeline_keeps_teachers_up_across_stages_only_for_on_policy_training(on_policy, baseline, fmt, new_tokens,
+                                                                             keep, says):
+    from orchestrator.teacher_pool import plan
+
+    raw = _instruct_cfg(**({"on_policy": on_policy} if on_policy is not None else {}))
+    raw["dataset"]["format"] = fmt
+    raw["eval"] = {"baseline": baseline, "sample_max_new_tokens": new_tokens}
+    got_keep, why = plan(config_from_dict(raw))
+    assert got_keep is keep
+    assert why is None if says is None else says in why

@@ -2,10 +2,12 @@
 served by Serve for the whole training run, the student sampling on its two DDP workers.
 
   a run with fraction 0.5    -> the epochs' on-policy fractions are the seeded choices, samples
-                                were scored (tokens, a finite ensemble NLL), the baseline student
-                                trained off-policy only, and no teacher application is left up
+                                were scored (tokens, a finite ensemble NLL), one deployment of each
+                                teacher served labeling, training and evaluation, and no teacher
+                                application is left up
   a teacher replica killed   -> Serve replaces it, the on-policy requests are retried, and the run
-  during training               ends with every optimiser step of every epoch
+  during training               ends with every optimiser step of every epoch; the baseline student
+                                trained off-policy only, after the held teachers were shut down
   a train worker killed      -> restored from a mid-epoch checkpoint, the run makes the on-policy
   mid-epoch                     choices and samples of an uninterrupted one
 """
@@ -62,8 +64,16 @@ def _check_history(history: list[dict], seed: int) -> None:
     assert all(h["on_policy_score_s"] > 0 for h in history if h["on_policy_tokens"])
 
 
+def _replicas(app: str) -> list[dict]:
+    """Every replica actor (alive or dead) the Serve application `app` has had in this Ray."""
+    import ray._private.state
+
+    return [a for a in ray._private.state.actors().values() if a["ActorClassName"].startswith(f"ServeReplica:{app}:")]
+
+
 def test_on_policy_run_trains_and_shuts_the_teachers_down(ray_local, setup, tmp_path):
     cfg = _config(tmp_path, setup, "onpol")
+    cfg["eval"] = {"baseline": False}  # (the baseline's off-policy training is checked by the replica-kill test)
     before = _applications()
     assert main(["run", str(write_yaml(tmp_path / "c.yaml", cfg)), "-q"]) == 0
     run_dir = tmp_path / "runs" / "onpol"
@@ -72,27 +82,31 @@ def test_on_policy_run_trains_and_shuts_the_teachers_down(ray_local, setup, tmp_
     assert len(history) == 2
     _check_history(history, seed=0)
     assert 0 < sum(h["on_policy_fraction"] for h in history) / 2 < 1
-    hard = torch.load(run_dir / "students" / "student_hard.pt", map_location="cpu", weights_only=False)["history"]
-    assert not any("on_policy_fraction" in h for h in hard)  # the hard-label baseline stays off-policy
     report = json.loads((run_dir / "report.json").read_text())
     assert math.isfinite(report["models"]["student"]["perplexity"])
-    # The teachers the train stage deployed are gone (labeling's own were shut down before it).
+    assert math.isfinite(report["models"]["student"]["teacher_nll_of_samples"])  # evaluation asked the teachers too
+    # One deployment of each teacher served labeling, on-policy training and evaluation
+    # (orchestrator/teacher_pool.py), and it is gone at the end.
+    for teacher in ("small", "large"):
+        assert len(_replicas(f"distill-onpol-{teacher}")) == 1, _replicas(f"distill-onpol-{teacher}")
     assert not {a for a in _applications() - before if a.startswith("distill-onpol-")}
 
 
 def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_local, setup, tmp_path):
-    from orchestrator import pipeline
+    from orchestrator import pipeline, teacher_pool
 
     raw = _config(tmp_path, setup, "onpol_kill", fraction=1.0)  # every batch asks the teachers
     raw["train"]["epochs"] = 3
     cfg = config_from_dict(raw)
     prep = pipeline.prepare(cfg)
-    store = pipeline.label(cfg, prep)
     result: dict = {}
 
     def work():
-        try:
-            result["states"] = pipeline.train_students(cfg, prep, store)
+        try:  # as pipeline.run does: labeling's teachers kept up for on-policy training
+            with teacher_pool.hold():
+                store = pipeline.label(cfg, prep)
+                result["states"] = pipeline.train_students(cfg, prep, store)
+                result["apps_after_training"] = _applications()  # before the hold ends
         except BaseException as e:  # noqa: BLE001
             result["error"] = e
 
@@ -109,25 +123,26 @@ def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_loca
     assert len(history) == 3 and all(h["on_policy_fraction"] == 1.0 for h in history)
     steps = -(-(-(-prep.train.num_rows // 2)) // 2)  # every worker's batches of 2, per epoch
     assert [h["steps"] for h in history] == [steps] * 3
+    hard = result["states"]["student_hard"]["history"]
+    assert not any("on_policy_fraction" in h for h in hard)  # the hard-label baseline stays off-policy
+    # ... and trains without teachers: the held ones were shut down before it (eval.baseline).
+    assert not {a for a in result["apps_after_training"] if a.startswith("distill-onpol_kill-")}
     assert not {a for a in _applications() if a.startswith("distill-onpol_kill-")}
-    # Serve replaced the victim: labeling's replica, training's (killed) and its replacement.
-    import ray._private.state
-
-    large = [a for a in ray._private.state.actors().values() if "teacher-large" in a["ActorClassName"]]
-    assert len(large) >= 3 and victim[0] in [a["Pid"] for a in large], large
+    # Serve replaced the victim: the one replica labeling and training shared (killed) and its replacement.
+    large = _replicas("distill-onpol_kill-large")
+    assert len(large) >= 2 and victim[0] in [a["Pid"] for a in large], large
 
 
 def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_local, setup, tmp_path, monkeypatch):
     """A worker SIGKILLed after optimiser step 5 (test hook), restored from the mid-epoch checkpoint
     at step 4: the on-policy choices, samples and counters continue as in an uninterrupted run."""
-    from orchestrator import pipeline
+    from orchestrator import pipeline, teacher_pool
     from orchestrator.training import TEST_HOOKS_ENV
 
     raw = _config(tmp_path, setup, "onpol_resume")
     raw["train"].update(batch_size=1, checkpoint_every=2, max_failures=1)
     cfg = config_from_dict(raw)
     prep = pipeline.prepare(cfg)
-    store = pipeline.label(cfg, prep)
 
     def train(out: str, **hooks) -> dict:
         monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
@@ -137,9 +152,11 @@ def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_lo
         with teachers_for_training(run, prep, store) as on_policy:
             return pipeline.train(run, prep, store, "student", run.train.loss, run.train.alpha, on_policy)
 
-    ref = train("ref")
-    assert ref["history"][0]["steps"] > 5  # the kill lands mid-epoch 0, after two checkpoints
-    res = train("killed", kill_at_step=5, kill_rank=1)
+    with teacher_pool.hold():  # one deployment of the teachers serves labeling and both trainings
+        store = pipeline.label(cfg, prep)
+        ref = train("ref")
+        assert ref["history"][0]["steps"] > 5  # the kill lands mid-epoch 0, after two checkpoints
+        res = train("killed", kill_at_step=5, kill_rank=1)
     assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] == 0 and res["resumed_at"][0][1] > 0, res["resumed_at"]
     _check_history(res["history"], seed=0)
     for h_ref, h_res in zip(ref["history"], res["history"], strict=True):
