@@ -43,7 +43,7 @@ def _config(tmp: Path, setup: dict, **generate) -> dict:
                     lm={"max_len": 64, "k": 4}, ray={"num_cpus": 2},
                     generate={"n": N, "max_new_tokens": MAX_NEW, "temperature": 0.8, "seed": 3, "block_size": 5, **generate})
     cfg["train"].update(epochs=1, workers=1, cpus_per_worker=1)
-    cfg["eval"] = {"baseline": False}
+    cfg["eval"] = {"baseline": False, "sample_max_new_tokens": 0}  # teacher_nll_of_samples: tests/test_seqkd.py
     return cfg
 
 

@@ -27,7 +27,8 @@ def chat_run(ray_local, tmp_path_factory):
     train, test = write_instruct_files(root)
     raw = lm_config(root, setup, run={"name": "chat"}, lm={"max_len": 64, "k": K, "student_config": None},
                     dataset={"source": str(train), "test_source": str(test), "format": "chat"},
-                    student={"init": "teacher", "teacher": "large", "layers": [1]})
+                    student={"init": "teacher", "teacher": "large", "layers": [1]},
+                    eval={"sample_max_new_tokens": 0})  # no teacher_nll_of_samples here: no teacher redeploy at eval
     cfg = config_from_dict(raw)
     return cfg, pipeline.run(cfg, quiet=True)
 
