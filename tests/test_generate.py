@@ -23,7 +23,6 @@ from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.store import LabelStore
 from tests.helpers import write_yaml
-from tests.helpers_gen import make_gen_setup
 from tests.helpers_lm import lm_config
 from tests.test_faults import _descendants, _wait_for, _wait_gone
 
@@ -33,8 +32,8 @@ N, MAX_NEW = 2, 32
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_gen_setup(tmp_path_factory.mktemp("gen"))
+def setup(gen_setup):
+    return gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
 
 
 def _config(tmp: Path, setup: dict, **generate) -> dict:

@@ -27,7 +27,6 @@ from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.on_policy import is_on_policy
 from tests.helpers import write_yaml
-from tests.helpers_gen import make_gen_setup
 from tests.helpers_lm import lm_config
 from tests.test_faults import _actor_pids, _wait_for
 
@@ -35,8 +34,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_gen_setup(tmp_path_factory.mktemp("onpol"))
+def setup(gen_setup):
+    return gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
 
 
 def _config(tmp: Path, setup: dict, name: str, **on_policy) -> dict:

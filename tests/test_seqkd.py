@@ -20,7 +20,6 @@ import torch
 from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from tests.helpers import write_yaml
-from tests.helpers_gen import make_gen_setup
 from tests.helpers_lm import lm_config
 
 pytestmark = pytest.mark.slow
@@ -28,8 +27,8 @@ MAX_NEW, SAMPLE_NEW = 24, 12
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    return make_gen_setup(tmp_path_factory.mktemp("seqkd"))
+def setup(gen_setup):
+    return gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
 
 
 def _config(tmp: Path, setup: dict) -> dict:
