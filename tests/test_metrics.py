@@ -26,7 +26,6 @@ import yaml
 from orchestrator.cli import main
 from tests.helpers import tiny_config, write_yaml
 from tests.helpers_faults import counting_teachers
-from tests.helpers_gen import make_gen_setup
 from tests.helpers_lm import lm_config, make_lm_setup
 
 pytestmark = pytest.mark.slow
@@ -102,7 +101,7 @@ def prometheus(ray_with_metrics, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, teachers, tmp_path_factory):
+def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
     """A classification run, an LM run and an on-policy LM run, all watched by Prometheus; returns the time window."""
     base, driver_port = prometheus
     tmp = tmp_path_factory.mktemp("runs")
@@ -118,7 +117,7 @@ def scraped(prometheus, teachers, tmp_path_factory):
     lm = lm_config(tmp, make_lm_setup(tmp / "lm"), run={"name": "metrics_lm"})
     assert main(["run", str(write_yaml(tmp / "lm.yaml", lm)), *watch]) == 0
     # train.on_policy (the on-policy panels): instruction data, every batch on-policy
-    gen = make_gen_setup(tmp / "gen")
+    gen = gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
     onpol = lm_config(tmp, gen, run={"name": "metrics_onpol"}, lm={"max_len": 64, "k": 4}, eval={"baseline": False},
                       dataset={"source": str(gen["train"]), "test_source": str(gen["test"]), "format": "prompt_response"})
     onpol["train"].update(epochs=3, batch_size=2, on_policy={"fraction": 1.0, "max_new_tokens": 8})
