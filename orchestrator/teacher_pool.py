@@ -47,13 +47,13 @@ def plan(cfg) -> tuple[bool, str | None]:
     if cfg.train.on_policy is None:
         if sample_eval:
             return False, ("teachers: shut down after labeling and deployed again at evaluation for "
-                        "teacher_nll_of_samples (eval.sample_max_new_tokens > 0): train.on_policy is unset, "
-                        "so the student trains without them and gets their GPUs")
+                           "teacher_nll_of_samples (eval.sample_max_new_tokens > 0): train.on_policy is unset, "
+                           "so the student trains without them and gets their GPUs")
         return False, None
     if cfg.eval.baseline:
         return True, ("teachers stay up from labeling through the on-policy student's training "
-                         "(train.on_policy needs them); eval.baseline: shut down before the hard-label "
-                         "baseline trains, deployed again at evaluation where it needs them")
+                      "(train.on_policy needs them); eval.baseline: shut down before the hard-label "
+                      "baseline trains, deployed again at evaluation where it needs them")
     return True, "teachers stay up from labeling through evaluation: train.on_policy needs them"
 
 
