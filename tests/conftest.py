@@ -35,7 +35,8 @@ def teachers(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gen_setup(tmp_path_factory):
     """tests/helpers_gen.py's tokenizer, two instruction teachers and data (training the teachers
-    takes 15-50 s of CPU): built once per session, read-only for the modules that use it."""
+    took 2-4 s per module measured alone, 50 s on a busy machine): built once per session,
+    read-only for the modules that use it."""
     from tests.helpers_gen import make_gen_setup
 
     return make_gen_setup(tmp_path_factory.mktemp("gen"))
