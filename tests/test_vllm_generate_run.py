@@ -1,14 +1,17 @@
 """`distill generate` and teacher_nll_of_samples with a vLLM teacher on Ray Serve, end to end.
 
-One vLLM engine for the whole module: the vLLM teacher `vl` runs as a long-lived Serve
-application (as a RayService would keep it) that every command attaches to with
-teachers[].serve_app; beside it an hf teacher `hf` (another model) that each command deploys.
+Two vLLM engine starts in all: the first `distill generate` deploys the vLLM teacher `vl` itself;
+after it `vl` runs as a long-lived Serve application (as a RayService keeps one up) that the
+later commands attach to with teachers[].serve_app. Beside it an hf teacher `hf` (another model)
+that each command deploys.
 
   distill generate     -> vl's samples stop at the end token and keep it; own NLL = served score;
                           each teacher's cross-scores (vLLM prompt_logprobs through Serve `score`)
                           = an in-process hf scoring of the same tokens; ensemble_nll = the
                           weighted mixture of the two teachers' scores
-  re-run, parts gone   -> only the missing parts are written, equal to the first ones (same seed)
+  generate on Serve    -> vLLM stops at the eos_ids it is given only, as the hf loop does
+  re-run, parts gone   -> only the missing parts are written, on another engine, equal to the
+                          first ones (same seed): what a resumed run relies on
   distill run          -> labels / evaluates with vl attached; the student's teacher_nll_of_samples
                           (vl and hf scoring its greedy answers through Serve) = in-process hf
                           scoring of the same answers
@@ -20,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ import pytest
 
 from orchestrator.cli import main
 from orchestrator.config import config_from_dict
+from orchestrator.generation import sample
 from tests.helpers import write_yaml
 from tests.helpers_gen import _instruct_lm
 from tests.helpers_lm import corpus, instruct_rows, lm_config, make_tokenizer
@@ -59,9 +64,9 @@ def setup(tmp_path_factory, vllm_installed):
     return {"teachers": teachers, "student_config": root / "student.json", "train": train, "test": test}
 
 
-@pytest.fixture(scope="module")
-def vl_app(setup, ray_local):
-    """The vLLM teacher as its own Serve application, up for the module (one engine start)."""
+@contextmanager
+def vl_app(setup):
+    """The vLLM teacher as its own Serve application (as a RayService keeps one up)."""
     from ray import serve
 
     from actors.teacher import build_app
@@ -70,8 +75,10 @@ def vl_app(setup, ray_local):
     serve.run(build_app({"name": "vl", "backend": "vllm", "path": str(setup["teachers"]["vl"]), "num_cpus": 0.5,
                          "max_batch_size": 16, "task": "lm", "k": K}), name=APP, route_prefix=None)
     print(f"\nvLLM teacher deployed on Serve in {time.perf_counter() - t0:.1f}s")
-    yield serve.get_app_handle(APP)
-    serve.delete(APP)
+    try:
+        yield serve.get_app_handle(APP)
+    finally:
+        serve.delete(APP)
 
 
 def _config(tmp: Path, setup: dict) -> dict:
@@ -80,7 +87,7 @@ def _config(tmp: Path, setup: dict) -> dict:
                     dataset={"format": "prompt_response", "limit": PROMPTS}, lm={"max_len": 56, "k": K},
                     generate={"n": N, "max_new_tokens": MAX_NEW, "temperature": 0.8, "seed": 7, "block_size": 4})
     vl, hf = sorted(cfg["teachers"], key=lambda t: t["name"] != "vl")
-    vl.update(backend="vllm", serve_app=APP, num_cpus=0.5, weight=3.0)  # unequal weights: the mixture must use them
+    vl.update(backend="vllm", num_cpus=0.5, weight=3.0)  # unequal weights: the mixture must use them
     cfg["train"].update(epochs=1, workers=1, cpus_per_worker=1)
     cfg["eval"] = {"baseline": False, "sample_max_new_tokens": SAMPLE_NEW}
     return cfg
@@ -112,8 +119,7 @@ def _hf_teacher(path: Path):
     return _HF[path]
 
 
-def test_generate_and_sample_eval_through_a_vllm_teacher_on_serve(setup, vl_app, tmp_path):
-    t_start = time.perf_counter()
+def test_generate_and_sample_eval_through_a_vllm_teacher_on_serve(setup, ray_local, tmp_path):
     cfg = _config(tmp_path, setup)
     path = write_yaml(tmp_path / "c.yaml", cfg)
     out = Path(cfg["output_dir"]) / "vgen" / "generated"
@@ -145,11 +151,29 @@ def test_generate_and_sample_eval_through_a_vllm_teacher_on_serve(setup, vl_app,
         mix = (3.0 * np.exp(-np.array(p["nll.vl"], np.float64)) + np.exp(-np.array(p["nll.hf"], np.float64))) / 4.0
         assert r["ensemble_nll"] == pytest.approx(float(-np.log(mix).mean()), abs=1e-5)
 
-    # Re-run with two parts gone (one per teacher): only they are written again, the same as before.
+    with vl_app(setup) as handle:
+        _later_commands(setup, cfg, path, out, parts, handle, tmp_path)
+
+
+def _later_commands(setup, cfg, path, out, parts, handle, tmp_path):
+    # The Serve app's generate: vLLM stops at the given eos_ids only. Here <unk>, which these
+    # teachers never write, so the answers run past </s> (greedy: the hf loop's tokens exactly).
+    prompts = list({tuple(r["prompt_ids"]): None for r in parts.values()})
+    opts = {"temperature": 0.0, "top_p": 1.0, "max_new_tokens": MAX_NEW, "eos_ids": [3], "pad_id": 0}
+    served = handle.generate.remote([list(p) for p in prompts], [[1]] * len(prompts), opts).result()
+    local = sample(_hf_teacher(setup["teachers"]["vl"]).model, [list(p) for p in prompts], [[1]] * len(prompts), k=K, **opts)
+    assert [s[0]["tokens"].tolist() for s in served] == [s[0]["tokens"].tolist() for s in local]
+    assert any(EOS in s[0]["tokens"].tolist() for s in served), "no answer ran past </s>: the check proves nothing"
+    assert all(len(s[0]["tokens"]) == MAX_NEW and not s[0]["finished"] for s in served)
+
+    # Re-run with two parts gone (one per teacher), vl attached: only they are written again, on
+    # this other engine, the same as before.
     gone = [out / "parts" / "vl" / "block-00001.parquet", out / "parts" / "hf" / "block-00000.parquet"]
     for p in gone:
         p.unlink()
     stamps = {p: p.stat().st_mtime_ns for p in (out / "parts").rglob("*.parquet")}
+    cfg = {**cfg, "teachers": [{**t, "serve_app": APP} if t["name"] == "vl" else t for t in cfg["teachers"]]}
+    path = write_yaml(tmp_path / "attached.yaml", cfg)  # the same teachers to generate.json's identity
     assert main(["generate", str(path), "-q"]) == 0
     assert all(p.exists() for p in gone) and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     again = _parts(out)
@@ -158,7 +182,7 @@ def test_generate_and_sample_eval_through_a_vllm_teacher_on_serve(setup, vl_app,
         assert r["response_ids"] == parts[sid]["response_ids"] and r["finished"] == parts[sid]["finished"], sid
         for col in ("own_nll", "nll.vl", "nll.hf"):
             np.testing.assert_allclose(r[col], parts[sid][col], atol=1e-5)
-    t_generate = time.perf_counter() - t_start
+    t_generate = time.perf_counter()
 
     # distill run on the curated responses: vl attached for labeling and evaluation; the student's
     # own greedy answers scored by vl and hf through Serve.
@@ -172,7 +196,7 @@ def test_generate_and_sample_eval_through_a_vllm_teacher_on_serve(setup, vl_app,
     assert math.isfinite(m["teacher_nll_of_samples"]) and m["teacher_nll_of_samples"] > 0
     assert m["teacher_nll_of_samples"] == pytest.approx(_recomputed(c, m["samples"]["tokens"]), abs=TOL)
     assert math.isfinite(report["models"]["vl"]["perplexity"])  # vl's held-out scores through Serve too
-    print(f"\ngenerate (2 runs) {t_generate:.1f}s, run {time.perf_counter() - t_start - t_generate:.1f}s")
+    print(f"\ndistill run {time.perf_counter() - t_generate:.1f}s")
 
 
 def _recomputed(c, tokens: int) -> float:
