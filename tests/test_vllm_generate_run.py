@@ -86,7 +86,7 @@ def _config(tmp: Path, setup: dict) -> dict:
     cfg = lm_config(tmp, setup, run={"name": "vgen"},
                     dataset={"format": "prompt_response", "limit": PROMPTS}, lm={"max_len": 56, "k": K},
                     generate={"n": N, "max_new_tokens": MAX_NEW, "temperature": 0.8, "seed": 7, "block_size": 4})
-    vl, hf = sorted(cfg["teachers"], key=lambda t: t["name"] != "vl")
+    vl = next(t for t in cfg["teachers"] if t["name"] == "vl")
     vl.update(backend="vllm", num_cpus=0.5, weight=3.0)  # unequal weights: the mixture must use them
     cfg["train"].update(epochs=1, workers=1, cpus_per_worker=1)
     cfg["eval"] = {"baseline": False, "sample_max_new_tokens": SAMPLE_NEW}
@@ -204,7 +204,6 @@ def _recomputed(c, tokens: int) -> float:
     prompt greedily, the hf backend scores the answers with each teacher's weights, 3:1 mixture."""
     import torch
 
-    from orchestrator.generation import sample
     from orchestrator.models import load_tokenizer
     from orchestrator.students import from_state
 
