@@ -175,8 +175,8 @@ class VLLMTeacher:
         """`distill generate`, with the contract of orchestrator/generation.py `sample`: one request
         per sample, each with its own seed (vLLM seeds a request's sampler from it, so a sample
         does not depend on its batch), all in one engine call that vLLM batches. options:
-        temperature (0: greedy), top_p, max_new_tokens, eos_ids (stop tokens, kept in the
-        output), pad_id (unused). logprobs=k: vLLM's raw (T=1) log-probs of the k best tokens and
+        temperature (0: greedy), top_p, max_new_tokens, eos_ids (the stop tokens, and the only
+        ones, as in the hf loop; kept in the output), pad_id (unused). logprobs=k: vLLM's raw (T=1) log-probs of the k best tokens and
         of the sampled one, per generated position."""
         from vllm import SamplingParams
 
@@ -191,7 +191,11 @@ class VLLMTeacher:
                 requests.append({"prompt_token_ids": [int(t) for t in p]})
                 params.append(SamplingParams(n=1, seed=int(s), temperature=float(options["temperature"]),
                                              top_p=float(options["top_p"]), max_tokens=int(options["max_new_tokens"]),
-                                             logprobs=self.k, stop_token_ids=eos, detokenize=False))
+                                             logprobs=self.k, stop_token_ids=eos, detokenize=False,
+                                             # Stop at eos_ids only, as the hf loop does: vLLM would also
+                                             # stop at generation_config.json's eos (ignore_eos keeps
+                                             # stop_token_ids working, it drops only that addition).
+                                             ignore_eos=True))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
         for o in outs:
