@@ -9,7 +9,9 @@ Each phase runs the project's own functions; only what Serve / Ray would carry i
 direct call, as the replica / task would make it:
   on_policy    actors/on_policy.py OnPolicy.step (student samples with orchestrator/generation.py,
                the teacher's `score` of the completion rows as `score_batched` runs it on the
-               replica, the sparse ensemble, the divergence), then backward + AdamW step;
+               replica, the sparse ensemble, the divergence), then backward + AdamW step; steps
+               0 and 1 as the loop runs them, step 2 with the student's head over every position
+               (the step before actors/on_policy.py sampled_logits), side by side;
   sample_eval  orchestrator/sample_eval.py: `_sample_task` (the Ray task's body: greedy decode
                with 1 torch thread, as in the task) + `score_samples` + `ensemble_nll_per_token`;
   generate     orchestrator/generation.py `generate_with` (what the deployment's `generate` runs)
@@ -192,7 +194,15 @@ def main(argv=None) -> dict:
 
     on_policy_mod_sample, on_policy_mod.sample = on_policy_mod.sample, timed_sample
     student.train()
-    for step in range(2):  # the first step pays one-off costs (packing check, allocator growth)
+    kept_head = on_policy_mod.sampled_logits
+
+    def full_logits(model, _module, x, pos, sel):  # what the step did before sampled_logits: every position
+        return model(input_ids=x, position_ids=pos, use_cache=False).logits[:, :-1][sel]
+
+    # Steps 0 and 1: as the train loop runs them (the first pays one-off costs: packing check,
+    # AdamW state, allocator growth); step 2, side by side: the head over every position.
+    for step in range(3):
+        on_policy_mod.sampled_logits = kept_head if step < 2 else full_logits
         ph.start(f"on_policy_step{step}")
         loss, n = onp.step(student, batch, epoch=0, index=step)
         t_back = time.perf_counter()
@@ -209,7 +219,7 @@ def main(argv=None) -> dict:
               f"{ph.figures[f'on_policy_step{step}_score_s']:.1f} s, backward + AdamW {back:.1f} s (of {s:.1f} s)",
               flush=True)
     ph.figures.pop("_score_done")
-    on_policy_mod.sample = on_policy_mod_sample
+    on_policy_mod.sample, on_policy_mod.sampled_logits = on_policy_mod_sample, kept_head
     del opt, loss
 
     # ---- teacher_nll_of_samples: the student answers (Ray task body), the teacher scores ----------

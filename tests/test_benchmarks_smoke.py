@@ -62,11 +62,13 @@ def test_scale_lm_online_runs_every_phase_at_tiny_size(tmp_path):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT "))
     figures = json.loads(line[len("BENCH_RESULT "):])["figures"]
     assert json.loads(out.read_text()) == figures
-    for phase in ("on_policy_step0", "on_policy_step1", "sample_eval_decode", "sample_eval_score", "generate_decode",
+    for phase in ("on_policy_step0", "on_policy_step1", "on_policy_step2", "sample_eval_decode", "sample_eval_score", "generate_decode",
                   "generate_cross_score"):
         for what in ("s", "peak_rss_gib", "tokens", "tokens_per_s"):
             assert figures[f"{phase}_{what}"] > 0, (phase, what)
-    # --tiny: 2 prompts, 8 new tokens each; no end token is set apart, so every sample may stop early
+    # --tiny: 2 prompts, at most 8 new tokens each (an end token may end a sample early)
     assert 0 < figures["generate_decode_tokens"] <= 2 * 8
     assert figures["on_policy_step0_tokens"] <= 2 * 8 and math.isfinite(figures["teacher_nll_of_samples"])
     assert figures["generate_part_rows"] == 2
+    for a, b in (("cross_score_big_chunked", "cross_score_big_unchunked"),):  # same scores, chunked or not
+        assert figures[f"{a}_nll_sum"] == pytest.approx(figures[f"{b}_nll_sum"], rel=1e-5)
