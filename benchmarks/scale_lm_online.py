@@ -17,7 +17,8 @@ direct call, as the replica / task would make it:
   generate     orchestrator/generation.py `generate_with` (what the deployment's `generate` runs)
                on one block, then generate.py's `_cross_score` and `_part_table`.
 Per phase: seconds, tokens/s, the RSS at its start and its own peak (VmHWM, reset at the start
-of each phase through /proc/self/clear_refs), beside the size of one float32 logits tensor of
+of each phase through /proc/self/clear_refs after malloc_trim; the on-policy steps also per part:
+step call (sample + score + forward + loss), backward, AdamW), beside the size of one float32 logits tensor of
 that phase (`_ref_logits_gib`: [B, L, V] of the step's rows; for the large cross-score [N, V] of
 its N scored positions), to see whether more than one step's logits is ever held.
 Prints `[scale_online] ...` lines and `BENCH_RESULT {json}`; writes the figures to --out.
@@ -44,18 +45,35 @@ def _status(field: str) -> float:
     raise KeyError(field)
 
 
+def _trim() -> None:
+    """Give freed heap back to the kernel, then VmHWM := VmRSS (Linux >= 4.0): a phase's peak is
+    its own, not the allocator's leftovers of the one before."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 class Phases:
     """Times each phase and its own peak RSS (the kernel's high-water mark, reset per phase)."""
 
     def __init__(self):
-        self.figures, self.name, self.t0, self.rss0 = {}, None, 0.0, 0.0
+        self.figures, self.name, self.t0, self.rss0, self.peak = {}, None, 0.0, 0.0, 0.0
 
     def start(self, name: str) -> None:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
-        self.name, self.t0, self.rss0 = name, time.perf_counter(), _status("VmRSS")
+        _trim()
+        self.name, self.t0, self.rss0, self.peak = name, time.perf_counter(), _status("VmRSS"), 0.0
+
+    def part(self, name: str) -> float:
+        """The peak RSS since the phase's start or its last part, recorded as NAME_peak_rss_gib;
+        then the high-water mark starts afresh (where within a phase the peak is)."""
+        peak = _status("VmHWM")
+        self.figures[f"{self.name}_{name}_peak_rss_gib"], self.peak = peak, max(self.peak, peak)
+        _trim()
+        return peak
 
     def end(self, tokens: int | None = None, logits_bytes: float | None = None) -> float:
-        s, peak = time.perf_counter() - self.t0, _status("VmHWM")
+        s, peak = time.perf_counter() - self.t0, max(self.peak, _status("VmHWM"))
         f = self.figures
         f[f"{self.name}_s"], f[f"{self.name}_rss_start_gib"], f[f"{self.name}_peak_rss_gib"] = s, self.rss0, peak
         line = f"[scale_online] {self.name}: {s:.1f} s, RSS {self.rss0:.2f} -> peak {peak:.2f} GiB"
@@ -205,16 +223,22 @@ def main(argv=None) -> dict:
         on_policy_mod.sampled_logits = kept_head if step < 2 else full_logits
         ph.start(f"on_policy_step{step}")
         loss, n = onp.step(student, batch, epoch=0, index=step)
+        ph.part("sample_score_forward")
         t_back = time.perf_counter()
         opt.zero_grad()
         loss.backward()
+        ph.part("backward")
         opt.step()
+        ph.part("adamw")
         back = time.perf_counter() - t_back
         s = ph.end(tokens=n, logits_bytes=B * max_len * V * 4.0)
         ph.figures.update({f"on_policy_step{step}_sample_s": sampled["s"],
                            f"on_policy_step{step}_score_s": onp.counters["score_s"] - ph.figures.get("_score_done", 0.0),
                            f"on_policy_step{step}_backward_opt_s": back, f"on_policy_step{step}_loss": loss.item()})
         ph.figures["_score_done"] = onp.counters["score_s"]
+        print("[scale_online]   peak RSS of its parts: " + ", ".join(
+            f"{p} {ph.figures[f'on_policy_step{step}_{p}_peak_rss_gib']:.2f} GiB"
+            for p in ("sample_score_forward", "backward", "adamw")), flush=True)
         print(f"[scale_online]   sample {sampled['s']:.1f} s, teacher score "
               f"{ph.figures[f'on_policy_step{step}_score_s']:.1f} s, backward + AdamW {back:.1f} s (of {s:.1f} s)",
               flush=True)
