@@ -3,7 +3,7 @@ random weights, in one process (no Ray; benchmarks/scale_pipeline.py --on-policy
 Ray): on-policy train steps, teacher_nll_of_samples, and `distill generate` with an hf teacher.
 
     python -m benchmarks.scale_lm_online [--vocab 49152] [--hidden 768] [--layers 12] [--batch 8]
-        [--prompt 256] [--new 128] [--out benchmarks/results_scale_online.json] [--tiny]
+        [--prompt 256] [--new 128] [--out benchmarks/results_scale_online.json --key vocab_49152] [--tiny]
 
 Each phase runs the project's own functions; only what Serve / Ray would carry is replaced by a
 direct call, as the replica / task would make it:
@@ -158,6 +158,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--cross-rows", type=int, default=32, help="rows of the large cross-score (chunked vs not)")
     ap.add_argument("--tiny", action="store_true", help="smoke sizes (seconds): vocab 512, hidden 64, 2 layers")
     ap.add_argument("--out", default=None, help="write the figures here as JSON (default: nowhere)")
+    ap.add_argument("--key", default=None, help="with --out: keep the file's other keys, put the figures under this one")
     a = ap.parse_args(argv)
     if a.tiny:
         a.vocab, a.hidden, a.layers, a.student_layers, a.batch, a.prompt, a.new, a.cross_rows = 512, 64, 2, 1, 2, 16, 8, 4
@@ -296,7 +297,11 @@ def main(argv=None) -> dict:
 
     result = {"ratios": {}, "figures": ph.figures}
     if a.out:
-        Path(a.out).write_text(json.dumps(ph.figures, indent=1, sort_keys=True) + "\n")
+        out_file = Path(a.out)
+        value = ph.figures
+        if a.key:
+            value = {**(json.loads(out_file.read_text()) if out_file.exists() else {}), a.key: ph.figures}
+        out_file.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
     print("BENCH_RESULT " + json.dumps(result), flush=True)
     return result
 
