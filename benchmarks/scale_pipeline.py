@@ -118,7 +118,10 @@ def main() -> None:
                "perplexity": {n: m["perplexity"] for n, m in models.items()}, "stage_s": stages,
                "teacher_nll_of_samples": {n: m["teacher_nll_of_samples"] for n, m in models.items()
                                           if "teacher_nll_of_samples" in m},
-               "on_policy": args.on_policy, "new_tokens": args.new if args.on_policy else None}
+               "on_policy": args.on_policy, "new_tokens": args.new if args.on_policy else None,
+               # the train history's on-policy figures (actors/on_policy.py epoch_metrics), last epoch
+               "train_on_policy": {k: v for k, v in json.loads(Path(out["report"]).read_text())["curves"]["student"][-1].items()
+                                   if k.startswith("on_policy")}}
     print(f"[scale_pipeline] {args.test} held-out windows of {args.len}: {wall:.0f} s, driver peak RSS {peak:.2f} GiB",
           flush=True)
     print("BENCH_RESULT " + json.dumps({"ratios": {}, "figures": figures}), flush=True)
