@@ -87,25 +87,15 @@ class Phases:
         return s
 
 
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def result(self):
-        return self.value
+def _answered(value):  # what a Serve handle's .remote() gives: .result() -> the answer
+    return SimpleNamespace(result=lambda: value)
 
 
 class LocalHandle:
     """A Serve handle's `score` answered in this process by the model the replica would load."""
 
     def __init__(self, teacher):
-        self.score = SimpleNamespace(remote=lambda rows: _Done(teacher.score(rows)))
-
-
-class _NoMetric:
-    def set(self, *a, **k): ...
-    def observe(self, *a, **k): ...
-    def inc(self, *a, **k): ...
+        self.score = SimpleNamespace(remote=lambda rows: _answered(teacher.score(rows)))
 
 
 def local_on_policy(teacher, op: dict, k: int, name: str):
@@ -123,7 +113,8 @@ def local_on_policy(teacher, op: dict, k: int, name: str):
     o = Local.__new__(Local)
     o.op, o.ctx, o.counters, o.k, o.seed, o.rank = op, None, OnPolicy.fresh(), k, 0, 0
     o.loss_fn = build_topk_loss(op["divergence"], beta=op["beta"], temperature=1.0)
-    o.m, o.tags = {m: _NoMetric() for m in ("fraction", "score_latency", "sample_nll", "tokens")}, {}
+    quiet = SimpleNamespace(set=lambda *_, **__: None, observe=lambda *_, **__: None, inc=lambda *_, **__: None)
+    o.m, o.tags = {m: quiet for m in ("fraction", "score_latency", "sample_nll", "tokens")}, {}
     return o
 
 
@@ -165,7 +156,6 @@ def main(argv=None) -> dict:
     torch.set_num_threads(a.threads)
     import tempfile
 
-    from orchestrator.evaluate import lm_rows  # noqa: F401  (import cost outside the phases)
     from orchestrator.generate import _cross_score, _part_table
     from orchestrator.generation import generate_with
     from orchestrator.instruct import pack_examples
