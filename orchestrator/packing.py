@@ -83,6 +83,7 @@ def topk_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor, k: int,
         logp = torch.log_softmax(head(hidden[a:a + step]).float(), dim=-1)
         top = logp.topk(k, dim=-1)
         parts.append((top.indices, top.values, -logp.gather(-1, labels[a:a + step, None])[:, 0]))
+        del logp  # before the next chunk's logits exist: one chunk's [c, V] at a time
     if not parts:  # no selected position
         dev = hidden.device
         return (torch.zeros((0, k), dtype=torch.long, device=dev), torch.zeros((0, k), device=dev),
