@@ -70,6 +70,24 @@ def teachers_for_training(cfg, prep, store):
             log.info("train: on-policy teachers shut down (%s)", ", ".join(owned.values()))
 
 
+def sampled_logits(model, module, x: torch.Tensor, pos: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """The student's logits [N, V] at the N positions `sel` [W, L-1] selects (those predicting a
+    sampled token), through `model` (DDP's forward: its gradient sync). Only positions from the
+    first selected one on go through the head (`logits_to_keep`): the prompts before it, most of
+    a row, never make [W, L, V] logits (and their gradient), which at L = 384 and V = 151,936
+    were 1.7 GiB each for 8 rows (benchmarks/scale_lm_online.py)."""
+    import inspect
+
+    keep = x.shape[1]
+    hits = sel.any(0).nonzero()
+    if len(hits) and "logits_to_keep" in inspect.signature(module.forward).parameters:
+        keep -= int(hits[0])  # logits of positions first .. L-1
+        out = model(input_ids=x, position_ids=pos, use_cache=False, logits_to_keep=keep)
+    else:  # a model without logits_to_keep: every position
+        out = model(input_ids=x, position_ids=pos, use_cache=False)
+    return out.logits[:, :-1][sel[:, sel.shape[1] - (keep - 1):]]
+
+
 class OnPolicy:
     """One train worker's on-policy steps and their counters (this epoch's, checkpointed with a
     mid-epoch checkpoint). config: the train loop's; config["on_policy"]: teachers_for_training's."""
@@ -126,7 +144,7 @@ class OnPolicy:
         device = next(module.parameters()).device
         sel = torch.from_numpy(targets(rows)).to(device)
         x, pos = (torch.from_numpy(rows[:, i]).long().to(device) for i in (0, 1))
-        logits = model(input_ids=x, position_ids=pos, use_cache=False).logits[:, :-1][sel]  # [N, V], through DDP
+        logits = sampled_logits(model, module, x, pos, sel)  # [N, V], through DDP
         loss = self.loss_fn(logits, torch.from_numpy(t_ids).to(device), torch.from_numpy(t_lps).to(device))
         c = self.counters
         c["tokens"], c["nll_sum"], c["score_s"] = c["tokens"] + len(tokens), c["nll_sum"] + nll * len(tokens), c["score_s"] + spent

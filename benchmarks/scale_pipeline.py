@@ -4,6 +4,11 @@ for a few steps on Ray Train, and evaluation of `--test` held-out windows of 512
 the teachers' Serve deployments and a Ray task for the student.
 
     python -m benchmarks.scale_pipeline [--test 200] [--train 32] [--len 512]
+    python -m benchmarks.scale_pipeline --on-policy --teachers 1 --hidden 768 --layers 12 --train 16 --test 8 --len 384
+
+--on-policy: prompt_response data (prompts of about --len - --new tokens, answers after them),
+train.on_policy on every batch (the student samples --new tokens on its Ray Train worker, the
+Serve teachers score them) and eval.sample_max_new_tokens = --new (teacher_nll_of_samples).
 
 The driver's peak RSS (ru_maxrss of this process, which runs the pipeline) is reported with
 the stage times; run it at two --test sizes to see whether the driver's memory grows with the
@@ -21,17 +26,18 @@ import time
 from pathlib import Path
 
 
-def build_teachers(root: Path, vocab: int, length: int) -> None:
+def build_teachers(root: Path, vocab: int, length: int, n: int, hidden: int, layers: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from orchestrator.models import load_tokenizer
 
     tok, params = load_tokenizer(root / "tok"), {}
-    for name, seed in (("big", 1), ("big2", 2)):
+    for name, seed in (("big", 1), ("big2", 2))[:n]:
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=640, intermediate_size=1920, num_hidden_layers=8,
-                          num_attention_heads=10, num_key_value_heads=10, max_position_embeddings=length + 1,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                          num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                          max_position_embeddings=length + 1,
                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         model = LlamaForCausalLM(cfg)
         params[name] = sum(p.numel() for p in model.parameters())
@@ -47,9 +53,14 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=32)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--vocab", type=int, default=49152)
+    ap.add_argument("--teachers", type=int, default=2, choices=(1, 2))
+    ap.add_argument("--hidden", type=int, default=640)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--on-policy", action="store_true", help="prompt_response data, train.on_policy, teacher_nll_of_samples")
+    ap.add_argument("--new", type=int, default=64, help="--on-policy: max_new_tokens of on-policy and sample eval")
     args = ap.parse_args()
     if args.build:
-        return build_teachers(Path(args.build), args.vocab, args.len)
+        return build_teachers(Path(args.build), args.vocab, args.len, args.teachers, args.hidden, args.layers)
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pydoc_data.topics import topics
@@ -66,31 +77,51 @@ def main() -> None:
     need = args.train + args.test
     if len(docs) < need:
         raise SystemExit(f"only {len(docs)} documents for {need} windows")
-    pq.write_table(pa.table({"text": docs[:args.train]}), root / "train.parquet")
-    pq.write_table(pa.table({"text": docs[args.train:need]}), root / "test.parquet")
+    if args.on_policy:  # a prompt of about --len - --new tokens (this tokenizer: ~0.72 tokens a character), an answer
+        cut = (args.len - args.new) * 5 // 4
+        table = {"prompt": [d[:cut] for d in docs], "response": [d[cut:cut + args.new] or "." for d in docs]}
+    else:
+        table = {"text": docs}
+    pq.write_table(pa.table({k: v[:args.train] for k, v in table.items()}), root / "train.parquet")
+    pq.write_table(pa.table({k: v[args.train:need] for k, v in table.items()}), root / "test.parquet")
     # The teachers are built in a child process: this process is the driver being measured.
     subprocess.run([sys.executable, "-m", "benchmarks.scale_pipeline", "--build", str(root), "--vocab", str(args.vocab),
-                    "--len", str(args.len)], check=True)
+                    "--len", str(args.len), "--teachers", str(args.teachers), "--hidden", str(args.hidden),
+                    "--layers", str(args.layers)], check=True)
     params = json.loads((root / "params.json").read_text())
     raw = {"run": {"name": "scale"}, "task": "lm", "output_dir": str(root / "runs"),
            "dataset": {"source": str(root / "train.parquet"), "test_source": str(root / "test.parquet")},
            "teachers": [{"name": n, "backend": "hf", "path": str(root / n), "num_cpus": 1, "max_batch_size": 4}
                         for n in params],
            "lm": {"max_len": args.len, "k": 32},
-           "student": {"init": "teacher", "teacher": "big", "layers": [0, 7]},
+           "student": {"init": "teacher", "teacher": "big", "layers": [0, args.layers - 1]},
            "ensemble": {"mode": "mean_prob", "temperature": 1.0},
            "store": {"shard_size": 16},
            "train": {"workers": 1, "cpus_per_worker": 1, "epochs": 1, "batch_size": 2, "max_steps": 3, "lr": 1e-4},
            "eval": {"baseline": False}}
+    if args.on_policy:
+        raw["dataset"]["format"] = "prompt_response"
+        raw["train"]["on_policy"] = {"fraction": 1.0, "max_new_tokens": args.new}
+        raw["eval"]["sample_max_new_tokens"] = args.new
     t0 = time.perf_counter()
     out = pipeline.run(config_from_dict(raw), quiet=True)
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     models = out["models"]
+    from orchestrator.metrics import REGISTRY
+
+    stages = {s: REGISTRY.get_sample_value("distill_stage_seconds", {"run": "scale", "stage": s})
+              for s in ("label", "train", "evaluate")}
     figures = {"teacher_params_m": {n: p / 1e6 for n, p in params.items()}, "test_windows": args.test,
                "train_windows": args.train, "len": args.len, "wall_s": wall, "driver_peak_rss_gib": peak,
                "test_tokens": out["test_tokens"],
-               "perplexity": {n: m["perplexity"] for n, m in models.items()}}
+               "perplexity": {n: m["perplexity"] for n, m in models.items()}, "stage_s": stages,
+               "teacher_nll_of_samples": {n: m["teacher_nll_of_samples"] for n, m in models.items()
+                                          if "teacher_nll_of_samples" in m},
+               "on_policy": args.on_policy, "new_tokens": args.new if args.on_policy else None,
+               # the train history's on-policy figures (actors/on_policy.py epoch_metrics), last epoch
+               "train_on_policy": {k: v for k, v in json.loads(Path(out["report"]).read_text())["curves"]["student"][-1].items()
+                                   if k.startswith("on_policy")}}
     print(f"[scale_pipeline] {args.test} held-out windows of {args.len}: {wall:.0f} s, driver peak RSS {peak:.2f} GiB",
           flush=True)
     print("BENCH_RESULT " + json.dumps({"ratios": {}, "figures": figures}), flush=True)

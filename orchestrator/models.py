@@ -31,7 +31,7 @@ from torch import nn
 
 from .cls_students import build_cls_student
 from .errors import DistillError
-from .packing import check_packing, logits_at, split_rows  # noqa: F401  (re-exported)
+from .packing import check_packing, logits_at, split_rows, topk_at  # noqa: F401  (re-exported)
 from .students import build_lm_student
 
 
@@ -260,31 +260,27 @@ class CausalLMTeacher:
         if k > self.vocab_size:
             raise DistillError(f"lm.k: {k} is larger than teacher '{self.name}' vocabulary ({self.vocab_size})")
 
-    def _logp(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _topk(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
+        """(top-k ids, top-k log-probs, true next token's NLL, the answer's shape): log-softmax and
+        top-k on the device, over chunks of positions (packing.topk_at): only [.., k] ids and
+        log-probs cross to the host, and no [N, V] logits of a whole large batch are held."""
         x = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device)
         ids, kwargs, sel = split_rows(x)
         if x.dim() == 3:
             check_packing(self.model, f"teacher '{self.name}'")
-        # Log-softmax and top-k on the device: only [.., k] ids and log-probs cross to the host.
-        logp = torch.log_softmax(logits_at(self.model, ids, kwargs, sel).float(), dim=-1)
         shape = (ids.shape[0], ids.shape[1] - 1) if x.dim() == 2 else (-1,)
-        return logp, ids[:, 1:][sel], shape
+        return (*topk_at(self.model, ids, kwargs, sel, self.k, ids[:, 1:][sel]), shape)
 
     @torch.inference_mode()
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logp, _, shape = self._logp(rows)
-        top = logp.topk(self.k, dim=-1)
-        return (top.indices.int().reshape(*shape, self.k).cpu().numpy(),
-                top.values.reshape(*shape, self.k).cpu().numpy())
+        return self.score(rows)[:2]
 
     @torch.inference_mode()
     def score(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One forward pass: (top-k ids, top-k log-probs) and the true next token's NLL, shaped
         as ``__call__``'s (evaluation needs both; two passes would double its time)."""
-        logp, labels, shape = self._logp(rows)
-        top = logp.topk(self.k, dim=-1)
-        nll = -logp.gather(-1, labels[:, None]).squeeze(-1)
-        return (top.indices.int().reshape(*shape, self.k).cpu().numpy(), top.values.reshape(*shape, self.k).cpu().numpy(),
+        top_ids, top_lps, nll, shape = self._topk(rows)
+        return (top_ids.int().reshape(*shape, self.k).cpu().numpy(), top_lps.reshape(*shape, self.k).cpu().numpy(),
                 nll.reshape(shape).cpu().numpy())
 
     @torch.inference_mode()

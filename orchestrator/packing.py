@@ -59,6 +59,38 @@ def _head_is_plain(model) -> bool:
     return ok
 
 
+# Logits a teacher holds at a time in `topk_at` (float32: 256 MiB): the N positions of a batch go
+# through the head in chunks of CHUNK_ELEMENTS // V. Unchunked, the [N, V] logits and their
+# log-softmax grow with the batch: a generate block's cross-score of 64 prompts x 4 samples x 128
+# tokens is 32,768 positions, 2 x 20 GB at V = 151,936 (benchmarks/scale_lm_online.py).
+CHUNK_ELEMENTS = 2**26
+
+
+def topk_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor, k: int,
+            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(inference) -> the top-k next-token ids [N, k] and log-probs [N, k] (float32, T=1) at the N
+    selected positions, and the NLL [N] of `labels` [N] there, with at most CHUNK_ELEMENTS
+    logits alive at a time (when the head is plain; else the model's [N, V] logits once)."""
+    if _head_is_plain(model):
+        hidden = model.base_model(input_ids=ids, **kwargs).last_hidden_state[:, :-1][sel]  # [N, H]
+        head = model.get_output_embeddings()
+        vocab = head.weight.shape[0]
+    else:
+        hidden, head = model(input_ids=ids, **kwargs).logits[:, :-1][sel], (lambda h: h)
+        vocab = hidden.shape[-1]
+    step, parts = max(1, CHUNK_ELEMENTS // vocab), []
+    for a in range(0, len(hidden), step):
+        logp = torch.log_softmax(head(hidden[a:a + step]).float(), dim=-1)
+        top = logp.topk(k, dim=-1)
+        parts.append((top.indices, top.values, -logp.gather(-1, labels[a:a + step, None])[:, 0]))
+        del logp  # before the next chunk's logits exist: one chunk's [c, V] at a time
+    if not parts:  # no selected position
+        dev = hidden.device
+        return (torch.zeros((0, k), dtype=torch.long, device=dev), torch.zeros((0, k), device=dev),
+                torch.zeros(0, device=dev))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 def logits_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor) -> torch.Tensor:
     """Next-token logits [N, V] at the selected positions only (inference): the [B, L, V]
     logits of the unselected positions (prompts, padding) are never made when the head is plain."""

@@ -50,3 +50,25 @@ def test_quick_run_writes_results_and_numbers_table(tmp_path):
     assert (out / "profile_label.txt").stat().st_size > 0
     # --out leaves the repository's own files untouched.
     assert {p: p.stat().st_mtime_ns for p in own if p.exists()} == before
+
+
+def test_scale_lm_online_runs_every_phase_at_tiny_size(tmp_path):
+    """benchmarks/scale_lm_online.py (its numbers are taken at ~100M parameters by hand, see
+    BENCHMARKS.md) at smoke size, in a child process: every phase runs and reports its numbers."""
+    out = tmp_path / "online.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale_lm_online", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT "))
+    figures = json.loads(line[len("BENCH_RESULT "):])["figures"]
+    assert json.loads(out.read_text()) == figures
+    for phase in ("on_policy_step0", "on_policy_step1", "on_policy_step2", "sample_eval_decode", "sample_eval_score", "generate_decode",
+                  "generate_cross_score"):
+        for what in ("s", "peak_rss_gib", "tokens", "tokens_per_s"):
+            assert figures[f"{phase}_{what}"] > 0, (phase, what)
+    # --tiny: 2 prompts, at most 8 new tokens each (an end token may end a sample early)
+    assert 0 < figures["generate_decode_tokens"] <= 2 * 8
+    assert figures["on_policy_step0_tokens"] <= 2 * 8 and math.isfinite(figures["teacher_nll_of_samples"])
+    assert figures["generate_part_rows"] == 2
+    for a, b in (("cross_score_big_chunked", "cross_score_big_unchunked"),):  # same scores, chunked or not
+        assert figures[f"{a}_nll_sum"] == pytest.approx(figures[f"{b}_nll_sum"], rel=1e-5)

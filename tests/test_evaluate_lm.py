@@ -72,3 +72,35 @@ def test_the_ensemble_in_chunks_of_positions_equals_it_in_one(tiny_lms, monkeypa
     monkeypatch.setattr(orchestrator.evaluate, "ENSEMBLE_CHUNK", 7)  # 60 positions: 9 chunks, the last short
     chunked = evaluate_lm(labels, scores, ens, {}, k=4, vocab_size=vocab)["models"]["ensemble"]
     assert chunked == whole
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_teacher_scores_in_chunks_of_positions_equal_the_full_softmax(tiny_lms, monkeypatch, packed):
+    # packing.topk_at puts CHUNK_ELEMENTS // V positions at a time through the head: here 7 of
+    # the 60 window positions (9 chunks, the last short), or of the 28 loss positions when packed.
+    import torch
+
+    import orchestrator.packing
+
+    teachers, test, vocab = tiny_lms
+    windows = np.stack(test.column("input_ids").to_numpy(zero_copy_only=False)).astype(np.int64)  # [4, 16]
+    rows = windows
+    if packed:  # one example per row, loss on its last 8 tokens
+        mask = np.zeros_like(windows)
+        mask[:, 8:] = 1
+        rows = np.stack([windows, np.broadcast_to(np.arange(16), windows.shape), mask], axis=1)
+    teacher = CausalLMTeacher(teachers[0], 4)
+    whole = teacher.score(rows)
+    monkeypatch.setattr(orchestrator.packing, "CHUNK_ELEMENTS", 7 * vocab)
+    chunked = teacher.score(rows)
+    with torch.inference_mode():  # by hand: log-softmax of the model's own logits, every position at once
+        logp = torch.log_softmax(teacher.model(input_ids=torch.from_numpy(windows)).logits[:, :-1].double(), -1)
+    chosen = slice(None) if not packed else slice(7, None)  # the positions whose next token carries loss
+    expect = logp[:, chosen]
+    top = expect.topk(4, dim=-1)
+    nll = -expect.gather(-1, torch.from_numpy(windows[:, 1:][:, chosen])[..., None])[..., 0]
+    for got in (whole, chunked):
+        np.testing.assert_array_equal(got[0].reshape(-1, 4), top.indices.reshape(-1, 4).numpy())
+        np.testing.assert_allclose(got[1].reshape(-1, 4), top.values.reshape(-1, 4).numpy(), atol=1e-5)
+        np.testing.assert_allclose(got[2].reshape(-1), nll.reshape(-1).numpy(), atol=1e-5)
+    assert chunked[2].shape == ((4, 15) if not packed else (4 * 8,))

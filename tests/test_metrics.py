@@ -102,7 +102,8 @@ def prometheus(ray_with_metrics, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
-    """A classification run, an LM run and an on-policy LM run, all watched by Prometheus; returns the time window."""
+    """A classification run, an LM run, an on-policy LM run and a `distill generate`, all watched by
+    Prometheus; returns the time window."""
     base, driver_port = prometheus
     tmp = tmp_path_factory.mktemp("runs")
     start = time.time()
@@ -122,6 +123,11 @@ def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
                       dataset={"source": str(gen["train"]), "test_source": str(gen["test"]), "format": "prompt_response"})
     onpol["train"].update(epochs=3, batch_size=2, on_policy={"fraction": 1.0, "max_new_tokens": 8})
     assert main(["run", str(write_yaml(tmp / "onpol.yaml", onpol)), *watch]) == 0
+    # distill generate (the generation throughput panel: the driver's distill_generate_tokens_per_second)
+    gen_cfg = lm_config(tmp, gen, run={"name": "metrics_gen"}, lm={"max_len": 64, "k": 4},
+                        dataset={"source": str(gen["train"]), "format": "prompt_response"},
+                        generate={"n": 1, "max_new_tokens": 8, "block_size": 8})
+    assert main(["generate", str(write_yaml(tmp / "gen.yaml", gen_cfg)), *watch]) == 0
     time.sleep(3)  # the last actor reports and scrapes
     return base, start, time.time(), tmp
 

@@ -183,3 +183,29 @@ def test_pipeline_keeps_teachers_up_across_stages_only_for_on_policy_training(on
     got_keep, why = plan(config_from_dict(raw))
     assert got_keep is keep
     assert why is None if says is None else says in why
+
+
+def test_sampled_logits_skip_the_prompts_and_equal_the_full_forward():
+    # The student's head runs from the first position that predicts a sampled token on only;
+    # the selected logits and their gradients are those of the full forward.
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from actors.on_policy import sampled_logits
+    from orchestrator.instruct import targets
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    rows = completion_rows([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16, 17]], [np.array([20, 21]), np.array([22])],
+                           12, 0)
+    x, pos = (torch.from_numpy(rows[:, i]).long() for i in (0, 1))
+    sel = torch.from_numpy(targets(rows))
+    assert sel.any(0).nonzero()[0].item() == 5  # the first sampled token is predicted from position 5
+    got = sampled_logits(model, model, x, pos, sel)
+    (g_got,) = torch.autograd.grad(got.square().sum(), model.lm_head.weight)
+    full = model(input_ids=x, position_ids=pos, use_cache=False).logits[:, :-1][sel]
+    (g_full,) = torch.autograd.grad(full.square().sum(), model.lm_head.weight)
+    assert got.shape == (3, 40)
+    torch.testing.assert_close(got, full)
+    torch.testing.assert_close(g_got, g_full)
