@@ -259,16 +259,36 @@ class CausalLMTeacher:
         self.vocab_size = self.model.config.vocab_size
         if k > self.vocab_size:
             raise DistillError(f"lm.k: {k} is larger than teacher '{self.name}' vocabulary ({self.vocab_size})")
+        self.features, self.pool = list(cfg.get("features") or []), cfg.get("pool", "mean")  # forward_features
+        if self.features:
+            from .feature_capture import _check_indices
 
-    def _logp(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            _check_indices(self.name, self.features, self.model.config.num_hidden_layers)
+
+    def _logp(self, rows: np.ndarray, keep: list[int] | None = None):
+        """(log-probs [N, V], true next tokens [N], output shape[, {index: hidden [B, L, D]}, sel, windows])."""
         x = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device)
         ids, kwargs, sel = split_rows(x)
         if x.dim() == 3:
             check_packing(self.model, f"teacher '{self.name}'")
+        out = logits_at(self.model, ids, kwargs, sel, keep)
+        logits, hidden = out if keep else (out, None)
         # Log-softmax and top-k on the device: only [.., k] ids and log-probs cross to the host.
-        logp = torch.log_softmax(logits_at(self.model, ids, kwargs, sel).float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         shape = (ids.shape[0], ids.shape[1] - 1) if x.dim() == 2 else (-1,)
-        return logp, ids[:, 1:][sel], shape
+        return (logp, ids[:, 1:][sel], shape) + ((hidden, sel, x.dim() == 2) if keep else ())
+
+    @torch.inference_mode()
+    def forward_features(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``__call__``'s (top-k ids, log-probs) + {LAYER: float16 features} from the same forward
+        pass, kept at the positions the store labels (orchestrator/lm_features.py)."""
+        from .lm_features import keep_positions
+
+        logp, _, shape, hidden, sel, windows = self._logp(rows, self.features)
+        top = logp.topk(self.k, dim=-1)
+        feats = {str(i): keep_positions(hidden[i], sel, self.pool, windows).cpu().numpy() for i in self.features}
+        return (top.indices.int().reshape(*shape, self.k).cpu().numpy(),
+                top.values.reshape(*shape, self.k).cpu().numpy(), feats)
 
     @torch.inference_mode()
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

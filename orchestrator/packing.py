@@ -59,10 +59,15 @@ def _head_is_plain(model) -> bool:
     return ok
 
 
-def logits_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor) -> torch.Tensor:
+def logits_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor, keep: list[int] | None = None):
     """Next-token logits [N, V] at the selected positions only (inference): the [B, L, V]
-    logits of the unselected positions (prompts, padding) are never made when the head is plain."""
+    logits of the unselected positions (prompts, padding) are never made when the head is plain.
+    keep (teachers[].features): also return {index: hidden state [B, L, D]} of those indices."""
+    hs = {"output_hidden_states": True} if keep else {}
     if _head_is_plain(model):
-        hidden = model.base_model(input_ids=ids, **kwargs).last_hidden_state[:, :-1]
-        return model.get_output_embeddings()(hidden[sel])
-    return model(input_ids=ids, **kwargs).logits[:, :-1][sel]
+        out = model.base_model(input_ids=ids, **kwargs, **hs)
+        logits = model.get_output_embeddings()(out.last_hidden_state[:, :-1][sel])
+    else:
+        out = model(input_ids=ids, **kwargs, **hs)
+        logits = out.logits[:, :-1][sel]
+    return (logits, {i: out.hidden_states[i] for i in keep}) if keep else logits
