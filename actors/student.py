@@ -175,12 +175,13 @@ def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None):
     # Packed rows: position ids restart per example, which keeps attention within it (and the
     # cache off, without which transformers would not look for packed sequences).
     kwargs = {"position_ids": batch["position_ids"].long(), "use_cache": False} if "position_ids" in batch else {}
-    if terms is not None:
+    if terms is not None:  # the same forward also yields the hidden states the terms read
         logits, extra = terms.lm_step(model, x, kwargs, sel, batch)
     else:
-        logits, extra = model(input_ids=x, **kwargs).logits[:, :-1][sel], 0.0  # [N, V]
+        logits, extra = model(input_ids=x, **kwargs).logits[:, :-1][sel], None  # [N, V]
     dev = logits.device
-    return loss_fn(logits, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel]) + extra, int(sel.sum())
+    loss = loss_fn(logits, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel])
+    return (loss if extra is None else loss + extra), int(sel.sum())
 
 
 def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
