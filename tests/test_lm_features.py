@@ -214,3 +214,13 @@ GOLDEN_LM = {
 def test_lm_store_without_features_is_byte_identical_to_before(tmp_path, packed):
     assert _golden_lm_store(tmp_path / "s", packed) == GOLDEN_LM[packed]
     assert pq.ParquetFile(LabelStore(str(tmp_path / "s")).shard_path(0)).schema_arrow.names[-1].endswith("logprobs")
+
+
+def test_lm_feature_columns_are_written_byte_stream_split_in_zstd(tmp_path):
+    inputs = _inputs(False)
+    store = LabelStore(str(tmp_path / "s"))
+    store.write_shard(0, build_shard(inputs, _outputs(inputs, True), _manifest(True))[0])
+    meta = pq.ParquetFile(store.shard_path(0)).metadata.row_group(0)
+    cols = {meta.column(i).path_in_schema: meta.column(i) for i in range(meta.num_columns)}
+    feat = cols["feat__b__1.list.element"]
+    assert feat.compression == "ZSTD" and "BYTE_STREAM_SPLIT" in feat.encodings and "RLE_DICTIONARY" not in feat.encodings
