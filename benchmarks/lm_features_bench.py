@@ -82,12 +82,33 @@ def one_run(path: str, windows: int, length: int, layer: int | None, out: str) -
     Path(out).write_text(json.dumps(res))
 
 
+def interleaved(path: str, length: int, layer: int, n: int) -> dict:
+    """Seconds per teacher call on one chunk (CHUNK windows), plain and with features alternating
+    in one process, n of each: min and median, robust to other jobs on a shared machine."""
+    import torch
+
+    from orchestrator.models import CausalLMTeacher
+
+    torch.set_num_threads(2)
+    teacher = CausalLMTeacher({"name": "t", "path": path, "features": [layer], "pool": "none"}, 32)
+    rows = np.random.default_rng(1).integers(3, 49152, size=(CHUNK, length))
+    teacher(rows)  # warm-up (the plain-head check, allocator)
+    times = {"plain": [], "features": []}
+    for _ in range(n):
+        for mode, call in (("plain", teacher), ("features", teacher.forward_features)):
+            t0 = time.perf_counter()
+            call(rows)
+            times[mode].append(time.perf_counter() - t0)
+    return {m: {"min_s": min(v), "median_s": float(np.median(v)), "all_s": v} for m, v in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--len", type=int, default=512)
     ap.add_argument("--layer", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--interleave", type=int, default=5, help="alternating calls per mode in one process (0: off)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)  # path windows len layer|none out
     args = ap.parse_args()
     if args.child:
@@ -105,7 +126,9 @@ def main() -> None:
                             str(args.windows), str(args.len), layer, str(out)], check=True)
             runs[mode].append(json.loads(out.read_text()))
             print(f"[lm-features] {mode} run {r}: {runs[mode][-1]}", flush=True)
-    result = {"setup": {"params_m": params / 1e6, "windows": args.windows, "len": args.len, "layer": args.layer,
+    calls = interleaved(str(path), args.len, args.layer, args.interleave) if args.interleave else None
+    print(f"[lm-features] interleaved calls: {calls}", flush=True)
+    result = {"interleaved_calls": calls, "setup": {"params_m": params / 1e6, "windows": args.windows, "len": args.len, "layer": args.layer,
                         "hidden": 768, "k": 32, "threads": 2, "chunk": CHUNK}, "runs": runs,
               "median": {m: {key: float(np.median([r[key] for r in rs])) for key in ("label_s", "peak_rss_gib")}
                          for m, rs in runs.items()}}
