@@ -66,7 +66,7 @@ class Labeler:
         for name, out in outputs.items():  # teachers[].features: every layer, [rows (or positions), ...], finite
             if isinstance(out, dict):
                 check_features(name, out["features"], self.features[name], rows, shard)
-            elif self.lm and len(out) == 3:  # a packed shard's per-token features: one per labeled position
+            elif self.lm and len(out) == 3:  # LM (ids, logprobs, features): packed rows' per-token ones, one per labeled position
                 check_features(name, out[2], self.features[name], expect if self.pools[name] == "none" else rows, shard)
         outputs = {n: logits_of(o) for n, o in outputs.items()}
         for name, out in outputs.items():

@@ -200,7 +200,7 @@ class LabelStore:
             return pq.ParquetFile(f).read_row_group(i)
 
     def write_shard(self, i: int, table: pa.Table, generation: int | None = None) -> ShardInfo:
-        # LM shards: the top-k options (zstd, no dictionary) cover feature columns too; classification: features'
+        # LM shards: the top-k options (zstd, no dictionary, byte-stream split) cover feature columns too
         data = _table_bytes(table, **(shard_write_options(table) or feature_write_options(table)))
         info = ShardInfo(rows=table.num_rows, bytes=data.size, checksum=checksum(data))
         self._write_atomic(self.shard_path(i, generation), data)
