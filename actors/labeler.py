@@ -18,6 +18,7 @@ from orchestrator.errors import DistillError
 from orchestrator.features import check_features, concat_outputs, logits_of
 from orchestrator.soft_labels import build_shard
 from orchestrator.instruct import rows_of, targets
+from orchestrator.lm_features import concat_answers
 from orchestrator.store import LabelStore
 
 log = logging.getLogger("distill")
@@ -39,6 +40,7 @@ class Labeler:
         self.handles = {name: serve.get_app_handle(app) for name, app in apps.items()}
         self.chunk = chunk
         self.features = {t["name"]: t.get("features", []) for t in self.store.manifest["teachers"]}
+        self.pools = {t["name"]: t.get("pool") for t in self.store.manifest["teachers"]}
 
     def _ask_all(self, x: np.ndarray) -> dict:
         # Fire every request first, then wait: teachers (and their replicas) work in parallel.
@@ -49,7 +51,7 @@ class Labeler:
         out = {}
         for name, rs in pending.items():
             parts = [self._result(name, r, x[i : i + self.chunk[name]]) for i, r in rs]
-            out[name] = tuple(np.concatenate(p) for p in zip(*parts)) if self.lm else concat_outputs(parts)
+            out[name] = concat_answers(parts) if self.lm else concat_outputs(parts)
         return out
 
     def _result(self, name: str, response, rows: np.ndarray):
@@ -58,13 +60,15 @@ class Labeler:
 
     def _check(self, outputs: dict, inputs, x: np.ndarray, shard: int) -> None:
         rows = inputs.num_rows
-        for name, out in outputs.items():  # teachers[].features: every layer, [rows, ...], finite
-            if isinstance(out, dict):
-                check_features(name, out["features"], self.features[name], rows, shard)
-        outputs = {n: logits_of(o) for n, o in outputs.items()}
         # Packed instruction rows: teachers answer only the positions that carry loss, in row order.
         counts = targets(x).sum(axis=1) if self.lm and x.ndim == 3 else None
         expect = int(counts.sum()) if counts is not None else rows
+        for name, out in outputs.items():  # teachers[].features: every layer, [rows (or positions), ...], finite
+            if isinstance(out, dict):
+                check_features(name, out["features"], self.features[name], rows, shard)
+            elif self.lm and len(out) == 3:  # LM (ids, logprobs, features): packed rows' per-token ones, one per labeled position
+                check_features(name, out[2], self.features[name], expect if self.pools[name] == "none" else rows, shard)
+        outputs = {n: logits_of(o) for n, o in outputs.items()}
         for name, out in outputs.items():
             first = out[0] if self.lm else out
             if first.shape[0] != expect:

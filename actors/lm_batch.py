@@ -16,14 +16,17 @@ class LMBatch(ArrowBatchCollateFn):
     Out: input_ids [B, L] long; sel [B, L-1] bool (the positions that carry loss; all for text
     windows); gaps [B, L-1, k] and codes [B, L-1, w] as stored (zero where not selected: packed
     stores keep only the selected positions, as variable-length lists); position_ids [B, L]
-    for packed instruction rows. Per-row tensors, so EpochBatches can cache and reshuffle them.
+    for packed instruction rows; each stored teacher feature named in ``features`` (float16, see
+    orchestrator/lm_features.py dense_positions). Per-row tensors, so EpochBatches can cache and reshuffle them.
     """
 
-    def __init__(self, columns: list[str], k: int):
+    def __init__(self, columns: list[str], k: int, features: dict[str, list] | None = None):
         self.ids_col, self.lps_col, self.k = columns[-2], columns[-1], k
+        self.features = features or {}  # train.extra_losses: {feature column: per-row shape as stored}
 
     def __call__(self, batch):
         from orchestrator.columns import list_values, to_numpy
+        from orchestrator.lm_features import dense_positions
 
         x = to_numpy(batch.column("input_ids")).astype(np.int64)
         b, p = x.shape[0], x.shape[1] - 1
@@ -39,6 +42,8 @@ class LMBatch(ArrowBatchCollateFn):
                "gaps": torch.from_numpy(dense_g), "codes": torch.from_numpy(dense_c)}
         if packed:
             out["position_ids"] = torch.from_numpy(to_numpy(batch.column("position_ids")).astype(np.int64))
+        for col, shape in self.features.items():  # [B, L-1, D] per token (zero where unlabeled) or [B, D] pooled
+            out[col] = torch.from_numpy(dense_positions(list_values(batch.column(col)), sel, shape))
         if "row" in batch.column_names:  # the store row: EpochBatches keeps its cache in row order
             out["row"] = torch.from_numpy(batch.column("row").to_numpy())
         return out

@@ -33,6 +33,7 @@ from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer
                                 prepare, save_and_report)
 from orchestrator.cls_students import cls_logits
 from orchestrator.extra_terms import ExtraTerms
+from orchestrator.lm_extra_terms import LMExtraTerms, feature_shapes
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student, check_packing
 from orchestrator.schedule import lr_lambda
@@ -163,9 +164,10 @@ def _classifier_step(model, loss_fn, batch: dict, config: dict, terms: ExtraTerm
     return loss_fn(logits, target, y), len(y)
 
 
-def _lm_step(model, loss_fn, batch: dict, config: dict):
+def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None):
     """Rows [B, L]: at each position that carries loss (all of a text window's; a packed
-    instruction row's response tokens), its logits vs the top-k target for the next token."""
+    instruction row's response tokens), its logits vs the top-k target for the next token
+    (+ train.extra_losses from the same forward: orchestrator/lm_extra_terms.py)."""
     x, sel = batch["input_ids"].long(), batch["sel"]
     cpu_sel = sel.cpu()  # the codec is numpy
     target_ids, target_lps = decode_targets(batch["gaps"].cpu()[cpu_sel], batch["codes"].cpu()[cpu_sel], config["k"])
@@ -173,9 +175,13 @@ def _lm_step(model, loss_fn, batch: dict, config: dict):
     # Packed rows: position ids restart per example, which keeps attention within it (and the
     # cache off, without which transformers would not look for packed sequences).
     kwargs = {"position_ids": batch["position_ids"].long(), "use_cache": False} if "position_ids" in batch else {}
-    logits = model(input_ids=x, **kwargs).logits[:, :-1][sel]  # [N, V]
+    if terms is not None:  # the same forward also yields the hidden states the terms read
+        logits, extra = terms.lm_step(model, x, kwargs, sel, batch)
+    else:
+        logits, extra = model(input_ids=x, **kwargs).logits[:, :-1][sel], None  # [N, V]
     dev = logits.device
-    return loss_fn(logits, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel]), int(sel.sum())
+    loss = loss_fn(logits, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel])
+    return (loss if extra is None else loss + extra), int(sel.sum())
 
 
 def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
@@ -195,7 +201,8 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     model = build_student(config["student"])
     # train.extra_losses: hooks on the unwrapped student; hint projections checkpointed beside it, not in it
-    terms = ExtraTerms(config["extra_terms"], model) if config.get("extra_terms") else None
+    terms = (LMExtraTerms if config["task"] == "lm" else ExtraTerms)(config["extra_terms"], model) \
+        if config.get("extra_terms") else None
     start, history, resumes, resumed_at, partial, replayed = 0, [], [], [], None, False
     hooks = config.get("test_hooks") or {}  # TEST ONLY (tests/test_resume.py; see training.TEST_HOOKS_ENV)
     checkpoint = ray.train.get_checkpoint()
@@ -238,7 +245,7 @@ def train_loop(config: dict) -> None:
 
     epoch_batches = EpochBatches(ray.train.get_dataset_shard("train"), config["batch_size"], config["seed"],
                                  config["shuffle_buffer"], config["cache_rows"],
-                                 LMBatch(config["columns"], config["k"]) if lm else None)
+                                 LMBatch(config["columns"], config["k"], feature_shapes(config.get("extra_terms"))) if lm else None)
     if replayed and start > 0:  # the uninterrupted run replays this epoch from memory: so do we
         epoch_batches.prime()
     done_steps = sum(h.get("steps", 0) for h in history)  # optimiser steps, over all completed epochs
@@ -278,7 +285,7 @@ def train_loop(config: dict) -> None:
                     if (step_fn := on_policy.step_for(epoch, micro - 1)) is not None:  # train.on_policy
                         loss, n = step_fn(model, loss_fn, batch, config)
                     else:
-                        loss, n = _lm_step(model, loss_fn, batch, config) if lm else \
+                        loss, n = _lm_step(model, loss_fn, batch, config, terms) if lm else \
                             _classifier_step(model, loss_fn, batch, config, terms)
                 (loss / accum).backward()
             seen, total = seen + n, total + loss.item() * n

@@ -21,6 +21,7 @@ from ray import serve
 from orchestrator.errors import DistillError
 from orchestrator.instruct import targets
 from orchestrator.features import features_of_output, logits_of, split_output
+from orchestrator.lm_features import arrays, split_answer
 
 
 def app_name(run: str, teacher: str) -> str:
@@ -95,7 +96,7 @@ class Teacher:
         """[rows_i, ...] arrays from many callers -> one forward pass -> each caller's rows.
 
         Classifiers return logits [rows, C] (with teachers[].features: {"logits", "features"});
-        causal LMs a tuple (top-k ids, logprobs).
+        causal LMs a tuple (top-k ids, logprobs), + {LAYER: float16 features} with teachers[].features.
         """
         t0 = time.perf_counter()
         x = np.concatenate(batches)
@@ -104,10 +105,9 @@ class Teacher:
         self.metrics["requests"].inc(len(batches), tags=self.tags)
         self.metrics["rows"].inc(len(x), tags=self.tags)
         cuts = np.cumsum([len(b) for b in batches])[:-1]
-        if isinstance(out, tuple) and x.ndim == 3:  # packed LM rows: answers for their loss positions only
-            cuts = np.cumsum(targets(x).sum(axis=1))[cuts - 1]
-        if isinstance(out, tuple):
-            return list(zip(*(np.split(o, cuts) for o in out)))
+        if isinstance(out, tuple):  # LM: packed rows answer for their loss positions only
+            pos_cuts = np.cumsum(targets(x).sum(axis=1))[cuts - 1] if x.ndim == 3 else cuts
+            return split_answer(out, cuts, pos_cuts, self.cfg.get("pool") == "none")
         return split_output(out, cuts)
 
     @property
@@ -175,7 +175,7 @@ class Teacher:
         try:
             out = self._forward(self.probe)
             out = (logits_of(out), *features_of_output(out).values()) if isinstance(out, dict) else out
-            finite = all(np.isfinite(o).all() for o in (out if isinstance(out, tuple) else (out,)))
+            finite = all(np.isfinite(o).all() for o in arrays(out))  # LM features: a dict in the tuple
             self._sick = None if finite else f"teacher '{self.cfg['name']}' produces non-finite outputs"
         except Exception as e:  # noqa: BLE001  (a model that raises on a row it took before is broken)
             self._sick = f"teacher '{self.cfg['name']}': probe failed: {type(e).__name__}: {e}"

@@ -62,7 +62,8 @@ def _inspect(store_uri: str, as_json: bool) -> None:
     for c in info["columns"]:
         print(f"column:     {c}")
     for c, b in (info.get("feature_bytes_per_sample") or {}).items():  # teachers[].features
-        print(f"features:   {c}: {b:,.1f} bytes per sample")
+        per_token = (info.get("feature_bytes_per_token") or {}).get(c)  # task lm: per labeled token too
+        print(f"features:   {c}: {b:,.1f} bytes per sample" + (f", {per_token:,.1f} per token" if per_token else ""))
 
 
 def _run(args, quiet: bool) -> None:

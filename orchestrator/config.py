@@ -83,7 +83,7 @@ class TeacherConfig(_Strict):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)  # Serve's default
     engine: Optional[EngineConfig] = None  # backend vllm only
-    # Intermediate features stored beside the logits (task classification; orchestrator/features.py):
+    # Intermediate features stored beside the logits (orchestrator/features.py; task lm: lm_features.py):
     # hf: hidden-state indices (0 = embeddings); torch (module + state_dict): module names, by forward hook.
     features: list[int | str] = []
     pool: Literal["cls", "mean", "none"] = "mean"  # token-level [B, L, D] features: first token, mean, or kept
@@ -376,8 +376,6 @@ class DistillConfig(_Strict):
             raise ValueError("teachers: backend vllm serves causal LMs: set task: lm")
         if self.train.on_policy is not None:
             _check_on_policy(self)
-        if self.task == "lm" and (t := next((t for t in self.teachers if t.features), None)):
-            raise ValueError(f"teachers: features are stored for task classification only (teacher '{t.name}')")
         return self
 
     @field_validator("teachers")

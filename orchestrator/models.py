@@ -259,17 +259,37 @@ class CausalLMTeacher:
         self.vocab_size = self.model.config.vocab_size
         if k > self.vocab_size:
             raise DistillError(f"lm.k: {k} is larger than teacher '{self.name}' vocabulary ({self.vocab_size})")
+        self.features, self.pool = list(cfg.get("features") or []), cfg.get("pool", "mean")  # forward_features
+        if self.features:
+            from .feature_capture import _check_indices
 
-    def _topk(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple]:
-        """(top-k ids, top-k log-probs, true next token's NLL, the answer's shape): log-softmax and
-        top-k on the device, over chunks of positions (packing.topk_at): only [.., k] ids and
-        log-probs cross to the host, and no [N, V] logits of a whole large batch are held."""
+            _check_indices(self.name, self.features, self.model.config.num_hidden_layers)
+
+    def _topk(self, rows: np.ndarray, keep: list[int] | None = None) -> tuple:
+        """(top-k ids, top-k log-probs, true next token's NLL, the answer's shape[, {index: hidden
+        [B, L, D]}, sel, windows]): log-softmax and top-k on the device, over chunks of positions
+        (packing.topk_at): only [.., k] ids and log-probs cross to the host, and no [N, V] logits
+        of a whole large batch are held. keep: the hidden-state indices of teachers[].features."""
         x = torch.from_numpy(np.array(rows, dtype=np.int64)).to(self.device)
         ids, kwargs, sel = split_rows(x)
         if x.dim() == 3:
             check_packing(self.model, f"teacher '{self.name}'")
         shape = (ids.shape[0], ids.shape[1] - 1) if x.dim() == 2 else (-1,)
-        return (*topk_at(self.model, ids, kwargs, sel, self.k, ids[:, 1:][sel]), shape)
+        if not keep:
+            return (*topk_at(self.model, ids, kwargs, sel, self.k, ids[:, 1:][sel]), shape)
+        got, hidden = topk_at(self.model, ids, kwargs, sel, self.k, ids[:, 1:][sel], keep)
+        return (*got, shape, hidden, sel, x.dim() == 2)
+
+    @torch.inference_mode()
+    def forward_features(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """``__call__``'s (top-k ids, log-probs) + {LAYER: float16 features} from the same forward
+        pass, kept at the positions the store labels (orchestrator/lm_features.py)."""
+        from .lm_features import keep_positions
+
+        top_ids, top_lps, _, shape, hidden, sel, windows = self._topk(rows, self.features)
+        feats = {str(i): keep_positions(hidden[i], sel, self.pool, windows).cpu().numpy() for i in self.features}
+        return (top_ids.int().reshape(*shape, self.k).cpu().numpy(),
+                top_lps.reshape(*shape, self.k).cpu().numpy(), feats)
 
     @torch.inference_mode()
     def __call__(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

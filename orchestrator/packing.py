@@ -67,17 +67,23 @@ CHUNK_ELEMENTS = 2**26
 
 
 def topk_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor, k: int,
-            labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            labels: torch.Tensor, keep: list[int] | None = None) -> tuple:
     """(inference) -> the top-k next-token ids [N, k] and log-probs [N, k] (float32, T=1) at the N
     selected positions, and the NLL [N] of `labels` [N] there, with at most CHUNK_ELEMENTS
-    logits alive at a time (when the head is plain; else the model's [N, V] logits once)."""
+    logits alive at a time (when the head is plain; else the model's [N, V] logits once).
+    keep (teachers[].features): -> (those three, {index: hidden state [B, L, D]}) from the same pass."""
+    hs = {"output_hidden_states": True} if keep else {}
     if _head_is_plain(model):
-        hidden = model.base_model(input_ids=ids, **kwargs).last_hidden_state[:, :-1][sel]  # [N, H]
+        out = model.base_model(input_ids=ids, **kwargs, **hs)
+        hidden = out.last_hidden_state[:, :-1][sel]  # [N, H]
         head = model.get_output_embeddings()
         vocab = head.weight.shape[0]
     else:
-        hidden, head = model(input_ids=ids, **kwargs).logits[:, :-1][sel], (lambda h: h)
+        out = model(input_ids=ids, **kwargs, **hs)
+        hidden, head = out.logits[:, :-1][sel], (lambda h: h)
         vocab = hidden.shape[-1]
+    states = {i: out.hidden_states[i] for i in keep} if keep else None
+    del out  # the full hidden-state tuple: only the kept indices live on
     step, parts = max(1, CHUNK_ELEMENTS // vocab), []
     for a in range(0, len(hidden), step):
         logp = torch.log_softmax(head(hidden[a:a + step]).float(), dim=-1)
@@ -86,9 +92,11 @@ def topk_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor, k: int,
         del logp  # before the next chunk's logits exist: one chunk's [c, V] at a time
     if not parts:  # no selected position
         dev = hidden.device
-        return (torch.zeros((0, k), dtype=torch.long, device=dev), torch.zeros((0, k), device=dev),
-                torch.zeros(0, device=dev))
-    return tuple(torch.cat(p) for p in zip(*parts))
+        got = (torch.zeros((0, k), dtype=torch.long, device=dev), torch.zeros((0, k), device=dev),
+               torch.zeros(0, device=dev))
+    else:
+        got = tuple(torch.cat(p) for p in zip(*parts))
+    return (got, states) if keep else got
 
 
 def logits_at(model, ids: torch.Tensor, kwargs: dict, sel: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,10 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
         _check_student_source(cfg)
     tok_dir = check_vocabulary(cfg)
     tokenizer = load_tokenizer(tok_dir)
+    if cfg.train.extra_losses:  # before labeling: terms the LM step computes, on layers the student has
+        from .lm_extra_terms import check_lm_terms
+
+        check_lm_terms(cfg)
     if d.format != "text":
         return _instruction_split(cfg, tokenizer, tok_dir)
     texts = load_text(d.source, d.text, d.limit)

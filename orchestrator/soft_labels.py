@@ -13,6 +13,7 @@ from . import codec
 from .ensemble import ensemble_dense, ensemble_topk, teacher_disagreement, teacher_disagreement_topk
 from .features import encode_features, features_of_output, logits_of, split_features
 from .instruct import rows_of, targets
+from .lm_features import encode_lm_features, split_lm_features
 from .store import (SOFT_COLUMN, SOFT_REF_KEY, SOFT_TOPK, decode_teachers, encode_dense, encode_topk, stored_topk, teacher_column,
                     topk_columns)
 
@@ -38,7 +39,8 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
         outputs: per teacher name (any order: they are taken in the manifest's teacher order,
             so the shard's columns and the ensemble's sums never depend on the caller's order):
             dense logits [B, C] (or {"logits", "features"} for a teacher with features: see
-            orchestrator/features.py), or top-k (ids [B, P, k], logprobs [B, P, k]) for an LM store.
+            orchestrator/features.py), or top-k (ids [B, P, k], logprobs [B, P, k]) for an LM store
+            (+ {layer: float16 features} with teachers[].features: orchestrator/lm_features.py).
         manifest: the store manifest (label_kind, k, ensemble, lm.vocab_size).
     Returns:
         (table, stats) with stats = mean teacher disagreement (JSD), mean top-k tail mass of the
@@ -49,6 +51,9 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
     # teachers[].features: stored after every label column, in the manifest's teacher order
     feats = {n: features_of_output(o) for n, o in outputs.items() if features_of_output(o)}
     outputs = {n: logits_of(o) for n, o in outputs.items()}
+    if manifest["label_kind"] == "topk":  # LM teachers with features answer (ids, logprobs, {layer: features})
+        feats = {n: o[2] for n, o in outputs.items() if len(o) == 3}
+        outputs = {n: tuple(o[:2]) for n, o in outputs.items()}
     # Ensemble exactly what the store keeps (float32 logits; top-k through the codec), so that
     # re-ensembling stored outputs reproduces a freshly labeled shard bit for bit: the stored
     # codes go back unchanged, and the ensemble sees their decoded values either way.
@@ -88,7 +93,8 @@ def build_shard(inputs: pa.Table, outputs: dict, manifest: dict) -> tuple[pa.Tab
         labels = {**coded, SOFT_TOPK: (s_ids, s_lps)}
     stats = {"disagreement": float(teacher_disagreement_topk(ids, lps, ens["temperature"]).mean()),
              "tail_mass": float(tail.mean()), "tokens": int(ids.shape[1])}
-    return encode_topk(inputs, labels, vocab, soft_same_as=soft_same_as(manifest, list(outputs)), counts=counts), stats
+    table = encode_topk(inputs, labels, vocab, soft_same_as=soft_same_as(manifest, list(outputs)), counts=counts)
+    return encode_lm_features(table, feats, manifest["teachers"], counts) if feats else table, stats
 
 
 def stored_outputs(shard: pa.Table, manifest: dict) -> tuple[pa.Table, dict]:
@@ -98,6 +104,8 @@ def stored_outputs(shard: pa.Table, manifest: dict) -> tuple[pa.Table, dict]:
     if manifest["label_kind"] == "topk":
         outputs = {n: stored_topk(shard, n, manifest["k"]) for n in names}
         labels = [c for n in [*names, SOFT_TOPK] for c in topk_columns(n)]
+        shard, feats = split_lm_features(shard, manifest["teachers"])  # teachers[].features, as stored
+        outputs.update({n: (*outputs[n], f) for n, f in feats.items()})
     else:
         outputs = dict(zip(names, decode_teachers(shard, names)))
         labels = [*(teacher_column(n) for n in names), SOFT_COLUMN]

@@ -200,7 +200,8 @@ class LabelStore:
             return pq.ParquetFile(f).read_row_group(i)
 
     def write_shard(self, i: int, table: pa.Table, generation: int | None = None) -> ShardInfo:
-        data = _table_bytes(table, **shard_write_options(table), **feature_write_options(table))  # features: never both
+        # LM shards: the top-k options (zstd, no dictionary, byte-stream split) cover feature columns too
+        data = _table_bytes(table, **(shard_write_options(table) or feature_write_options(table)))
         info = ShardInfo(rows=table.num_rows, bytes=data.size, checksum=checksum(data))
         self._write_atomic(self.shard_path(i, generation), data)
         self._write_atomic(self._sidecar(i, generation), json.dumps(info.__dict__).encode())
@@ -342,13 +343,17 @@ class LabelStore:
     def summary(self) -> dict:
         m = self.manifest or self.load_manifest()
         shards = m["shards"].values()
-        schema = feature_bytes = None
+        schema = feature_bytes = token_bytes = None
         if m["shards"]:
             first = int(min(m["shards"], key=int))
             with self.fs.open_input_file(self.shard_path(first)) as f:
                 pf = pq.ParquetFile(f)
                 schema = pf.schema_arrow
                 feature_bytes = feature_bytes_per_sample(pf.metadata)  # teachers[].features (first shard)
+                if m["label_kind"] == "topk" and feature_bytes:  # task lm: per labeled token too
+                    from .lm_features import feature_bytes_per_token
+
+                    token_bytes = feature_bytes_per_token(pf, m["lm"]["max_len"])
         return {
             "store": self.uri,
             "rows": sum(s["rows"] for s in shards),
@@ -364,6 +369,7 @@ class LabelStore:
             "bytes_per_token": self.bytes_per_token(),
             "soft_same_as": soft_same_as(schema) if schema is not None else None,
             **({"feature_bytes_per_sample": feature_bytes} if feature_bytes else {}),
+            **({"feature_bytes_per_token": token_bytes} if token_bytes else {}),
         }
 
 

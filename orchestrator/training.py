@@ -88,9 +88,13 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         loop_cfg["on_policy"] = on_policy
     if extra_losses:  # checked against the stored feature shapes; their columns join the train read
         from .extra_terms import plan_terms
+        from .lm_extra_terms import plan_lm_terms
 
-        loop_cfg["extra_terms"] = plan_terms(cfg, store, extra_losses, spec, features_of(prep.train.slice(0, 1)).shape[1])
-        columns += list(dict.fromkeys(p["column"] for r in loop_cfg["extra_terms"] for p in r["parts"]))
+        loop_cfg["extra_terms"] = plan_lm_terms(cfg, store, extra_losses) if cfg.task == "lm" else \
+            plan_terms(cfg, store, extra_losses, spec, features_of(prep.train.slice(0, 1)).shape[1])
+        feats = list(dict.fromkeys(p["column"] for r in loop_cfg["extra_terms"] for p in r["parts"]))
+        at = len(columns) - 2 if cfg.task == "lm" else len(columns)  # LM: the top-k columns stay last (LMBatch)
+        columns[at:at] = feats
         for r in loop_cfg["extra_terms"]:
             log.info("train: %s extra term %s", name, r["label"])
     if hooks := os.environ.get(TEST_HOOKS_ENV):  # TEST ONLY, see TEST_HOOKS_ENV

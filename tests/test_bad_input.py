@@ -25,7 +25,7 @@ from orchestrator.cli import main
 from orchestrator.datasets import features_of
 from orchestrator.store import LabelStore
 from tests.helpers import InfTeacher, NaNTeacher, save_script, tiny_config, train_tiny, write_yaml
-from tests.helpers_lm import corpus, lm_config, make_lm, make_tokenizer, make_untrained_lm_setup
+from tests.helpers_lm import corpus, lm_config, make_lm, make_tokenizer, make_untrained_lm_setup, write_instruct_files
 
 # Every case is checked against a store that real Ray labeled (the `good` fixture).
 pytestmark = pytest.mark.slow
@@ -333,6 +333,50 @@ def _texts(tmp: Path, texts: list[str]) -> dict:
 )
 def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
     _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)
+
+
+_LM_HINT = {"kind": "hint", "teacher": "large", "teacher_layer": 2, "student_layer": 1}
+
+
+def _lm_features(pool: str = "none", **term):
+    """teachers 'large' (2 layers) captures hidden state 2; one train.extra_losses term on it."""
+    def change(c: dict, t: Path) -> None:
+        c["teachers"][1].update(features=[2], pool=pool)
+        c["train"]["extra_losses"] = [{**_LM_HINT, **term}]
+    return change
+
+
+def _lm_on_policy(c: dict, t: Path) -> None:
+    train, test = write_instruct_files(t)
+    c["dataset"] = {"source": str(train), "test_source": str(test), "format": "prompt_response"}
+    c["train"]["on_policy"] = {"fraction": 0.5}
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda c, t: c["teachers"][0].update(features=[5]),
+         r"teacher 'small': features index 5 out of range: the model has 2 hidden states \(0 = embeddings \.\. 1\)"),
+        (lambda c, t: c["teachers"][0].update(backend="vllm", features=[1]),
+         r"teachers\.0: features: backend vllm returns no intermediate features \(teacher 'small'\); remove them"),
+        (_lm_features(kind="attention"), r"train\.extra_losses\.0\.kind: attention transfer is for task classification; "
+                                         r"task lm takes hint, or rkd_distance / rkd_angle / similarity over pooled"),
+        (_lm_features(kind="rkd_distance"), r"train\.extra_losses\.0\.kind: rkd_distance relates samples: task lm needs one "
+                                            r"vector per sequence, but teacher 'large' has pool none; set its "
+                                            r"teachers\[\]\.pool to mean or cls, or use kind hint"),
+        (_lm_features(student_layer=3), r"train\.extra_losses\.0\.student_layer: index 3 out of range: the student has "
+                                        r"2 hidden states \(0 = embeddings \.\. 1\)"),
+        (lambda c, t: (_lm_features()(c, t), _lm_on_policy(c, t)),
+         r"train\.extra_losses: not with train\.on_policy \(the student's sampled sequences have no stored teacher "
+         r"features\); remove one of them"),
+    ],
+    ids=["lm-features-index-out-of-range", "lm-features-on-vllm", "lm-extra-loss-attention", "lm-extra-loss-relation-per-token",
+         "lm-extra-loss-student-layer-out-of-range", "lm-extra-loss-with-on-policy"],
+)
+def test_lm_feature_errors(good, lm_files, tmp_path, capsys, change, expect):
+    cfg = _lm_like_good(good, lm_files, tmp_path)
+    change(cfg, tmp_path)
+    _check(capsys, good, tmp_path, cfg, expect)
 
 
 def _pairs(tmp: Path, fmt: str, rows: list[dict], **keys) -> dict:
