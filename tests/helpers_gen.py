@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
 
 from tests.helpers_lm import corpus, fit_and_save, instruct_rows, make_tokenizer, tiny_llama, write_instruct_files
@@ -33,3 +34,12 @@ def make_gen_setup(root: Path, steps: int = 60) -> dict:
     train, test = write_instruct_files(root)
     return {"teachers": teachers, "student_config": root / "student.json", "tokenizer": root / "tokenizer",
             "train": train, "test": test}
+
+
+def written_samples(out: Path) -> dict[str, dict]:
+    """Every sample a `distill generate` run wrote under `out`, by sample_id; fails if one is there
+    twice (exactly-once per (prompt, teacher, sample index))."""
+    rows = [r for p in sorted((out / "parts").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    ids = [r["sample_id"] for r in rows]
+    assert len(ids) == len(set(ids)), "a (prompt, teacher, sample) written twice"
+    return {r["sample_id"]: r for r in rows}

@@ -23,6 +23,7 @@ from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.store import LabelStore
 from tests.helpers import write_yaml
+from tests.helpers_gen import written_samples
 from tests.helpers_lm import lm_config
 from tests.test_faults import _descendants, _wait_for, _wait_gone
 
@@ -45,13 +46,6 @@ def _config(tmp: Path, setup: dict, **generate) -> dict:
     cfg["eval"] = {"baseline": False, "sample_max_new_tokens": 0}  # teacher_nll_of_samples: tests/test_seqkd.py
     return cfg
 
-
-def _parts(out: Path) -> dict[str, dict]:
-    """Every written sample by sample_id; fails if one is there twice."""
-    rows = [r for p in sorted((out / "parts").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    ids = [r["sample_id"] for r in rows]
-    assert len(ids) == len(set(ids)), "a (prompt, teacher, sample) written twice"
-    return {r["sample_id"]: r for r in rows}
 
 
 def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, capsys):
@@ -77,10 +71,10 @@ def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, 
     assert f"next: distill run {path} dataset.source={out / 'generated.parquet'}" in said, said
     assert not list(out.rglob("*.tmp"))
     assert all(p.stat().st_mtime_ns == t for p, t in first.items()), "a finished part was written again"
-    resumed = _parts(out)
+    resumed = written_samples(out)
     ref_out = tmp_path / "ref"
     assert main(["generate", str(path), "-q", f"generate.output={ref_out}"]) == 0  # uninterrupted, same seed
-    assert resumed == _parts(ref_out)
+    assert resumed == written_samples(ref_out)
     assert (out / "generated.parquet").read_bytes() == (ref_out / "generated.parquet").read_bytes()
 
     # The parts: 36 prompts x 2 teachers x n, each sample as its own teacher wrote and scored it.
@@ -112,7 +106,7 @@ def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, 
     again = json.loads((out / "generate.json").read_text())["curation"]
     per_prompt = pq.read_table(out / "generated.parquet").column("prompt_id").to_pylist()
     assert len(per_prompt) == len(set(per_prompt)) == again["kept"] <= summary["kept"]
-    assert _parts(out) == resumed
+    assert written_samples(out) == resumed
 
     # A different seed writes elsewhere, or is refused here.
     assert main(["generate", str(path), "-q", "generate.seed=4"]) == 2

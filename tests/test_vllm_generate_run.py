@@ -34,7 +34,7 @@ from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.generation import sample
 from tests.helpers import write_yaml
-from tests.helpers_gen import _instruct_lm
+from tests.helpers_gen import _instruct_lm, written_samples
 from tests.helpers_lm import corpus, instruct_rows, lm_config, make_tokenizer
 from tests.test_vllm_teacher import vllm_installed  # noqa: F401  (fixture)
 
@@ -93,12 +93,6 @@ def _config(tmp: Path, setup: dict) -> dict:
     return cfg
 
 
-def _parts(out: Path) -> dict[str, dict]:
-    rows = [r for p in sorted((out / "parts").rglob("*.parquet")) for r in pq.read_table(p).to_pylist()]
-    ids = [r["sample_id"] for r in rows]
-    assert len(ids) == len(set(ids)), "a (prompt, teacher, sample) written twice"
-    return {r["sample_id"]: r for r in rows}
-
 
 def _hf_nll(path: Path, prompt: list[int], answer: list[int]) -> np.ndarray:
     """The hf backend's NLL of `answer` after `prompt`, in this process: [len(answer)]."""
@@ -124,7 +118,7 @@ def test_generate_and_sample_eval_through_a_vllm_teacher_on_serve(setup, ray_loc
     path = write_yaml(tmp_path / "c.yaml", cfg)
     out = Path(cfg["output_dir"]) / "vgen" / "generated"
     assert main(["generate", str(path), "-q"]) == 0
-    parts = _parts(out)
+    parts = written_samples(out)
     assert len(parts) == PROMPTS * 2 * N
 
     # Every sample: end token kept and only at the end; own NLL (the writer's sampling log-probs)
@@ -176,7 +170,7 @@ def _later_commands(setup, cfg, path, out, parts, handle, tmp_path):
     path = write_yaml(tmp_path / "attached.yaml", cfg)  # the same teachers to generate.json's identity
     assert main(["generate", str(path), "-q"]) == 0
     assert all(p.exists() for p in gone) and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
-    again = _parts(out)
+    again = written_samples(out)
     assert again.keys() == parts.keys()
     for sid, r in again.items():
         assert r["response_ids"] == parts[sid]["response_ids"] and r["finished"] == parts[sid]["finished"], sid
