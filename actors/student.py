@@ -178,7 +178,7 @@ def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None, head=None):
     # Packed rows: position ids restart per example, which keeps attention within it (and the
     # cache off, without which transformers would not look for packed sequences).
     kwargs = {"position_ids": batch["position_ids"].long(), "use_cache": False} if "position_ids" in batch else {}
-    if head is not None:  # fused: no [B, L, V] (nor [N, V]) logits
+    if head is not None and terms is None:  # fused: no [B, L, V] (nor [N, V]) logits (plan: never with terms)
         hidden = head.hidden(model, x, kwargs, sel)  # [N, H]
         dev = hidden.device
         return head.loss(loss_fn, hidden, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel]), int(sel.sum())
