@@ -33,6 +33,7 @@ from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer
                                 prepare, save_and_report)
 from orchestrator.cls_students import cls_logits
 from orchestrator.extra_terms import ExtraTerms
+from orchestrator.fused_head import plan as plan_fused_head
 from orchestrator.lm_extra_terms import LMExtraTerms, feature_shapes
 from orchestrator.losses import build_loss, build_topk_loss
 from orchestrator.models import build_student, check_packing
@@ -164,10 +165,12 @@ def _classifier_step(model, loss_fn, batch: dict, config: dict, terms: ExtraTerm
     return loss_fn(logits, target, y), len(y)
 
 
-def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None):
+def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None, head=None):
     """Rows [B, L]: at each position that carries loss (all of a text window's; a packed
     instruction row's response tokens), its logits vs the top-k target for the next token
-    (+ train.extra_losses from the same forward: orchestrator/lm_extra_terms.py)."""
+    (+ train.extra_losses from the same forward: orchestrator/lm_extra_terms.py).
+    head (orchestrator/fused_head.py FusedHead): the head + loss over those positions' hidden
+    states in chunks, without the model's [B, L, V] logits; None: from the full logits."""
     x, sel = batch["input_ids"].long(), batch["sel"]
     cpu_sel = sel.cpu()  # the codec is numpy
     target_ids, target_lps = decode_targets(batch["gaps"].cpu()[cpu_sel], batch["codes"].cpu()[cpu_sel], config["k"])
@@ -175,6 +178,10 @@ def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None):
     # Packed rows: position ids restart per example, which keeps attention within it (and the
     # cache off, without which transformers would not look for packed sequences).
     kwargs = {"position_ids": batch["position_ids"].long(), "use_cache": False} if "position_ids" in batch else {}
+    if head is not None and terms is None:  # fused: no [B, L, V] (nor [N, V]) logits (plan: never with terms)
+        hidden = head.hidden(model, x, kwargs, sel)  # [N, H]
+        dev = hidden.device
+        return head.loss(loss_fn, hidden, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel]), int(sel.sum())
     if terms is not None:  # the same forward also yields the hidden states the terms read
         logits, extra = terms.lm_step(model, x, kwargs, sel, batch)
     else:
@@ -213,6 +220,8 @@ def train_loop(config: dict) -> None:
             terms.load_state_dict(state["extra_terms"])
     if "position_ids" in config.get("columns", []):  # packed instruction rows: examples must stay apart
         check_packing(model, "the student")
+    head = plan_fused_head(model, config.get("strategy", "ddp"), terms is not None, ctx.get_world_rank() == 0) \
+        if config["task"] == "lm" else None  # the LM step's head + loss without the full logits, when it may
     model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
     # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
     opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms else [])], lr=config["lr"],
@@ -285,7 +294,7 @@ def train_loop(config: dict) -> None:
                     if (step_fn := on_policy.step_for(epoch, micro - 1)) is not None:  # train.on_policy
                         loss, n = step_fn(model, loss_fn, batch, config)
                     else:
-                        loss, n = _lm_step(model, loss_fn, batch, config, terms) if lm else \
+                        loss, n = _lm_step(model, loss_fn, batch, config, terms, head) if lm else \
                             _classifier_step(model, loss_fn, batch, config, terms)
                 (loss / accum).backward()
             seen, total = seen + n, total + loss.item() * n
