@@ -45,7 +45,7 @@ def labeled(ray_local, tmp_path_factory):
     raw = lm_config(root, setup, run={"name": "lmfeat"}, lm={"max_len": 64, "k": K},
                     dataset={"source": str(train), "test_source": str(test), "format": "prompt_response"},
                     train={"epochs": 2, "batch_size": 2, "extra_losses": TERMS, "checkpoint_every": EVERY,
-                           "max_failures": 1},
+                           "max_failures": 1, "grad_clip": 0.5},  # one norm over student + projections
                     eval={"baseline": False, "sample_max_new_tokens": 0})
     raw["teachers"][0].update(features=[1], pool="mean")  # 'small': 1 layer, hidden 32
     raw["teachers"][1].update(features=[2], pool="none")  # 'large': 2 layers, hidden 48
