@@ -191,10 +191,19 @@ def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None, head=None):
     return (loss if extra is None else loss + extra), int(sel.sum())
 
 
-def _optimiser_step(model, opt, sched, grad_clip: float | None) -> None:
-    if grad_clip is not None:  # FSDP's own clip_grad_norm_ takes the norm over every rank's shards
-        clip = getattr(model, "clip_grad_norm_", None) or functools.partial(torch.nn.utils.clip_grad_norm_, model.parameters())
-        clip(grad_clip)
+def _optimiser_step(model, opt, sched, grad_clip: float | None, terms=None) -> None:
+    """One optimiser step. ``terms`` (train.extra_losses): the projections' gradients are averaged
+    over the workers first (DDP has averaged the student's in backward), so that grad_clip takes one
+    norm over student + projections from the gradients every rank then applies alike."""
+    if terms is not None:
+        terms.sync_grads()
+    if grad_clip is not None:
+        fsdp_clip = getattr(model, "clip_grad_norm_", None)  # FSDP's own: the norm over every rank's shards
+        if fsdp_clip is not None:  # (train.extra_losses are refused with fsdp: no projections outside it)
+            fsdp_clip(grad_clip)
+        else:
+            torch.nn.utils.clip_grad_norm_([*model.parameters(), *(terms.parameters() if terms is not None else [])],
+                                           grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
@@ -226,8 +235,6 @@ def train_loop(config: dict) -> None:
     # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
     opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms else [])], lr=config["lr"],
                             weight_decay=config["weight_decay"])
-    if terms is not None:  # the projections' gradients, averaged over the workers before every step
-        opt.register_step_pre_hook(terms.sync_grads)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
         lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
         schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))
@@ -300,7 +307,7 @@ def train_loop(config: dict) -> None:
             seen, total = seen + n, total + loss.item() * n
             live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
             if step_now:
-                _optimiser_step(model, opt, sched, config["grad_clip"])
+                _optimiser_step(model, opt, sched, config["grad_clip"], terms)
                 steps += 1
                 if max_steps is not None and done_steps + steps >= max_steps:
                     break
@@ -318,7 +325,7 @@ def train_loop(config: dict) -> None:
                     checkpoint_now(metrics, epoch, partial)
                     partial = None
         if micro % accum:  # an epoch's last, partial accumulation still makes a step
-            _optimiser_step(model, opt, sched, config["grad_clip"])
+            _optimiser_step(model, opt, sched, config["grad_clip"], terms)
             steps += 1
         done_steps += steps
         elapsed = spent + time.perf_counter() - t0

@@ -235,9 +235,10 @@ class ExtraTerms(nn.Module):
         self._sums, self._count = [0.0] * len(self.resolved), 0
         return out
 
-    def sync_grads(self, *_hook_args) -> None:
-        """Average the projections' gradients over the workers before an optimiser step (DDP does
-        this for the student's; these parameters live outside its wrapper)."""
+    def sync_grads(self) -> None:
+        """Average the projections' gradients over the workers before an optimiser step and its
+        grad_clip (actors/student.py; DDP does this for the student's in backward; these parameters
+        live outside its wrapper)."""
         params = list(self.parameters())
         if not params or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return

@@ -141,3 +141,13 @@ def test_relation_terms_take_pooled_features(tmp_path, lm_files):
     check_lm_terms(cfg)
     (r,) = resolve_lm_terms(cfg, cfg.train.extra_losses, {"feat__small__1": [32]})
     assert r["parts"][0]["pool"] == "mean" and r["label"] == "rkd_angle x1: small/1 -> student hidden state 1"
+
+
+def test_fsdp_is_refused(tmp_path, lm_files):
+    """The projections live outside FSDP's wrapper, its checkpoint and its grad_clip norm
+    (actors/student.py _optimiser_step clips them only beside an unsharded student)."""
+    raw = lm_config(tmp_path, lm_files)
+    raw["teachers"][0].update(features=[1], pool="none")
+    raw["train"].update(strategy="fsdp", extra_losses=[_term()])
+    with pytest.raises(DistillError, match=r"^train\.extra_losses: not supported with train\.strategy fsdp; use ddp$"):
+        check_lm_terms(config_from_dict(raw))

@@ -1,10 +1,13 @@
-"""LM teacher features end to end on real Ray / Serve / Train, on packed instruction rows: a Serve
-teacher's hidden state stored per response token (float16, aligned with its top-k), `distill
-inspect`'s bytes per token, an LM student trained with a hint term on Ray Train (2 workers), and
-an export that loads with transformers and holds no projection weights."""
+"""LM teacher features end to end on real Ray / Serve / Train, on packed instruction rows: Serve
+teachers' hidden states stored per response token (float16, aligned with the top-k), mean-pooled
+and cls-pooled per row; `distill inspect`'s bytes per token; an LM student trained with hint terms
+(per token and on cls features) and a similarity term (mean features) on Ray Train (2 workers),
+killed mid-run and resumed with the projections' saved state; an export that loads with
+transformers and holds no projection weights."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,19 @@ from orchestrator.instruct import rows_of, targets
 from orchestrator.lm_features import decode_lm_feature
 from orchestrator.models import CausalLMTeacher
 from orchestrator.store import LabelStore, topk_columns
+from orchestrator.training import TEST_HOOKS_ENV
 from tests.helpers_lm import lm_config, make_untrained_lm_setup, write_instruct_files
 
 pytestmark = pytest.mark.slow
 K = 8
-TERM = {"kind": "hint", "weight": 0.5, "teacher": "large", "teacher_layer": 2, "student_layer": 1}
+TERMS = [{"kind": "hint", "weight": 0.5, "teacher": "large", "teacher_layer": 2, "student_layer": 1},  # pool none
+         {"kind": "similarity", "teacher": "small", "teacher_layer": 1, "student_layer": 1},  # pool mean
+         {"kind": "hint", "weight": 0.5, "distance": "cosine", "teacher": "large_cls", "teacher_layer": 2,
+          "student_layer": 0}]  # pool cls
+LABELS = ["hint x0.5: large/2 -> student hidden state 1, projection 16->48",
+          "similarity x1: small/1 -> student hidden state 1",
+          "hint x0.5: large_cls/2 -> student hidden state 0, projection 16->48"]
+EVERY = 3  # train.checkpoint_every (not a divisor of the steps per epoch: the last two checkpoints differ)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +44,12 @@ def labeled(ray_local, tmp_path_factory):
     train, test = write_instruct_files(root)
     raw = lm_config(root, setup, run={"name": "lmfeat"}, lm={"max_len": 64, "k": K},
                     dataset={"source": str(train), "test_source": str(test), "format": "prompt_response"},
-                    train={"epochs": 1, "max_steps": 4, "batch_size": 4, "extra_losses": [TERM]},
+                    train={"epochs": 2, "batch_size": 2, "extra_losses": TERMS, "checkpoint_every": EVERY,
+                           "max_failures": 1, "grad_clip": 0.5},  # one norm over student + projections
                     eval={"baseline": False, "sample_max_new_tokens": 0})
+    raw["teachers"][0].update(features=[1], pool="mean")  # 'small': 1 layer, hidden 32
     raw["teachers"][1].update(features=[2], pool="none")  # 'large': 2 layers, hidden 48
+    raw["teachers"].append({**raw["teachers"][1], "name": "large_cls", "pool": "cls"})  # the same model, cls-pooled
     cfg = config_from_dict(raw)
     pipeline.label(cfg, pipeline.prepare(cfg))
     return raw, cfg
@@ -56,7 +70,6 @@ def test_features_are_the_teachers_hidden_state_at_the_stored_positions(labeled,
     teacher = CausalLMTeacher({**raw["teachers"][1], "features": [2], "pool": "none"}, K)
     _, _, want = teacher.forward_features(rows_of(table))  # the same model, here instead of on Serve
     np.testing.assert_allclose(stored.astype(np.float32), want["2"].astype(np.float32), atol=1e-2, rtol=1e-2)
-    assert "feat__small__2" not in table.column_names  # 'small' captures nothing
     capsys.readouterr()
     assert main(["inspect", cfg.store_path]) == 0  # the text lines a user reads
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("features:   feat__large__2"))
@@ -69,24 +82,71 @@ def test_features_are_the_teachers_hidden_state_at_the_stored_positions(labeled,
     assert 0 < per_token <= 2 * 48 + 8  # float16 (zstd), a few bytes of list overhead at most
 
 
-def test_trains_with_a_hint_term_and_exports_without_the_projection(labeled):
-    from safetensors import safe_open
+def test_pooled_features_are_the_teachers_mean_and_first_position(labeled):
+    """pool mean: the mean of the teacher's per-token hidden state over each row's labeled positions
+    (computed here from its per-token features); pool cls: its hidden state at position 0, which a
+    causal model computes from the row's first token alone (computed here with transformers)."""
     from transformers import AutoModelForCausalLM
 
-    _, cfg = labeled
+    raw, cfg = labeled
     store = LabelStore(cfg.store_path)
+    store.load_manifest()
+    table = pq.ParquetFile(store.shard_paths()[0]).read()
+    rows = rows_of(table)
+    counts = targets(rows).sum(1)
+    mean = decode_lm_feature(table, "small", 1)
+    assert mean.dtype == np.float16 and mean.shape == (len(rows), 32)  # one vector per row
+    _, _, per_token = CausalLMTeacher({**raw["teachers"][0], "pool": "none"}, K).forward_features(rows)
+    want = np.stack([t.mean(0) for t in np.split(per_token["1"].astype(np.float32), np.cumsum(counts)[:-1])])
+    np.testing.assert_allclose(mean.astype(np.float32), want, atol=1e-2, rtol=1e-2)
+    cls = decode_lm_feature(table, "large_cls", 2)
+    assert cls.dtype == np.float16 and cls.shape == (len(rows), 48)
+    model = AutoModelForCausalLM.from_pretrained(raw["teachers"][1]["path"], local_files_only=True)
+    with torch.no_grad():
+        first = model(input_ids=torch.from_numpy(rows[:, 0, :1]).long(), output_hidden_states=True).hidden_states[2]
+    np.testing.assert_allclose(cls.astype(np.float32), first[:, 0].numpy(), atol=1e-2, rtol=1e-2)
+
+
+def _train(labeled, out, monkeypatch, **hooks):
+    raw, first = labeled
+    cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": str(first.store_path)}})
+    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
+    store = LabelStore(str(cfg.store_path))
     store.load_manifest()
     state = pipeline.train(cfg, pipeline.prepare(cfg), store, "student", cfg.train.loss, cfg.train.alpha,
                            extra_losses=cfg.train.extra_losses)
-    (h,) = state["history"]
-    label = "hint x0.5: large/2 -> student hidden state 1, projection 16->48"
-    assert list(h["extra_losses"]) == [label] and 0 < h["extra_losses"][label] < 100, h
-    assert "extra_terms" not in state  # the students/ state file holds the student only
-    (ckpt,) = sorted((cfg.run_dir / "train").glob("student-*/checkpoint_*/state.pt"))[-1:]
-    proj = torch.load(ckpt, weights_only=False)["extra_terms"]
-    assert proj["losses.0.0.loss.proj.weight"].shape == (48, 16)  # student width 16 -> the teacher's 48
-    model = AutoModelForCausalLM.from_pretrained(state["export"], local_files_only=True)
-    export = Path(state["export"])
+    kept = sorted((cfg.run_dir / "train").glob("student-*/checkpoint_*/state.pt"), key=os.path.getmtime)
+    return state, [torch.load(p, weights_only=False) for p in kept]  # the last 2 kept, oldest first
+
+
+def test_trains_resumes_with_the_projections_and_exports_without_them(labeled, tmp_path, monkeypatch):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    ref, kept = _train(labeled, tmp_path / "ref", monkeypatch)
+    for h in ref["history"]:  # every term live and finite, each epoch
+        assert list(h["extra_losses"]) == LABELS and all(0 < v < 100 for v in h["extra_losses"].values()), h
+    assert "extra_terms" not in ref  # the students/ state file holds the student only
+    before, proj = kept[-2]["extra_terms"], kept[-1]["extra_terms"]
+    assert {k: tuple(v.shape) for k, v in proj.items()} == {  # student width 16 -> the teacher's 48, the hints only
+        "losses.0.0.loss.proj.weight": (48, 16), "losses.0.0.loss.proj.bias": (48,),
+        "losses.2.0.loss.proj.weight": (48, 16), "losses.2.0.loss.proj.bias": (48,)}
+    for name in proj:  # an earlier checkpoint's projections differ: they train
+        assert not torch.allclose(before[name], proj[name]), name
+
+    # a worker killed mid-epoch 1 (past a checkpoint of that epoch), restored by Ray Train: the
+    # same end, projections included (fresh ones after the restore would have ended elsewhere)
+    steps = ref["history"][0]["steps"]
+    assert steps > 2 * EVERY and steps % EVERY, ref["history"]
+    res, kept = _train(labeled, tmp_path / "killed", monkeypatch, kill_at_step=steps + EVERY + 1, kill_rank=1)
+    assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] in (0, 1), res["resumed_at"]
+    for name, want in ref["model"].items():
+        assert torch.allclose(res["model"][name], want, rtol=1e-5, atol=1e-6), name
+    for name, want in proj.items():
+        assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-5, atol=1e-6), name
+
+    model = AutoModelForCausalLM.from_pretrained(ref["export"], local_files_only=True)
+    export = Path(ref["export"])
     names = [k for f in sorted(export.glob("*.safetensors")) for k in safe_open(str(f), "pt").keys()]
     assert names and not [k for k in names if k.startswith("losses") or ".loss." in k]  # no projection
     assert set(names) <= set(model.state_dict()) and json.loads((export / "config.json").read_text())["hidden_size"] == 16

@@ -1,0 +1,70 @@
+"""train.grad_clip covers the extra terms' hint projections (actors/student.py _optimiser_step):
+one gradient norm over student + projections, taken after the projections' gradients are averaged
+over the workers (their own all-reduce: they live outside DDP's wrapper). SGD with lr 1 makes the
+applied (clipped) gradient readable from the parameters. No Ray: the two-worker case is two
+processes in a torch.distributed gloo group."""
+from __future__ import annotations
+
+import torch
+import torch.multiprocessing as mp
+
+from actors.student import _optimiser_step
+from orchestrator.extra_terms import ExtraTerms, resolve_terms
+from tests.test_extra_terms import MLP, _hint, _mlp
+
+
+def _setup(student_bias_grad, proj_weight_grad):
+    """The tiny MLP student + one hint projection 2->2, every gradient zero but the two given."""
+    model = _mlp()
+    resolved = resolve_terms([_hint()], [{"name": "t", "features": ["net.0"], "pool": "mean"}],
+                             {"feat__t__net.0": [2]}, MLP, 2)
+    terms = ExtraTerms(resolved, model)
+    params = [*model.parameters(), *terms.parameters()]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    model.net[0].bias.grad = torch.tensor(student_bias_grad)
+    proj = terms.losses[0][0].loss.proj
+    proj.weight.grad = torch.tensor(proj_weight_grad)
+    opt = torch.optim.SGD(params, lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    before = {"bias": model.net[0].bias.detach().clone(), "proj": proj.weight.detach().clone()}
+    return model, terms, opt, sched, before, proj
+
+
+def test_one_norm_over_the_student_and_the_projections():
+    """Gradients: student bias [0, 30], projection [[40, 0], [0, 0]]: global norm 50, clip 5 -> x0.1,
+    applied [0, 3] and [[4, 0], [0, 0]]. (The student alone, norm 30, would be clipped to [0, 5] and
+    the projection left at 40: the old behaviour.)"""
+    model, terms, opt, sched, before, proj = _setup([0.0, 30.0], [[40.0, 0.0], [0.0, 0.0]])
+    _optimiser_step(model, opt, sched, 5.0, terms)
+    torch.testing.assert_close(before["bias"] - model.net[0].bias.detach(), torch.tensor([0.0, 3.0]))
+    torch.testing.assert_close(before["proj"] - proj.weight.detach(), torch.tensor([[4.0, 0.0], [0.0, 0.0]]))
+
+
+def test_no_clip_leaves_the_projection_gradient_whole():
+    model, terms, opt, sched, before, proj = _setup([0.0, 30.0], [[40.0, 0.0], [0.0, 0.0]])
+    _optimiser_step(model, opt, sched, None, terms)
+    torch.testing.assert_close(before["proj"] - proj.weight.detach(), torch.tensor([[40.0, 0.0], [0.0, 0.0]]))
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        # rank 0's projection gradient [[60, 80], ..], rank 1's zero: averaged [[30, 40], ..], norm 50,
+        # clipped to 5 -> [[3, 4], ..] on both ranks. Clipped per rank before the average it would be
+        # [[3, 4]] / 2 = [[1.5, 2]]; never averaged, the ranks would differ.
+        g = [[60.0, 80.0], [0.0, 0.0]] if rank == 0 else [[0.0, 0.0], [0.0, 0.0]]
+        model, terms, opt, sched, before, proj = _setup([0.0, 0.0], g)
+        _optimiser_step(model, opt, sched, 5.0, terms)
+        torch.save(before["proj"] - proj.weight.detach(), f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_workers_clip_the_averaged_projection_gradient(tmp_path):
+    out = str(tmp_path / "applied")
+    # fork, not spawn: a spawned child re-imports torch, Ray and transformers (~25 s on 2 cores);
+    # the children only add 2x2 tensors and a gloo all-reduce.
+    mp.start_processes(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="fork")
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(f"{out}.{rank}"), torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
