@@ -115,7 +115,8 @@ def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
     cls["teachers"] = [{**t, "name": name} for t, name in
                        zip(counting_teachers(tmp / "weights", tmp / "calls.log", delay=0.2), ("linear", "mlp"))]
     assert main(["run", str(write_yaml(tmp / "cls.yaml", cls)), *watch]) == 0
-    lm = lm_config(tmp, make_lm_setup(tmp / "lm"), run={"name": "metrics_lm"})
+    # No hard-label baseline: a second student adds no metric family or panel (~15 s of Ray Train).
+    lm = lm_config(tmp, make_lm_setup(tmp / "lm"), run={"name": "metrics_lm"}, eval={"baseline": False})
     assert main(["run", str(write_yaml(tmp / "lm.yaml", lm)), *watch]) == 0
     # train.on_policy (the on-policy panels): instruction data, every batch on-policy
     gen = gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
