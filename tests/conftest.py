@@ -52,3 +52,12 @@ def gen_setup(tmp_path_factory):
 
     return make_gen_setup(tmp_path_factory.mktemp("gen"))
 
+
+@pytest.fixture(scope="session")
+def lm_setup(tmp_path_factory):
+    """tests/helpers_lm.py's tokenizer, two trained LM teachers, student config and text files
+    (training the teachers: ~10 s on 2 idle cores): built once per session, read-only for the
+    modules that use it (test_lm, test_lm_instruct, test_metrics)."""
+    from tests.helpers_lm import make_lm_setup
+
+    return make_lm_setup(tmp_path_factory.mktemp("lm"))
