@@ -24,9 +24,8 @@ from orchestrator.features import features_of_output, logits_of, split_output
 from orchestrator.lm_features import arrays, split_answer
 
 
-# How often a stopping replica checks for requests still in flight before it exits (Serve's
-# default, 2 s, is also the least a replica takes to stop, even when idle). It still waits for
-# every in-flight request, up to Serve's graceful_shutdown_timeout_s.
+# A stopping replica checks for requests in flight this often (Serve's 2 s default was the least
+# any replica took to stop); it still waits for them, up to Serve's graceful_shutdown_timeout_s.
 DRAIN_POLL_S = 0.1
 
 
@@ -288,11 +287,8 @@ def probe(apps: dict[str, str], sample: np.ndarray) -> dict[str, dict]:
 
 
 def shutdown(apps: dict[str, str], timeout_s: float = 60.0) -> None:
-    """Delete the teachers' applications, all at once, and wait until they are gone.
-
-    One blocking serve.delete per application took 3 s each (a 2 s drain sleep in the replica,
-    then Serve's 1 s status poll): 9 s for three teachers, on every command that deploys them.
-    """
+    """Delete the teachers' applications at once and wait until they are gone (a blocking
+    serve.delete each took ~3 s: the replica's drain sleep, then Serve's 1 s status poll)."""
     names = set(apps.values())
     for name in names:
         serve.delete(name, _blocking=False)
