@@ -24,6 +24,11 @@ from orchestrator.features import features_of_output, logits_of, split_output
 from orchestrator.lm_features import arrays, split_answer
 
 
+# A stopping replica checks for requests in flight this often (Serve's 2 s default was the least
+# any replica took to stop); it still waits for them, up to Serve's graceful_shutdown_timeout_s.
+DRAIN_POLL_S = 0.1
+
+
 def app_name(run: str, teacher: str) -> str:
     return f"distill-{run}-{teacher}"
 
@@ -231,7 +236,8 @@ def deployment_options(cfg: dict) -> dict:
     tp = (cfg.get("engine") or {}).get("tensor_parallel_size") or 1
     actor = {"num_cpus": cfg["num_cpus"], "num_gpus": cfg["num_gpus"], "resources": cfg["resources"]}
     opts = {"name": f"teacher-{cfg['name']}", "num_replicas": cfg["replicas"], "ray_actor_options": actor,
-            "health_check_period_s": cfg["health_check_period_s"], "health_check_timeout_s": cfg["health_check_timeout_s"]}
+            "health_check_period_s": cfg["health_check_period_s"], "health_check_timeout_s": cfg["health_check_timeout_s"],
+            "graceful_shutdown_wait_loop_s": DRAIN_POLL_S}
     if tp > 1:
         actor["num_gpus"] = 0
         opts["placement_group_bundles"] = [{"CPU": cfg["num_cpus"], "GPU": 1, **cfg["resources"]}] + [{"GPU": 1}] * (tp - 1)
@@ -280,6 +286,14 @@ def probe(apps: dict[str, str], sample: np.ndarray) -> dict[str, dict]:
     return {n: r.result() for n, r in responses.items()}
 
 
-def shutdown(apps: dict[str, str]) -> None:
-    for name in apps.values():
-        serve.delete(name)
+def shutdown(apps: dict[str, str], timeout_s: float = 60.0) -> None:
+    """Delete the teachers' applications at once and wait until they are gone (a blocking
+    serve.delete each took ~3 s: the replica's drain sleep, then Serve's 1 s status poll)."""
+    names = set(apps.values())
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while left := names & set(serve.status().applications):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not deleted after {timeout_s:.0f}s: {', '.join(sorted(left))}")
+        time.sleep(0.05)

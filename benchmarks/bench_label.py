@@ -109,8 +109,10 @@ def main(quick: bool, repeats: int) -> None:
                 return label_direct(cfg_driver, prep.train, out, direct_teachers, threads=threads,
                                     ensemble=prep.ensemble)
 
-            # Warm-up (untimed): Ray worker processes, Serve routers, torch kernels.
-            pipe(cfg_driver, "warmd"), pipe(cfg_ray_data, "warmr"), pipe(cfg2, "warm2"), direct(1)
+            # Warm-up (untimed): Ray worker processes, Serve routers, torch kernels. Not with --quick
+            # (a smoke run: its numbers include those first-time costs; the ray_data one was ~8 s).
+            if not quick:
+                pipe(cfg_driver, "warmd"), pipe(cfg_ray_data, "warmr"), pipe(cfg2, "warm2"), direct(1)
             for r in range(repeats):
                 steps = [("pipe_driver", lambda: pipe(cfg_driver, "d")), ("direct1", lambda: direct(1)),
                          ("pipe_ray_data", lambda: pipe(cfg_ray_data, "rd")), ("pipe2", lambda: pipe(cfg2, "r2")),

@@ -8,6 +8,8 @@ one node: one Labeler in the driver, shards in flight on threads; figures label_
 "ray_data" (the path before: a Ray Data actor pool of Labelers; figures label_ray_data_*), so the
 report shows where the overhead of the old path went.
 
+(--quick skips the untimed warm-up pass: a smoke run, its startup figures include first-time costs.)
+
 1. Wall clock of _label_shards split into startup (call -> first finished shard: for ray_data
    the Ray Data plan + the Labeler actor pool: new worker processes, imports, Serve handles;
    for driver one Labeler built in the driver) and the steady per-shard interval after that.
@@ -245,7 +247,7 @@ def main(quick: bool, repeats: int, out_dir: Path) -> None:
                     f"{steady * 1000:.1f} ms/shard); CPU s: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items())
                     + f"; useful compute {compute_s:.2f}")
 
-            for e in EXECUTORS:  # warm-up (untimed): worker processes, Serve routers
+            for e in EXECUTORS if not quick else ():  # warm-up (untimed): worker processes, Serve routers
                 labeling.label_shards(cfgs[e], _fresh_store(cfg, prep, 10, work / f"warm-{e}"), apps,
                                        list(range(shards)))
             for r in range(repeats):

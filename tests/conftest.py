@@ -1,3 +1,4 @@
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -5,10 +6,10 @@ import pytest
 from tests.helpers import make_teachers
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray per test module (a process joins one cluster at a time, and the
-    multi-node tests bring their own); the pipeline reuses an initialised Ray."""
+@contextmanager
+def local_ray():
+    """A real local Ray in this process; commands run meanwhile (cli.main) use it instead of
+    starting and stopping their own (orchestrator/session.py reuses an initialised Ray)."""
     import os
 
     import ray
@@ -20,11 +21,21 @@ def ray_local():
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    from ray import serve
+    try:
+        yield
+    finally:
+        from ray import serve
 
-    serve.shutdown()
-    ray.shutdown()
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A real local Ray per test module (a process joins one cluster at a time, and the
+    multi-node tests bring their own); the pipeline reuses an initialised Ray."""
+    with local_ray():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +51,13 @@ def gen_setup(tmp_path_factory):
     from tests.helpers_gen import make_gen_setup
 
     return make_gen_setup(tmp_path_factory.mktemp("gen"))
+
+
+@pytest.fixture(scope="session")
+def lm_setup(tmp_path_factory):
+    """tests/helpers_lm.py's tokenizer, two trained LM teachers, student config and text files
+    (training the teachers: ~10 s on 2 idle cores): built once per session, read-only for the
+    modules that use it (test_lm, test_lm_instruct, test_metrics)."""
+    from tests.helpers_lm import make_lm_setup
+
+    return make_lm_setup(tmp_path_factory.mktemp("lm"))

@@ -25,8 +25,11 @@ def labeled(ray_local, tmp_path_factory):
     student = json.loads(setup["student_config"].read_text())
     student.update(num_hidden_layers=2, attention_dropout=0.1)  # two FSDP units; dropout draws random numbers
     (tmp / "student.json").write_text(json.dumps(student))
+    # The first 48 of the 255 stored rows (max_samples): 12 steps per worker and epoch, room for the
+    # kill after step 5; all 255 made 64 steps per epoch, a gathered checkpoint every 2 of them.
     raw = lm_config(tmp, setup, lm={"student_config": str(tmp / "student.json")}, eval={"baseline": False},
-                    train={"epochs": 2, "batch_size": 2, "checkpoint_every": EVERY, "max_failures": 1, "grad_clip": 1.0})
+                    train={"epochs": 2, "batch_size": 2, "checkpoint_every": EVERY, "max_failures": 1, "grad_clip": 1.0,
+                           "max_samples": 48})
     cfg = config_from_dict(raw)
     pipeline.label(cfg, pipeline.prepare(cfg))
     return tmp, raw

@@ -22,6 +22,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.store import LabelStore
+from tests.conftest import local_ray
 from tests.helpers import write_yaml
 from tests.helpers_gen import written_samples
 from tests.helpers_lm import lm_config
@@ -66,14 +67,15 @@ def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, 
     first = {p: p.stat().st_mtime_ns for p in (out / "parts").rglob("*.parquet")}
 
     capsys.readouterr()
-    assert main(["generate", str(path), "-q"]) == 0  # resumes
-    said = capsys.readouterr().out
-    assert f"next: distill run {path} dataset.source={out / 'generated.parquet'}" in said, said
-    assert not list(out.rglob("*.tmp"))
-    assert all(p.stat().st_mtime_ns == t for p, t in first.items()), "a finished part was written again"
-    resumed = written_samples(out)
-    ref_out = tmp_path / "ref"
-    assert main(["generate", str(path), "-q", f"generate.output={ref_out}"]) == 0  # uninterrupted, same seed
+    with local_ray():  # one Ray (and Serve) for both runs; each `main` would start and stop its own
+        assert main(["generate", str(path), "-q"]) == 0  # resumes
+        said = capsys.readouterr().out
+        assert f"next: distill run {path} dataset.source={out / 'generated.parquet'}" in said, said
+        assert not list(out.rglob("*.tmp"))
+        assert all(p.stat().st_mtime_ns == t for p, t in first.items()), "a finished part was written again"
+        resumed = written_samples(out)
+        ref_out = tmp_path / "ref"
+        assert main(["generate", str(path), "-q", f"generate.output={ref_out}"]) == 0  # uninterrupted, same seed
     assert resumed == written_samples(ref_out)
     assert (out / "generated.parquet").read_bytes() == (ref_out / "generated.parquet").read_bytes()
 

@@ -15,14 +15,9 @@ from orchestrator.ensemble import ensemble_topk
 from orchestrator.errors import DistillError
 from orchestrator.store import LabelStore, decode_topk, topk_columns
 from tests.helpers import write_yaml
-from tests.helpers_lm import lm_config, make_lm, make_lm_setup, make_tokenizer
+from tests.helpers_lm import lm_config, make_lm, make_tokenizer
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def lm_setup(tmp_path_factory):
-    return make_lm_setup(tmp_path_factory.mktemp("lm"))
 
 
 @pytest.fixture(scope="module")

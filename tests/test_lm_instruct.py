@@ -14,16 +14,16 @@ from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.instruct import rows_of, targets
 from orchestrator.store import LabelStore, to_numpy, topk_columns
-from tests.helpers_lm import lm_config, make_lm_setup, write_instruct_files
+from tests.helpers_lm import lm_config, write_instruct_files
 
 pytestmark = pytest.mark.slow
 K = 8
 
 
 @pytest.fixture(scope="module")
-def chat_run(ray_local, tmp_path_factory):
+def chat_run(ray_local, lm_setup, tmp_path_factory):
     root = tmp_path_factory.mktemp("instruct")
-    setup = make_lm_setup(root)
+    setup = lm_setup  # tests/conftest.py: the LM teachers, trained once per session
     train, test = write_instruct_files(root)
     raw = lm_config(root, setup, run={"name": "chat"}, lm={"max_len": 64, "k": K, "student_config": None},
                     dataset={"source": str(train), "test_source": str(test), "format": "chat"},

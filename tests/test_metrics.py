@@ -26,7 +26,7 @@ import yaml
 from orchestrator.cli import main
 from tests.helpers import tiny_config, write_yaml
 from tests.helpers_faults import counting_teachers
-from tests.helpers_lm import lm_config, make_lm_setup
+from tests.helpers_lm import lm_config
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def prometheus(ray_with_metrics, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
+def scraped(prometheus, teachers, gen_setup, lm_setup, tmp_path_factory):
     """A classification run, an LM run, an on-policy LM run and a `distill generate`, all watched by
     Prometheus; returns the time window."""
     base, driver_port = prometheus
@@ -115,7 +115,8 @@ def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
     cls["teachers"] = [{**t, "name": name} for t, name in
                        zip(counting_teachers(tmp / "weights", tmp / "calls.log", delay=0.2), ("linear", "mlp"))]
     assert main(["run", str(write_yaml(tmp / "cls.yaml", cls)), *watch]) == 0
-    lm = lm_config(tmp, make_lm_setup(tmp / "lm"), run={"name": "metrics_lm"})
+    # No hard-label baseline: a second student adds no metric family or panel (~15 s of Ray Train).
+    lm = lm_config(tmp, lm_setup, run={"name": "metrics_lm"}, eval={"baseline": False})  # conftest: shared
     assert main(["run", str(write_yaml(tmp / "lm.yaml", lm)), *watch]) == 0
     # train.on_policy (the on-policy panels): instruction data, every batch on-policy
     gen = gen_setup  # tests/conftest.py: the instruction teachers, trained once per session

@@ -139,7 +139,9 @@ def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_lo
     from orchestrator.training import TEST_HOOKS_ENV
 
     raw = _config(tmp_path, setup, "onpol_resume")
-    raw["train"].update(batch_size=1, checkpoint_every=2, max_failures=1)
+    # The first 16 of the 30 rows (max_samples): 8 steps per worker and epoch (all 30: 15), each an
+    # on-policy choice; the kill after step 5 still lands mid-epoch 0, past two checkpoints.
+    raw["train"].update(batch_size=1, checkpoint_every=2, max_failures=1, max_samples=16)
     cfg = config_from_dict(raw)
     prep = pipeline.prepare(cfg)
 
