@@ -294,6 +294,7 @@ def shutdown(apps: dict[str, str], timeout_s: float = 60.0) -> None:
         serve.delete(name, _blocking=False)
     deadline = time.monotonic() + timeout_s
     while left := names & set(serve.status().applications):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve applications not deleted after {timeout_s:.0f}s: {', '.join(sorted(left))}")
+        if time.monotonic() > deadline:  # warn, not raise: in a `finally` a raise would hide the real error
+            return logging.getLogger("distill").warning("teachers: %s still being deleted after %.0fs",
+                                                        ", ".join(sorted(left)), timeout_s)
         time.sleep(0.05)
