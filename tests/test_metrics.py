@@ -122,7 +122,7 @@ def scraped(prometheus, teachers, gen_setup, lm_setup, tmp_path_factory):
     gen = gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
     onpol = lm_config(tmp, gen, run={"name": "metrics_onpol"}, lm={"max_len": 64, "k": 4}, eval={"baseline": False},
                       dataset={"source": str(gen["train"]), "test_source": str(gen["test"]), "format": "prompt_response"})
-    onpol["train"].update(epochs=3, batch_size=2, on_policy={"fraction": 1.0, "max_new_tokens": 8})
+    onpol["train"].update(epochs=6, batch_size=2, on_policy={"fraction": 1.0, "max_new_tokens": 8})
     assert main(["run", str(write_yaml(tmp / "onpol.yaml", onpol)), *watch]) == 0
     # distill generate (the generation throughput panel: the driver's distill_generate_tokens_per_second)
     gen_cfg = lm_config(tmp, gen, run={"name": "metrics_gen"}, lm={"max_len": 64, "k": 4},
