@@ -102,20 +102,16 @@ class FusedHead:
 def fused_topk_loss(loss_fn, hidden, weight, bias, target_ids, target_lps, labels=None,
                     chunk: int | None = None) -> torch.Tensor:
     """A top-k loss (orchestrator/losses.py ``build_topk_loss``) of logits = hidden @ weight.T + bias,
-    the mean over the N rows as ``loss_fn`` returns it (and its ``last_soft``), computed chunk by
-    chunk. Shapes: hidden [N, H], weight [V, H], bias [V] or None, target_ids / target_lps [N, k],
-    labels [N] long (or None where the loss reads none). chunk: rows at a time (default: the loss's
+    the mean over the N rows as ``loss_fn`` returns it (and its ``last_soft``: the loss's own
+    ``mean_over_rows`` does both), computed chunk by chunk. Shapes: hidden [N, H], weight [V, H],
+    bias [V] or None, target_ids / target_lps [N, k], labels [N] long (or None where the loss reads none). chunk: rows at a time (default: the loss's
     chunk_size, at most CHUNK_ELEMENTS // V: one chunk's float32 logits are <= 256 MiB)."""
     n = hidden.shape[0]
-    loss_fn._check_labels(labels, n)
     if chunk is None:
         chunk = max(1, min(loss_fn.chunk_size or n, CHUNK_ELEMENTS // weight.shape[0]))
-    loss_fn._soft_sum = 0.0  # TopKKDLoss adds each chunk's soft term here (for last_soft)
-    total = _FusedHeadRows.apply(hidden, weight, bias, loss_fn._rows, chunk, target_ids, target_lps, labels)
-    count = max(n, 1)
-    soft = loss_fn._soft_sum
-    loss_fn.last_soft = (soft / count).detach() if torch.is_tensor(soft) else None
-    return total / count
+    return loss_fn.mean_over_rows(
+        lambda rows: _FusedHeadRows.apply(hidden, weight, bias, rows, chunk, target_ids, target_lps, labels),
+        labels, n, max(n, 1))
 
 
 class _FusedHeadRows(torch.autograd.Function):
