@@ -3,7 +3,8 @@ teachers' hidden states stored per response token (float16, aligned with the top
 and cls-pooled per row; `distill inspect`'s bytes per token; an LM student trained with hint terms
 (per token and on cls features) and a similarity term (mean features) on Ray Train (2 workers),
 killed mid-run and resumed with the projections' saved state; an export that loads with
-transformers and holds no projection weights."""
+transformers and holds no projection weights; grad_clip with grad_accum clipping the accumulated
+gradient once per optimiser step, projections included."""
 from __future__ import annotations
 
 import json
