@@ -178,16 +178,15 @@ def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None, head=None):
     # Packed rows: position ids restart per example, which keeps attention within it (and the
     # cache off, without which transformers would not look for packed sequences).
     kwargs = {"position_ids": batch["position_ids"].long(), "use_cache": False} if "position_ids" in batch else {}
-    if head is not None and terms is None:  # fused: no [B, L, V] (nor [N, V]) logits (plan: never with terms)
-        hidden = head.hidden(model, x, kwargs, sel)  # [N, H]
-        dev = hidden.device
-        return head.loss(loss_fn, hidden, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel]), int(sel.sum())
     if terms is not None:  # the same forward also yields the hidden states the terms read
-        logits, extra = terms.lm_step(model, x, kwargs, sel, batch)
+        rows, extra = terms.lm_step(model, x, kwargs, sel, batch, head)  # [N, H] hidden if head, else [N, V] logits
+    elif head is not None:  # fused: no [B, L, V] (nor [N, V]) logits
+        rows, extra = head.hidden(model, x, kwargs, sel), None  # [N, H]
     else:
-        logits, extra = model(input_ids=x, **kwargs).logits[:, :-1][sel], None  # [N, V]
-    dev = logits.device
-    loss = loss_fn(logits, target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel])
+        rows, extra = model(input_ids=x, **kwargs).logits[:, :-1][sel], None  # [N, V]
+    dev = rows.device
+    args = (target_ids.to(dev), target_lps.to(dev), x[:, 1:][sel])
+    loss = loss_fn(rows, *args) if head is None else head.loss(loss_fn, rows, *args)
     return (loss if extra is None else loss + extra), int(sel.sum())
 
 

@@ -14,8 +14,10 @@ Function, so DDP (find_unused_parameters=False) sees it used; a weight tied to t
 adds both uses up as autograd always does.
 
 Only for a plain head: logits = hidden @ W.T (+ b). ``plan`` says when the fused step is used
-and otherwise names why not (soft-capped or scaled logits, a head with extra ops, FSDP, the
-train.extra_losses forward); the train step then reads the model's full logits as before.
+and otherwise names why not (soft-capped or scaled logits, a head with extra ops, FSDP); the train
+step then reads the model's full logits as before. train.extra_losses (orchestrator/lm_extra_terms.py)
+read intermediate hidden states only: the fused forward also asks for output_hidden_states, so
+they cost no [B, L, V] logits either (``FusedHead.run``).
 """
 from __future__ import annotations
 
@@ -38,8 +40,6 @@ def why_not_fused(module, strategy: str = "ddp", extra_terms: bool = False) -> s
     before DDP / FSDP wraps it. Runs one 6-token forward in eval mode (no dropout)."""
     if strategy == "fsdp":
         return "train.strategy fsdp: the head's weight is a shard outside FSDP's forward"
-    if extra_terms:
-        return "train.extra_losses read the hidden states of the same full forward (orchestrator/lm_extra_terms.py)"
     config = getattr(module, "config", None)
     for key in HEAD_CONFIG_KEYS:  # (multimodal configs keep them in text_config)
         value = getattr(config, key, None)
@@ -59,6 +59,10 @@ def why_not_fused(module, strategy: str = "ddp", extra_terms: bool = False) -> s
         with torch.no_grad():
             want = module(input_ids=x, use_cache=False).logits.float()
             got = head(module.base_model(input_ids=x, use_cache=False).last_hidden_state).float()
+            # train.extra_losses read hidden_states from the fused step's own forward (logits_to_keep=1)
+            if extra_terms and module(input_ids=x, use_cache=False, logits_to_keep=1,
+                                      output_hidden_states=True).hidden_states is None:
+                return "train.extra_losses read hidden_states, which the forward with logits_to_keep does not give"
     except Exception as e:  # noqa: BLE001  (an unusual layout: keep the full forward)
         return f"the base model's output does not feed the head directly ({type(e).__name__})"
     finally:
@@ -83,6 +87,11 @@ class FusedHead:
         self.base, self.head = module.base_model, module.get_output_embeddings()
 
     def hidden(self, model, x: torch.Tensor, kwargs: dict, sel: torch.Tensor) -> torch.Tensor:
+        return self.run(model, x, kwargs, sel)[0]
+
+    def run(self, model, x: torch.Tensor, kwargs: dict, sel: torch.Tensor):
+        """-> (the [N, H] rows ``hidden`` gives, the model's output: what else ``kwargs`` asked of the
+        same forward, e.g. hidden_states with output_hidden_states=True for train.extra_losses)."""
         caught = []
 
         def catch(_module, _args, out):
@@ -90,10 +99,10 @@ class FusedHead:
 
         handle = self.base.register_forward_hook(catch)
         try:  # logits_to_keep=1: the head runs on the last position only ([B, 1, V], left unused)
-            model(input_ids=x, logits_to_keep=1, **kwargs)
+            out = model(input_ids=x, logits_to_keep=1, **kwargs)
         finally:
             handle.remove()
-        return caught[-1][:, :-1][sel]
+        return caught[-1][:, :-1][sel], out
 
     def loss(self, loss_fn, hidden, target_ids, target_lps, labels) -> torch.Tensor:
         return fused_topk_loss(loss_fn, hidden, self.head.weight, self.head.bias, target_ids, target_lps, labels)
@@ -102,20 +111,16 @@ class FusedHead:
 def fused_topk_loss(loss_fn, hidden, weight, bias, target_ids, target_lps, labels=None,
                     chunk: int | None = None) -> torch.Tensor:
     """A top-k loss (orchestrator/losses.py ``build_topk_loss``) of logits = hidden @ weight.T + bias,
-    the mean over the N rows as ``loss_fn`` returns it (and its ``last_soft``), computed chunk by
-    chunk. Shapes: hidden [N, H], weight [V, H], bias [V] or None, target_ids / target_lps [N, k],
-    labels [N] long (or None where the loss reads none). chunk: rows at a time (default: the loss's
+    the mean over the N rows as ``loss_fn`` returns it (and its ``last_soft``: the loss's own
+    ``mean_over_rows`` does both), computed chunk by chunk. Shapes: hidden [N, H], weight [V, H],
+    bias [V] or None, target_ids / target_lps [N, k], labels [N] long (or None where the loss reads none). chunk: rows at a time (default: the loss's
     chunk_size, at most CHUNK_ELEMENTS // V: one chunk's float32 logits are <= 256 MiB)."""
     n = hidden.shape[0]
-    loss_fn._check_labels(labels, n)
     if chunk is None:
         chunk = max(1, min(loss_fn.chunk_size or n, CHUNK_ELEMENTS // weight.shape[0]))
-    loss_fn._soft_sum = 0.0  # TopKKDLoss adds each chunk's soft term here (for last_soft)
-    total = _FusedHeadRows.apply(hidden, weight, bias, loss_fn._rows, chunk, target_ids, target_lps, labels)
-    count = max(n, 1)
-    soft = loss_fn._soft_sum
-    loss_fn.last_soft = (soft / count).detach() if torch.is_tensor(soft) else None
-    return total / count
+    return loss_fn.mean_over_rows(
+        lambda rows: _FusedHeadRows.apply(hidden, weight, bias, rows, chunk, target_ids, target_lps, labels),
+        labels, n, max(n, 1))
 
 
 class _FusedHeadRows(torch.autograd.Function):

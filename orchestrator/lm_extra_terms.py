@@ -121,16 +121,22 @@ class LMExtraTerms(ExtraTerms):
     """The configured terms on one worker (task lm): hint projections, checkpointing, the per-term
     means and the gradient sync are ExtraTerms'; ``lm_step`` is the LM forward.
 
-    ``lm_step(model, x, kwargs, sel, batch)``: x [B, L] ids, sel [B, L-1] bool (labeled positions),
-    batch[column]: stored teacher features, [B, L-1, Dt] (per token, zero where unlabeled) or
-    [B, Dt] (pooled, LMBatch) -> (logits [N, V] at the labeled positions, the weighted terms' sum).
+    ``lm_step(model, x, kwargs, sel, batch, head=None)``: x [B, L] ids, sel [B, L-1] bool (labeled
+    positions), batch[column]: stored teacher features, [B, L-1, Dt] (per token, zero where
+    unlabeled) or [B, Dt] (pooled, LMBatch) -> (rows at the labeled positions, the weighted terms'
+    sum). rows: the logits [N, V]; with ``head`` (orchestrator/fused_head.py FusedHead) the final
+    hidden states [N, H] for its fused head + loss instead: the terms read only hidden states, so
+    the forward need not make the [B, L, V] logits.
     """
 
-    def lm_step(self, model, x: torch.Tensor, kwargs: dict, sel: torch.Tensor, batch: dict):
-        out = model(input_ids=x, output_hidden_states=True, **kwargs)
+    def lm_step(self, model, x: torch.Tensor, kwargs: dict, sel: torch.Tensor, batch: dict, head=None):
+        if head is None:
+            out = model(input_ids=x, output_hidden_states=True, **kwargs)
+            rows = out.logits[:, :-1][sel]
+        else:
+            rows, out = head.run(model, x, {**kwargs, "output_hidden_states": True}, sel)
         hidden, n = out.hidden_states, len(out.hidden_states)
-        logits = out.logits[:, :-1][sel]
-        total = logits.new_zeros(())
+        total = rows.new_zeros(())
         for j, (r, losses) in enumerate(zip(self.resolved, self.losses)):
             if len(x) < MIN_BATCH.get(type(losses[0].loss), 1):
                 continue  # a relation term on a batch too small to relate (an epoch's last)
@@ -144,7 +150,7 @@ class LMExtraTerms(ExtraTerms):
             self._sums[j] += float(term.detach())
             total = total + term
         self._count += 1
-        return logits, total
+        return rows, total
 
 
 def feature_shapes(resolved: list[dict] | None) -> dict[str, list]:

@@ -294,19 +294,32 @@ class _TopKLoss(nn.Module):
             raise ValueError(f"mask {tuple(mask.shape)} must be {tuple(target_ids.shape[:-1])}, "
                              f"one flag per position")
         mask = mask.reshape(-1).bool()
+        flat = None if labels is None else labels.reshape(-1)
+
+        def summed(rows):
+            if self.chunk_size is None:
+                per_position = rows(student_logits, target_ids, target_logprobs, flat, mask)
+            else:
+                per_position = _ChunkedRows.apply(
+                    student_logits, rows, self.chunk_size, mask,
+                    target_ids.reshape(n, -1), target_logprobs.reshape(n, -1), flat)
+            return torch.where(mask, per_position, 0.0).sum()  # masked junk (even NaN) never leaks
+
+        return self.mean_over_rows(summed, labels, n, mask.sum().clamp_min(1))
+
+    def mean_over_rows(self, summed, labels, n: int, count):
+        """The loss's scaffolding, shared by ``forward`` and the fused head (orchestrator/fused_head.py),
+        which differ only in how they get the rows' logits: checks ``labels`` (one per position where
+        the loss reads them; n positions), calls ``summed(rows)``, which applies the per-row loss
+        ``rows(logits [c, V], ids [c, k], logprobs [c, k], labels [c] or None, mask [c] or None) -> [c]``
+        to the ``count`` positions that carry loss, chunk by chunk or at once, and returns the sum of
+        their values (a scalar, with its gradients); returns that sum / count, and sets ``last_soft``
+        (kd's soft term alone, mean over the same positions; None for the other losses)."""
         self._check_labels(labels, n)
-        labels = None if labels is None else labels.reshape(-1)
-        self._soft_sum = 0.0
-        if self.chunk_size is None:
-            per_position = self._rows(student_logits, target_ids, target_logprobs, labels, mask)
-        else:
-            per_position = _ChunkedRows.apply(
-                student_logits, self._rows, self.chunk_size, mask,
-                target_ids.reshape(n, -1), target_logprobs.reshape(n, -1), labels)
-        per_position = torch.where(mask, per_position, 0.0)  # masked junk (even NaN) never leaks
-        count = mask.sum().clamp_min(1)
+        self._soft_sum = 0.0  # TopKKDLoss adds each chunk's soft term here
+        total = summed(self._rows)
         self.last_soft = (self._soft_sum / count).detach() if torch.is_tensor(self._soft_sum) else None
-        return per_position.sum() / count
+        return total / count
 
     def _rows(self, logits, ids, logprobs, labels, mask=None):
         """Per-position loss of some rows: logits [c, V], ids / logprobs [c, k], labels [c] -> [c]."""

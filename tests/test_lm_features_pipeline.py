@@ -3,7 +3,8 @@ teachers' hidden states stored per response token (float16, aligned with the top
 and cls-pooled per row; `distill inspect`'s bytes per token; an LM student trained with hint terms
 (per token and on cls features) and a similarity term (mean features) on Ray Train (2 workers),
 killed mid-run and resumed with the projections' saved state; an export that loads with
-transformers and holds no projection weights."""
+transformers and holds no projection weights; grad_clip with grad_accum clipping the accumulated
+gradient once per optimiser step, projections included."""
 from __future__ import annotations
 
 import json
@@ -150,3 +151,42 @@ def test_trains_resumes_with_the_projections_and_exports_without_them(labeled, t
     names = [k for f in sorted(export.glob("*.safetensors")) for k in safe_open(str(f), "pt").keys()]
     assert names and not [k for k in names if k.startswith("losses") or ".loss." in k]  # no projection
     assert set(names) <= set(model.state_dict()) and json.loads((export / "config.json").read_text())["hidden_size"] == 16
+
+
+def test_grad_clip_clips_the_accumulated_gradient_once_per_step_projections_included(labeled, tmp_path, monkeypatch):
+    """train.grad_accum 2 and max_steps 1 on Ray Train (2 workers, the fused head with the terms):
+    AdamW's first moment after its first step is (1 - beta1) x the gradient it applied, read here
+    from the checkpoint. With grad_clip far below the accumulated gradient's norm, the applied
+    gradient must be the unclipped run's x clip / its norm: one factor for every student parameter
+    and hint projection alike. Clipping each micro-batch would add two differently scaled gradients
+    (not parallel to the unclipped one); projections left out of the norm would keep their size; a
+    step per micro-batch would stop after one batch (the rows each worker consumed say two)."""
+    raw, first = labeled
+
+    def run(name: str, clip):
+        train = {**raw["train"], "grad_accum": 2, "max_steps": 1, "grad_clip": clip, "checkpoint_every": None,
+                 "epochs": 1, "max_failures": 0}
+        cfg = config_from_dict({**raw, "train": train, "output_dir": str(tmp_path / name),
+                                "store": {**raw["store"], "path": str(first.store_path)}})
+        monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"record_rows": True}))
+        store = LabelStore(str(cfg.store_path))
+        store.load_manifest()
+        state = pipeline.train(cfg, pipeline.prepare(cfg), store, "student", cfg.train.loss, cfg.train.alpha,
+                               extra_losses=cfg.train.extra_losses)
+        (kept,) = (cfg.run_dir / "train").glob("student-*/checkpoint_*/state.pt")
+        opt = torch.load(kept, weights_only=False)["optimizer"]
+        moments = [opt["state"][i]["exp_avg"] / (1 - opt["param_groups"][0]["betas"][0]) for i in sorted(opt["state"])]
+        return state["history"], moments
+
+    clip = 1e-4
+    free, want = run("free", None)
+    clipped, got = run("clipped", clip)
+    for h in (free, clipped):
+        assert h[0]["steps"] == 1 and [len(r) for r in h[0]["rows"]] == [2 * raw["train"]["batch_size"]] * 2, h
+    assert clipped[0]["rows"] == free[0]["rows"]  # the same micro-batches
+    assert [tuple(g.shape) for g in want[-4:]] == [(48, 16), (48,), (48, 16), (48,)]  # the two hint projections
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in want))
+    assert norm > 100 * clip
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert w.abs().max() > 0, i
+        torch.testing.assert_close(g.double(), w.double() * clip / norm, rtol=1e-4, atol=1e-12, msg=f"parameter {i}")
