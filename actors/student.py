@@ -27,6 +27,7 @@ import ray
 import ray.train
 import ray.train.torch
 
+from actors import fsdp_sampling
 from actors.lm_batch import LMBatch, decode_targets
 from actors.on_policy import OnPolicy
 from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
@@ -231,6 +232,8 @@ def train_loop(config: dict) -> None:
         check_packing(model, "the student")
     head = plan_fused_head(model, config.get("strategy", "ddp"), terms is not None, ctx.get_world_rank() == 0) \
         if config["task"] == "lm" else None  # the LM step's head + loss without the full logits, when it may
+    # train.on_policy under fsdp: the student's weightless copy that samples with the gathered weights
+    skeleton = fsdp_sampling.skeleton(model) if config.get("on_policy") and config.get("strategy") == "fsdp" else None
     model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
     # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
     opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms else [])], lr=config["lr"],
@@ -274,7 +277,7 @@ def train_loop(config: dict) -> None:
             **({"extra_terms": terms.state_dict()} if terms is not None else {})})
 
     live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps + (partial["steps"] if partial else 0))
-    on_policy = OnPolicy(config, ctx)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
+    on_policy = OnPolicy(config, ctx, skeleton)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
     accum, max_steps, every = config["grad_accum"], config["max_steps"], config.get("checkpoint_every")
     # bf16 autocast on a GPU (float32 master weights; the losses upcast to float32 inside).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.get("use_gpu") else contextlib.nullcontext()
