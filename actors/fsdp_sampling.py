@@ -26,6 +26,8 @@ import copy
 
 import torch
 
+from actors.train_state import _is_fsdp as is_fsdp
+
 
 def skeleton(model: torch.nn.Module) -> torch.nn.Module:
     """A copy of `model` (unwrapped) with every parameter and buffer on the meta device: its
@@ -49,12 +51,6 @@ class _Bound:
 
     def parameters(self):
         return iter(self.weights.values())
-
-
-def is_fsdp(model) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(model, FullyShardedDataParallel)
 
 
 @contextlib.contextmanager
