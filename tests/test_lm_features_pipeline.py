@@ -107,9 +107,10 @@ def test_pooled_features_are_the_teachers_mean_and_first_position(labeled):
     np.testing.assert_allclose(cls.astype(np.float32), first[:, 0].numpy(), atol=1e-2, rtol=1e-2)
 
 
-def _train(labeled, out, monkeypatch, **hooks):
+def _train(labeled, out, monkeypatch, strategy="ddp", **hooks):
     raw, first = labeled
-    cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": str(first.store_path)}})
+    cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": str(first.store_path)},
+                            "train": {**raw["train"], "strategy": strategy}})
     monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
     store = LabelStore(str(cfg.store_path))
     store.load_manifest()
@@ -144,6 +145,19 @@ def test_trains_resumes_with_the_projections_and_exports_without_them(labeled, t
         assert torch.allclose(res["model"][name], want, rtol=1e-5, atol=1e-6), name
     for name, want in proj.items():
         assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-5, atol=1e-6), name
+
+    # fsdp (actors/fsdp_terms.py), killed and resumed alike: the student's hidden states through FSDP,
+    # the projections replicated beside it, inside the one grad_clip norm (0.5: it clips) and in the
+    # checkpoints with their own optimiser's state; it ends where DDP's uninterrupted run did.
+    fsdp, kept = _train(labeled, tmp_path / "fsdp", monkeypatch, "fsdp", kill_at_step=steps + EVERY + 1, kill_rank=1)
+    assert len(fsdp["resumed_at"]) == 1, fsdp["resumed_at"]
+    assert all(isinstance(k, str) for k in fsdp["optimizer"]["state"])  # FSDP's gathered state: by name
+    assert kept[-1]["extra_terms_optimizer"]["optimizer"]["state"]  # the projections' AdamW, checkpointed
+    assert [list(h["extra_losses"]) for h in fsdp["history"]] == [LABELS, LABELS]
+    for name, want in ref["model"].items():  # same math, other reduction order (tests/test_fsdp.py)
+        assert torch.allclose(fsdp["model"][name], want, rtol=1e-4, atol=1e-5), name
+    for name, want in proj.items():
+        assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-4, atol=1e-5), name
 
     model = AutoModelForCausalLM.from_pretrained(ref["export"], local_files_only=True)
     export = Path(ref["export"])
