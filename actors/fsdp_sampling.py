@@ -73,7 +73,8 @@ def whole_student(model, skel: torch.nn.Module | None):
         weights = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         want = {**dict(skel.named_parameters()), **dict(skel.named_buffers())}
         if set(weights) != set(want):  # a wrapper whose names we do not know: fail, never sample from a shard
-            raise RuntimeError(f"fsdp sampling: gathered {sorted(set(weights) ^ set(want))[:4]} differ from the student's names")
+            differ = sorted(set(weights) ^ set(want))[:4]
+            raise RuntimeError(f"fsdp sampling: the gathered weights' names differ from the student's: {differ}")
         if bad := [n for n, t in weights.items() if t.shape != want[n].shape]:
             raise RuntimeError(f"fsdp sampling: {bad[0]} is not whole ({tuple(weights[bad[0]].shape)})")
         yield _Bound(skel, weights)
