@@ -9,7 +9,8 @@ pipeline.run holds them from labeling to evaluation: orchestrator/teacher_pool.p
 Worker: ``OnPolicy.step_for(epoch, batch)`` says whether a batch is on-policy (seeded: every
 rank, and a resumed run, choose alike; orchestrator/on_policy.py) and gives the step to run then:
 the batch's prompts completed by the current student (orchestrator/generation.py's seeded
-sampler, on this worker), scored by every teacher through its Serve handle (`score_batched`:
+sampler, on this worker; under train.strategy fsdp with the whole weights gathered for it:
+actors/fsdp_sampling.py), scored by every teacher through its Serve handle (`score_batched`:
 Serve batches the requests of all workers), ensembled as labeling does, and the chosen
 divergence between the student and that target over the sampled positions.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from actors.fsdp_sampling import whole_student
 from orchestrator.generation import sample
 from orchestrator.instruct import targets
 from orchestrator.losses import build_topk_loss
@@ -61,6 +63,10 @@ def teachers_for_training(cfg, prep, store):
             reraise_user_error(e)
         _check_fingerprints(infos, prep.identity["teachers"], apps)
         log.info("train: on-policy teachers up (%s)", ", ".join(f"{n}: {a}" for n, a in apps.items()))
+        if cfg.train.strategy == "fsdp":  # actors/fsdp_sampling.py: the memory that costs
+            log.info("train: on-policy sampling under fsdp gathers the full student on each worker for every "
+                     "on-policy batch (summon_full_params, freed after sampling): each worker briefly holds the "
+                     "whole weights beside its shards")
         yield {**cfg.train.on_policy.model_dump(), "apps": apps, "chunk": {t.name: t.max_batch_size for t in cfg.teachers},
                "ensemble": store.manifest["ensemble"], "vocab_size": store.manifest["num_classes"],
                "max_len": cfg.lm.max_len, "eos_ids": eos,
@@ -92,8 +98,10 @@ class OnPolicy:
     """One train worker's on-policy steps and their counters (this epoch's, checkpointed with a
     mid-epoch checkpoint). config: the train loop's; config["on_policy"]: teachers_for_training's."""
 
-    def __init__(self, config: dict, ctx):
-        self.op, self.ctx, self.counters = config.get("on_policy"), ctx, self.fresh()
+    def __init__(self, config: dict, ctx, skeleton=None):
+        # skeleton (train.strategy fsdp): the student's weightless copy that samples with the
+        # gathered weights (actors/fsdp_sampling.py); None: sample with the (DDP) module itself
+        self.op, self.ctx, self.counters, self.skeleton = config.get("on_policy"), ctx, self.fresh(), skeleton
         if not self.op:  # inert: no on-policy batch, nothing checkpointed or reported
             return
         from ray import serve
@@ -129,12 +137,11 @@ class OnPolicy:
         ids = batch["input_ids"].cpu().numpy()
         mask = np.pad(batch["sel"].cpu().numpy(), ((0, 0), (1, 0)))  # a row's first token never carries loss
         prompts = prompts_of(ids, batch["position_ids"].cpu().numpy(), mask)
-        module = model.module if hasattr(model, "module") else model  # DDP: sample without its hooks
-        module.eval()  # no dropout while sampling
+        module = model.module if hasattr(model, "module") else model
         seeds = [[sample_seed(self.seed, epoch, index, self.rank, i)] for i in range(len(prompts))]
-        out = sample(module, prompts, seeds, temperature=op["temperature"], top_p=1.0, max_new_tokens=op["max_new_tokens"],
-                     eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"])
-        module.train()
+        with whole_student(model, self.skeleton) as student:  # FSDP: a collective, entered by every rank alike
+            out = sample(student, prompts, seeds, temperature=op["temperature"], top_p=1.0,
+                         max_new_tokens=op["max_new_tokens"], eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"]) if prompts else []
         rows = completion_rows(prompts, [s[0]["tokens"] for s in out], op["max_len"], op["pad_id"])
         tokens = sampled_tokens(rows)
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ import ray
 import ray.train
 import ray.train.torch
 
+from actors import fsdp_sampling, fsdp_terms
 from actors.lm_batch import LMBatch, decode_targets
 from actors.on_policy import OnPolicy
 from actors.train_state import (HISTORY_FILE, STATE_FILE, gather, load_optimizer, load_state,  # noqa: F401 (re-exported)
@@ -190,22 +191,24 @@ def _lm_step(model, loss_fn, batch: dict, config: dict, terms=None, head=None):
     return (loss if extra is None else loss + extra), int(sel.sum())
 
 
-def _optimiser_step(model, opt, sched, grad_clip: float | None, terms=None) -> None:
+def _optimiser_step(model, opt, sched, grad_clip: float | None, terms=None, terms_opt=None) -> None:
     """One optimiser step. ``terms`` (train.extra_losses): the projections' gradients are averaged
     over the workers first (DDP has averaged the student's in backward), so that grad_clip takes one
-    norm over student + projections from the gradients every rank then applies alike."""
+    norm over student + projections from the gradients every rank then applies alike.
+    terms_opt (fsdp with terms): the projections' own optimiser (actors/fsdp_terms.py)."""
     if terms is not None:
         terms.sync_grads()
     if grad_clip is not None:
-        fsdp_clip = getattr(model, "clip_grad_norm_", None)  # FSDP's own: the norm over every rank's shards
-        if fsdp_clip is not None:  # (train.extra_losses are refused with fsdp: no projections outside it)
-            fsdp_clip(grad_clip)
+        if fsdp_terms.is_fsdp(model):  # FSDP's norm over every rank's shards (+ the projections')
+            fsdp_terms.clip_grad_norm(model, terms, grad_clip)
         else:
             torch.nn.utils.clip_grad_norm_([*model.parameters(), *(terms.parameters() if terms is not None else [])],
                                            grad_clip)
     opt.step()
     sched.step()
     opt.zero_grad(set_to_none=True)
+    if terms_opt is not None:
+        terms_opt.step()
 
 
 def train_loop(config: dict) -> None:
@@ -230,17 +233,24 @@ def train_loop(config: dict) -> None:
         check_packing(model, "the student")
     head = plan_fused_head(model, config.get("strategy", "ddp"), terms is not None, ctx.get_world_rank() == 0) \
         if config["task"] == "lm" else None  # the LM step's head + loss without the full logits, when it may
+    # train.on_policy under fsdp: the student's weightless copy that samples with the gathered weights
+    skeleton = fsdp_sampling.skeleton(model) if config.get("on_policy") and config.get("strategy") == "fsdp" else None
     model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
     # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
-    opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms else [])], lr=config["lr"],
+    # fsdp + train.extra_losses: the projections get their own optimiser (actors/fsdp_terms.py)
+    own = terms is not None and fsdp_terms.is_fsdp(model)
+    opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if terms and not own else [])], lr=config["lr"],
                             weight_decay=config["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
-        lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
-        schedule=config["schedule"], min_ratio=config["min_lr_ratio"]))
+    schedule = functools.partial(lr_lambda, warmup_steps=config["warmup_steps"], total_steps=config["total_steps"],
+                                 schedule=config["schedule"], min_ratio=config["min_lr_ratio"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    terms_opt = fsdp_terms.TermsOptimiser(terms, config, schedule) if own else None
     if state:  # restarted after a failure, or a re-run of the same run name: resume
         load_optimizer(model, opt, state["optimizer"])
         if "scheduler" in state:
             sched.load_state_dict(state["scheduler"])
+        if terms_opt is not None:
+            terms_opt.load_state_dict(state["extra_terms_optimizer"])
         # partial: a mid-epoch checkpoint's counters (batches consumed in its epoch, ...), else None
         history, partial, replayed = state["history"], state.get("partial"), state.get("replayed", False)
         start = state["epoch"] + (0 if partial else 1)
@@ -270,10 +280,11 @@ def train_loop(config: dict) -> None:
             "epoch": epoch, "history": history, "spec": config["student"], "worker_nodes": nodes,
             "resumed_after_epoch": resumes, "resumed_at": resumed_at, "partial": partial,
             "replayed": epoch_batches.cache is not None,  # later epochs replay the shard from memory: a resume must too
-            **({"extra_terms": terms.state_dict()} if terms is not None else {})})
+            **({"extra_terms": terms.state_dict()} if terms is not None else {}),
+            **({"extra_terms_optimizer": terms_opt.state_dict()} if terms_opt is not None else {})})
 
     live = LiveMetrics(config, ctx.get_world_rank(), step=done_steps + (partial["steps"] if partial else 0))
-    on_policy = OnPolicy(config, ctx)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
+    on_policy = OnPolicy(config, ctx, skeleton)  # train.on_policy (inert without it): the student's samples, scored by Serve teachers
     accum, max_steps, every = config["grad_accum"], config["max_steps"], config.get("checkpoint_every")
     # bf16 autocast on a GPU (float32 master weights; the losses upcast to float32 inside).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.get("use_gpu") else contextlib.nullcontext()
@@ -306,7 +317,7 @@ def train_loop(config: dict) -> None:
             seen, total = seen + n, total + loss.item() * n
             live.step(loss.item(), getattr(loss_fn, "last_soft", None), n, epoch)
             if step_now:
-                _optimiser_step(model, opt, sched, config["grad_clip"], terms)
+                _optimiser_step(model, opt, sched, config["grad_clip"], terms, terms_opt)
                 steps += 1
                 if max_steps is not None and done_steps + steps >= max_steps:
                     break
@@ -324,7 +335,7 @@ def train_loop(config: dict) -> None:
                     checkpoint_now(metrics, epoch, partial)
                     partial = None
         if micro % accum:  # an epoch's last, partial accumulation still makes a step
-            _optimiser_step(model, opt, sched, config["grad_clip"], terms)
+            _optimiser_step(model, opt, sched, config["grad_clip"], terms, terms_opt)
             steps += 1
         done_steps += steps
         elapsed = spent + time.perf_counter() - t0

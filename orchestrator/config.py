@@ -315,14 +315,12 @@ def _check_extra_losses(extra: list, teachers: dict[str, list]) -> None:
 
 
 def _check_on_policy(cfg) -> None:
-    """train.on_policy needs prompts to complete: task lm with instruction data, one full student per worker."""
+    """train.on_policy needs prompts to complete: task lm with instruction data. (Under train.strategy
+    fsdp each worker gathers the whole student to sample: actors/fsdp_sampling.py.)"""
     if cfg.task != "lm" or cfg.dataset.format == "text":
         what = f"task {cfg.task}" if cfg.task != "lm" else "dataset.format text (no prompts)"
         raise ValueError(f"train.on_policy: needs task lm with instruction data (dataset.format prompt_response or chat), "
                          f"got {what}; remove train.on_policy")
-    if cfg.train.strategy != "ddp":
-        raise ValueError("train.on_policy: the student samples on each worker and needs its whole weights there: "
-                         "use train.strategy ddp")
 
 
 # Per task, the keys it never reads (None: the whole section).

@@ -130,11 +130,10 @@ def resolve_terms(extra_losses: list[dict], teachers: list[dict], shapes: dict[s
 
 
 def check_before_labeling(cfg, width: int) -> None:
-    """prepare (before labeling): the terms' student layers exist and the strategy supports them."""
+    """prepare (before labeling): the terms' student layers exist. (train.strategy fsdp: the
+    projections stay outside FSDP, replicated: actors/fsdp_terms.py.)"""
     from .prepare import lm_student_spec
 
-    if cfg.train.strategy == "fsdp":  # the projections live outside FSDP's wrapper and checkpoint
-        raise DistillError("train.extra_losses: not supported with train.strategy fsdp; use ddp")
     student = {"arch": "hf", **lm_student_spec(cfg)} if cfg.student.arch == "hf" else \
         {"arch": "mlp", "hidden": cfg.student.hidden}
     check_student_layers(cfg.train.extra_losses, student, width)
@@ -166,7 +165,8 @@ def describe(spec: dict, s_out: dict, parts: list[dict]) -> str:
 
 class ExtraTerms(nn.Module):
     """The configured terms on one worker. Built before the student is wrapped (DDP / FSDP): it
-    hooks the modules it reads; its own parameters are the hint projections only.
+    hooks the modules it reads; its own parameters are the hint projections only, a whole copy on
+    every worker also under FSDP (their gradients averaged by ``sync_grads``).
 
     ``step(model, x, batch, pad_id)`` -> (logits [B, C], the weighted sum of the terms, a scalar):
     one forward pass of the student that also yields the outputs the terms read.
@@ -237,8 +237,8 @@ class ExtraTerms(nn.Module):
 
     def sync_grads(self) -> None:
         """Average the projections' gradients over the workers before an optimiser step and its
-        grad_clip (actors/student.py; DDP does this for the student's in backward; these parameters
-        live outside its wrapper)."""
+        grad_clip (actors/student.py; DDP or FSDP does this for the student's in backward; these
+        parameters live outside its wrapper)."""
         params = list(self.parameters())
         if not params or not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
             return

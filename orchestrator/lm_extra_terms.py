@@ -13,9 +13,11 @@ same positions as the teacher's:
 Refused, before any deployment (``check_lm_terms``): ``attention`` (the LM student's attention maps
 have no stored teacher counterpart), relation terms on per-token features (they would relate
 thousands of token vectors of a batch, mostly neighbours of one sequence: not what RKD / SP mean),
-train.on_policy (its sampled sequences have no stored teacher features) and train.strategy fsdp.
-The projections train, checkpoint, resume and stay out of the export as for classification
-(orchestrator/extra_terms.py ``ExtraTerms``, whose bookkeeping this reuses).
+and train.on_policy (its sampled sequences have no stored teacher features). The projections
+train, checkpoint, resume and stay out of the export as for classification
+(orchestrator/extra_terms.py ``ExtraTerms``, whose bookkeeping this reuses); under
+train.strategy fsdp the student's hidden states come through FSDP's forward
+(output_hidden_states) and the projections stay outside it, replicated (actors/fsdp_terms.py).
 """
 from __future__ import annotations
 
@@ -56,8 +58,6 @@ def check_lm_terms(cfg) -> None:
     student has, against teachers whose pool fits it. Raises a one-line DistillError."""
     if not cfg.train.extra_losses:
         return
-    if cfg.train.strategy == "fsdp":  # the projections live outside FSDP's wrapper and checkpoint
-        raise DistillError("train.extra_losses: not supported with train.strategy fsdp; use ddp")
     if cfg.train.on_policy is not None:
         raise DistillError("train.extra_losses: not with train.on_policy (the student's sampled sequences have no "
                            "stored teacher features); remove one of them")

@@ -167,7 +167,9 @@ def test_shapes_that_do_not_meet_are_one_line():
     assert "\n" not in str(e.value)
 
 
-def test_fsdp_is_refused(tmp_path):
+def test_fsdp_is_accepted(tmp_path):
+    """train.strategy fsdp: the projections stay outside FSDP, replicated (actors/fsdp_terms.py;
+    tests/test_grad_clip_terms.py, tests/test_lm_features_pipeline.py)."""
     from orchestrator.config import config_from_dict
     from orchestrator.extra_terms import check_before_labeling
     from tests.helpers import save_state_teacher
@@ -178,7 +180,7 @@ def test_fsdp_is_refused(tmp_path):
                       "path": str(save_state_teacher(tmp_path / "t.pt"))}],
         "train": {"strategy": "fsdp", "extra_losses": [{"kind": "rkd_distance", "teacher": "t", "teacher_layer": "net.1",
                                                         "student_layer": "net.1"}]}})
-    with pytest.raises(DistillError, match=r"^train\.extra_losses: not supported with train\.strategy fsdp; use ddp$"):
-        check_before_labeling(cfg, 64)
-    cfg.train.strategy = "ddp"
     check_before_labeling(cfg, 64)  # the default mlp student has net.1: no error
+    cfg.train.extra_losses[0]["student_layer"] = "net.9"
+    with pytest.raises(DistillError, match=r"train\.extra_losses\.0\.student_layer: student\.arch mlp takes a module name"):
+        check_before_labeling(cfg, 64)  # still checked under fsdp

@@ -68,3 +68,48 @@ def test_two_workers_clip_the_averaged_projection_gradient(tmp_path):
     mp.start_processes(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="fork")
     for rank in range(2):
         torch.testing.assert_close(torch.load(f"{out}.{rank}"), torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+
+
+def _fsdp_worker(rank: int, init: str, out: str) -> None:
+    """The student wrapped in FSDP (its 12 weights sharded 6 + 6 over the two ranks), the projection
+    outside it. Rank 0's loss: logits . [1, 0] at x = [3, 4] (identity layers: h = x); rank 1's: 0.
+    FSDP's averaged student gradients: W1 = W2 = [[1.5, 2], [0, 0]], b1 = b2 = [0.5, 0] (norm^2 13);
+    the projection's averaged [[6, 0], [0, 0]] (36): one norm 7, clip 0.7 -> x0.1 everywhere.
+    FSDP's own clip of the student alone would scale it by 0.7 / sqrt(13) and leave the projection at 6."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model, terms, _, _, _, proj = _setup([0.0, 0.0], [[12.0, 0.0], [0.0, 0.0]] if rank == 0 else [[0.0, 0.0], [0.0, 0.0]])
+        for p in model.parameters():
+            p.grad = None
+        fsdp = FSDP(model, device_id=torch.device("cpu"), use_orig_params=True)
+        assert sum(p.numel() for p in fsdp.parameters()) < 12  # sharded: this rank holds part of the weights
+        with FSDP.summon_full_params(fsdp):
+            before = {n: p.detach().clone() for n, p in fsdp.named_parameters()}
+        x = torch.tensor([[3.0, 4.0]])
+        (fsdp(x) * torch.tensor([1.0, 0.0])).sum().mul(1.0 if rank == 0 else 0.0).backward()
+        opt = torch.optim.SGD([*fsdp.parameters(), *terms.parameters()], lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        proj_before = proj.weight.detach().clone()
+        _optimiser_step(fsdp, opt, sched, 0.7, terms)
+        with FSDP.summon_full_params(fsdp):
+            applied = {n: before[n] - p.detach() for n, p in fsdp.named_parameters()}
+        applied["proj"] = proj_before - proj.weight.detach()
+        torch.save(applied, f"{out}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_two_workers_clip_one_norm_over_every_shard_and_the_projections(tmp_path):
+    out = str(tmp_path / "applied")
+    mp.start_processes(_fsdp_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="fork")
+    w = torch.tensor([[0.15, 0.2], [0.0, 0.0]])
+    b = torch.tensor([0.05, 0.0])
+    want = {"net.0.weight": w, "net.0.bias": b, "net.2.weight": w, "net.2.bias": b,
+            "proj": torch.tensor([[0.6, 0.0], [0.0, 0.0]])}
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}")

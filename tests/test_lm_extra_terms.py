@@ -143,11 +143,13 @@ def test_relation_terms_take_pooled_features(tmp_path, lm_files):
     assert r["parts"][0]["pool"] == "mean" and r["label"] == "rkd_angle x1: small/1 -> student hidden state 1"
 
 
-def test_fsdp_is_refused(tmp_path, lm_files):
-    """The projections live outside FSDP's wrapper, its checkpoint and its grad_clip norm
-    (actors/student.py _optimiser_step clips them only beside an unsharded student)."""
+def test_fsdp_is_accepted(tmp_path, lm_files):
+    """The projections stay outside FSDP, replicated, inside its grad_clip norm and checkpoints
+    (actors/fsdp_terms.py; trained on Ray against DDP: tests/test_lm_features_pipeline.py)."""
     raw = lm_config(tmp_path, lm_files)
     raw["teachers"][0].update(features=[1], pool="none")
     raw["train"].update(strategy="fsdp", extra_losses=[_term()])
-    with pytest.raises(DistillError, match=r"^train\.extra_losses: not supported with train\.strategy fsdp; use ddp$"):
+    check_lm_terms(config_from_dict(raw))
+    raw["train"]["extra_losses"] = [_term(kind="rkd_angle")]  # still checked under fsdp
+    with pytest.raises(DistillError, match=r"train\.extra_losses\.0\.kind: rkd_angle relates samples"):
         check_lm_terms(config_from_dict(raw))

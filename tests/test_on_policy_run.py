@@ -132,12 +132,18 @@ def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_loca
     assert len(large) >= 2 and victim[0] in [a["Pid"] for a in large], large
 
 
-def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_local, setup, tmp_path, monkeypatch):
+def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_local, setup, tmp_path, monkeypatch, caplog):
     """A worker SIGKILLed after optimiser step 5 (test hook), restored from the mid-epoch checkpoint
-    at step 4: the on-policy choices, samples and counters continue as in an uninterrupted run."""
+    at step 4: the on-policy choices, samples and counters continue as in an uninterrupted run.
+    The same run under train.strategy fsdp (sharing this test's store and teachers, which cost
+    more than a training) samples from the whole gathered student on each worker and ends with
+    DDP's student: sampling from a shard fails, from other weights changes the samples."""
+    import logging
+
     from orchestrator import pipeline, teacher_pool
     from orchestrator.training import TEST_HOOKS_ENV
 
+    caplog.set_level(logging.INFO, logger="distill")
     raw = _config(tmp_path, setup, "onpol_resume")
     # The first 16 of the 30 rows (max_samples): 8 steps per worker and epoch (all 30: 15), each an
     # on-policy choice; the kill after step 5 still lands mid-epoch 0, past two checkpoints.
@@ -145,9 +151,10 @@ def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_lo
     cfg = config_from_dict(raw)
     prep = pipeline.prepare(cfg)
 
-    def train(out: str, **hooks) -> dict:
+    def train(out: str, train: dict | None = None, **hooks) -> dict:
         monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
-        run = config_from_dict({**raw, "output_dir": str(tmp_path / out), "store": {"path": store.uri}})
+        run = config_from_dict({**raw, "output_dir": str(tmp_path / out), "store": {"path": store.uri},
+                                "train": {**raw["train"], **(train or {})}})
         from actors.on_policy import teachers_for_training
 
         with teachers_for_training(run, prep, store) as on_policy:
@@ -158,6 +165,8 @@ def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_lo
         ref = train("ref")
         assert ref["history"][0]["steps"] > 5  # the kill lands mid-epoch 0, after two checkpoints
         res = train("killed", kill_at_step=5, kill_rank=1)
+        # (checkpoints only every epoch: they do not change the weights, and each costs a gather)
+        fsdp = train("fsdp", {"strategy": "fsdp", "checkpoint_every": None})
     assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] == 0 and res["resumed_at"][0][1] > 0, res["resumed_at"]
     _check_history(res["history"], seed=0)
     for h_ref, h_res in zip(ref["history"], res["history"], strict=True):
@@ -165,3 +174,13 @@ def test_train_worker_killed_mid_epoch_resumes_the_same_on_policy_choices(ray_lo
         assert h_res["on_policy_fraction"] == h_ref["on_policy_fraction"]
         assert h_res["on_policy_sample_nll"] == pytest.approx(h_ref["on_policy_sample_nll"], rel=1e-4)
         assert h_res["loss"] == pytest.approx(h_ref["loss"], rel=1e-4)
+    assert caplog.text.count("train: on-policy sampling under fsdp gathers the full student on each worker") == 1
+    # fsdp: sharded (its gathered optimiser state is keyed by name, DDP's by index), same samples, same student
+    assert all(isinstance(k, str) for k in fsdp["optimizer"]["state"]) and fsdp["optimizer"]["state"]
+    assert all(isinstance(k, int) for k in ref["optimizer"]["state"])
+    for h_ref, h_fsdp in zip(ref["history"], fsdp["history"], strict=True):
+        assert h_fsdp["on_policy_tokens"] == h_ref["on_policy_tokens"] and h_fsdp["steps"] == h_ref["steps"]
+        assert h_fsdp["on_policy_sample_nll"] == pytest.approx(h_ref["on_policy_sample_nll"], rel=1e-4)
+    assert fsdp["model"].keys() == ref["model"].keys()
+    for name, want in ref["model"].items():  # same math, other reduction order (tests/test_fsdp.py)
+        assert torch.allclose(fsdp["model"][name], want, rtol=1e-4, atol=1e-5), name
