@@ -111,7 +111,7 @@ def local_on_policy(teacher, op: dict, k: int, name: str):
                                                                   for i in range(0, len(rows), c))))}
 
     o = Local.__new__(Local)
-    o.op, o.ctx, o.counters, o.k, o.seed, o.rank = op, None, OnPolicy.fresh(), k, 0, 0
+    o.op, o.ctx, o.counters, o.k, o.seed, o.rank, o.skeleton = op, None, OnPolicy.fresh(), k, 0, 0, None
     o.loss_fn = build_topk_loss(op["divergence"], beta=op["beta"], temperature=1.0)
     quiet = SimpleNamespace(set=lambda *_, **__: None, observe=lambda *_, **__: None, inc=lambda *_, **__: None)
     o.m, o.tags = {m: quiet for m in ("fraction", "score_latency", "sample_nll", "tokens")}, {}
