@@ -79,7 +79,7 @@ def test_vllm_top_p_samples_stay_in_the_teachers_nucleus(vllm_teacher, tiny_llam
         [[s["tokens"].tolist() for s in ss] for ss in cut]  # seeded: the re-run writes the same
     free = generate_with(vllm_teacher, prompts, seeds, {**opts, "top_p": 1.0})
     hf_cut = generate_with(hf, prompts, seeds, opts)
-    TOL = 2e-3  # vLLM vs hf probabilities (float32 both); the nearest written token came 2.3e-3 below P
+    TOL = 2e-3  # vLLM vs hf probabilities (float32 both); a written token lies 4e-4 inside P here
 
     def before(batch):
         return [[_mass_before(hf.model, p, s["tokens"].tolist(), T) for s in ss] for p, ss in zip(prompts, batch)]
