@@ -4,7 +4,10 @@ served by Serve for the whole training run, the student sampling on its two DDP 
   a run with fraction 0.5    -> the epochs' on-policy fractions are the seeded choices, samples
                                 were scored (tokens, a finite ensemble NLL), one deployment of each
                                 teacher served labeling, training and evaluation, and no teacher
-                                application is left up
+                                application is left up; the student's teacher_nll_of_samples, and
+                                evaluation's hook for it again with ensemble.mode mean_logit and
+                                entropy (the teachers' top-k through Serve, tail bucket), each =
+                                an in-process recomputation
   a teacher replica killed   -> Serve replaces it, the on-policy requests are retried, and the run
   during training               ends with every optimiser step of every epoch; the baseline student
                                 trained off-policy only, after the held teachers were shut down
@@ -27,6 +30,7 @@ from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from orchestrator.on_policy import is_on_policy
 from tests.helpers import write_yaml
+from tests.helpers_gen import sample_nll_in_process
 from tests.helpers_lm import lm_config
 from tests.test_faults import _actor_pids, _wait_for
 
@@ -89,6 +93,27 @@ def test_on_policy_run_trains_and_shuts_the_teachers_down(ray_local, setup, tmp_
     for teacher in ("small", "large"):
         assert len(_replicas(f"distill-onpol-{teacher}")) == 1, _replicas(f"distill-onpol-{teacher}")
     assert not {a for a in _applications() - before if a.startswith("distill-onpol-")}
+
+    # teacher_nll_of_samples, exact for mean_prob; then evaluation's hook for it (sample_eval.
+    # for_students) under the modes that ensemble the teachers' top-k, one deployment for both.
+    # Unequal weights and tau 0.5: the ensemble must get them from the config.
+    from orchestrator import teacher_pool
+    from orchestrator.prepare import prepare
+    from orchestrator.sample_eval import for_students
+    from orchestrator.store import open_store
+
+    mean_prob = report["models"]["student"]["teacher_nll_of_samples"]
+    assert mean_prob == pytest.approx(sample_nll_in_process(config_from_dict(cfg), "student"), abs=1e-4)
+    cfg["teachers"][0]["weight"] = 3.0
+    with teacher_pool.hold():
+        for mode, tau in (("mean_logit", 1.0), ("entropy", 0.5)):
+            c = config_from_dict({**cfg, "ensemble": {**cfg["ensemble"], "mode": mode, "tau": tau}})
+            vocab = open_store(c.store_path).load_manifest()["lm"]["vocab_size"]  # as evaluation takes it
+            got = for_students(c, prepare(c), {"student": state}, vocab)["student"]
+            assert "tail" in got["samples"]["approximation"], got
+            want = sample_nll_in_process(c, "student", mode, tau)
+            assert got["teacher_nll_of_samples"] == pytest.approx(want, abs=1e-4), mode
+            assert abs(want - mean_prob) > 1e-2, f"{mode} scores as mean_prob here: the check above proves little"
 
 
 def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_local, setup, tmp_path):

@@ -12,14 +12,13 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from orchestrator.cli import main
 from orchestrator.config import config_from_dict
 from tests.helpers import write_yaml
+from tests.helpers_gen import sample_nll_in_process
 from tests.helpers_lm import lm_config
 
 pytestmark = pytest.mark.slow
@@ -84,33 +83,6 @@ def test_generated_plus_reference_data_trains_students_scored_by_the_teachers_on
         assert m["samples"]["prompts"] == held_out
         assert 0 < m["samples"]["tokens"] <= held_out * SAMPLE_NEW
         assert math.isfinite(m["teacher_nll_of_samples"]) and m["teacher_nll_of_samples"] > 0
-        assert m["teacher_nll_of_samples"] == pytest.approx(_recomputed(c, name), abs=1e-3)
+        assert m["teacher_nll_of_samples"] == pytest.approx(sample_nll_in_process(c, name), abs=1e-3)
     assert not any("teacher_nll_of_samples" in report["models"][n] for n in ("small", "large", "ensemble"))
     assert "teacher_nll_of_samples" in (c.run_dir / "report.md").read_text()
-
-
-def _recomputed(c, name: str) -> float:
-    """The metric without Ray or Serve: the saved student answers each held-out prompt greedily
-    (generation.sample), each teacher scores the answer in-process, mixture by the weights."""
-    from orchestrator.generation import sample
-    from orchestrator.models import load_teacher, load_tokenizer
-    from orchestrator.students import from_state
-
-    tok = load_tokenizer(c.teachers[0].path)
-    state = torch.load(c.run_dir / "students" / f"{name}.pt", map_location="cpu", weights_only=False)
-    model = from_state({k: v for k, v in state["spec"].items() if k != "arch"}, state["model"])
-    prompts = tok(pq.read_table(c.dataset.test_source).column("prompt").to_pylist(), add_special_tokens=True)["input_ids"]
-    teachers = {t.name: (load_teacher(t.model_dump(), "lm", c.lm.k), t.weight) for t in c.teachers}
-    probs, total = [], 0
-    for p in prompts:
-        (s,), = sample(model, [p], [[0]], temperature=0.0, top_p=1.0, max_new_tokens=min(SAMPLE_NEW, c.lm.max_len - len(p)),
-                       eos_ids=[tok.eos_token_id], k=1, pad_id=tok.pad_token_id)
-        seq = p + s["tokens"].tolist()
-        rows = np.zeros((1, 3, len(seq)), np.int64)
-        rows[0, 0], rows[0, 1], rows[0, 2, len(p):] = seq, np.arange(len(seq)), 1
-        mix = sum(w * np.exp(-t.score(rows)[2].reshape(-1)) for t, w in teachers.values())
-        probs.append(mix / sum(w for _, w in teachers.values()))
-        total += len(s["tokens"])
-    nll = -np.log(np.concatenate(probs))
-    assert len(nll) == total
-    return float(nll.mean())

