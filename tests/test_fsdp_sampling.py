@@ -57,9 +57,10 @@ def _worker(rank: int, init: str, out: str) -> None:
 
 def test_samples_from_the_gathered_weights_equal_the_unsharded_models(tmp_path):
     out = str(tmp_path / "samples")
-    # fork, not spawn: a spawned child re-imports torch and transformers (tests/test_grad_clip_terms.py)
-    _llama()  # the model classes built once here, not in each forked child (seconds each on 2 busy cores)
-    mp.start_processes(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="fork")
+    # spawn, not fork: the suite's process has Ray's and torch's threads running by now, and a forked
+    # child hung in its first attention kernel (a lock or thread pool copied mid-use); spawn costs
+    # the re-imports of torch and transformers (seconds) and cannot inherit that state.
+    mp.start_processes(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="spawn")
     for rank in range(2):
         got = torch.load(f"{out}.{rank}")
         model = _llama().eval()
