@@ -5,6 +5,7 @@
   the parts                           -> shapes, end-token flags, own NLL = the teacher's score
   curation                            -> counts that add up; a re-run re-curates, no teacher work
   `distill run` on the curated data   -> a label store over the generated responses, a student
+  generate.top_p through Serve        -> every written token lies in its teacher's top-p nucleus
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from tests.test_faults import _descendants, _wait_for, _wait_gone
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 N, MAX_NEW = 2, 32
+T, TOP_P = 0.8, 0.7
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +44,35 @@ def _config(tmp: Path, setup: dict, **generate) -> dict:
     cfg = lm_config(tmp, setup, run={"name": "gen"},
                     dataset={"source": str(setup["train"]), "test_source": str(setup["test"]), "format": "prompt_response"},
                     lm={"max_len": 64, "k": 4}, ray={"num_cpus": 2},
-                    generate={"n": N, "max_new_tokens": MAX_NEW, "temperature": 0.8, "seed": 3, "block_size": 5, **generate})
+                    generate={"n": N, "max_new_tokens": MAX_NEW, "temperature": T, "top_p": TOP_P, "seed": 3, "block_size": 5,
+                              **generate})
     cfg["train"].update(epochs=1, workers=1, cpus_per_worker=1)
     cfg["eval"] = {"baseline": False, "sample_max_new_tokens": 0}  # teacher_nll_of_samples: tests/test_seqkd.py
     return cfg
 
+
+
+def _check_top_p(setup: dict, samples: dict) -> None:
+    """generate.top_p reached each replica's decode loop: every written token is in the nucleus of
+    its own teacher's distribution at T (recomputed here, in-process), and without the cut the same
+    positions would have written outside it often enough for this check to fail."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    models = {n: AutoModelForCausalLM.from_pretrained(p).eval() for n, p in setup["teachers"].items()}
+    before, outside = [], 0.0  # mass strictly above each written token; expected misses without top_p
+    for r in samples.values():
+        prompt, toks = list(r["prompt_ids"]), list(r["response_ids"])
+        with torch.no_grad():
+            logits = models[r["teacher"]](torch.tensor([prompt + toks])).logits[0, len(prompt) - 1:-1].float()
+        probs = torch.softmax(logits / T, dim=-1)
+        own = probs.gather(-1, torch.tensor(toks)[:, None])
+        before.append(((probs > own) * probs).sum(-1))
+        sorted_p = probs.sort(-1, descending=True).values
+        outside += float((sorted_p * (sorted_p.cumsum(-1) - sorted_p > TOP_P)).sum())
+    before = torch.cat(before)
+    assert float(before.max()) < TOP_P + 1e-4, "a token outside the top-p nucleus: generate.top_p did not apply"
+    assert outside > 5, outside  # sampling at T alone would have left the nucleus ~`outside` times
 
 
 def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, capsys):
@@ -91,6 +117,7 @@ def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, 
         assert np.array(r["topk_ids"]).shape == np.array(r["topk_logprobs"]).shape == (len(toks), 4)
         np.testing.assert_allclose(r["own_nll"], r[f"nll.{r['teacher']}"], atol=1e-3)  # own = served score
     finished = sum(r["finished"] for r in resumed.values())
+    _check_top_p(setup, resumed)
     assert 0 < finished < len(resumed), "the test teachers should end some responses and not others"
 
     # Curation: counts add up, and what is kept is what generated.parquet holds.
