@@ -33,18 +33,30 @@ def prepare(model, strategy: str, use_gpu: bool):
 
     if strategy == "ddp":
         return ray.train.torch.prepare_model(model)
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    if use_gpu:
+        return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=fsdp_kwargs(model))
+    model = ray.train.torch.prepare_model(model, parallel_strategy=None)
+    if ray.train.get_context().get_world_size() == 1:
+        return model  # as prepare_model: nothing to shard over
+    return fsdp_on_cpu(model)
+
+
+def fsdp_kwargs(model) -> dict:
+    """FSDP's settings for a student: use_orig_params, one unit per decoder layer (the HF model's
+    ``_no_split_modules``; none named: one unit for the whole model)."""
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = {type(m) for m in model.modules() if type(m).__name__ in names}
-    kwargs = {"use_orig_params": True, **({"auto_wrap_policy": ModuleWrapPolicy(layers)} if layers else {})}
-    if use_gpu:
-        return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs)
-    model = ray.train.torch.prepare_model(model, parallel_strategy=None)
-    if ray.train.get_context().get_world_size() == 1:
-        return model  # as prepare_model: nothing to shard over
-    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **kwargs)
+    return {"use_orig_params": True, **({"auto_wrap_policy": ModuleWrapPolicy(layers)} if layers else {})}
+
+
+def fsdp_on_cpu(model):
+    """`prepare`'s FSDP wrapper on CPU (gloo), in an initialised process group of >= 2 ranks; also
+    what benchmarks/scale_fsdp.py wraps with outside Ray Train."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **fsdp_kwargs(model))
 
 
 def _full_state_dicts(model, opt):

@@ -72,3 +72,31 @@ def test_scale_lm_online_runs_every_phase_at_tiny_size(tmp_path):
     assert figures["generate_part_rows"] == 2
     for a, b in (("cross_score_big_chunked", "cross_score_big_unchunked"),):  # same scores, chunked or not
         assert figures[f"{a}_nll_sum"] == pytest.approx(figures[f"{b}_nll_sum"], rel=1e-5)
+
+
+def test_scale_fsdp_runs_every_phase_at_tiny_size(tmp_path):
+    """benchmarks/scale_fsdp.py (its numbers are taken at ~100M parameters by hand, see BENCHMARKS.md)
+    at smoke size: two spawned gloo ranks run every phase under ddp and fsdp; FSDP holds a shard of
+    the weights, and the same weights and batch give the same loss under both wrappers (ddp through
+    the fused head, fsdp through the full logits), also after optimiser steps and with the hint term."""
+    out = tmp_path / "fsdp.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale_fsdp", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT "))
+    result = json.loads(line[len("BENCH_RESULT "):])
+    assert json.loads(out.read_text()) == result
+    f = result["figures"]
+    for rank in (0, 1):
+        for strategy in ("ddp", "fsdp"):
+            p = f"rank{rank}_{strategy}_"
+            for phase in ("build", "train_step0", "sample", "hint_step0"):
+                assert f[f"{p}{phase}_s"] > 0 and f[f"{p}{phase}_peak_rss_gib"] > 0, (p, phase)
+            assert 0 < f[f"{p}sample_tokens"] <= 2 * 4  # --tiny: 2 prompts, at most 4 new tokens
+            assert math.isfinite(f[f"{p}hint_term"]) and f[f"{p}hint_term"] > 0
+        assert f[f"rank{rank}_ddp_build_params_held"] == f["params"]
+        assert f[f"rank{rank}_fsdp_build_params_held"] < f["params"]  # a shard
+        assert f[f"rank{rank}_ddp_build_fused_head"] and not f[f"rank{rank}_fsdp_build_fused_head"]
+        for step in ("train_step0", "hint_step0"):
+            assert f[f"rank{rank}_fsdp_{step}_loss"] == pytest.approx(f[f"rank{rank}_ddp_{step}_loss"], rel=1e-3), step
+    assert len(result["ratios"]) == 2 * 6 and all(v > 0 for v in result["ratios"].values())
