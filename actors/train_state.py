@@ -22,7 +22,10 @@ def load_state(checkpoint) -> dict:
 def prepare(model, strategy: str, use_gpu: bool):
     """train.strategy: ``ddp`` (Ray Train's prepare_model), or ``fsdp``: torch's
     FullyShardedDataParallel (parameters, gradients and optimiser state sharded over the
-    workers), one FSDP unit per decoder layer (the HF model's ``_no_split_modules``).
+    workers), one FSDP unit per decoder layer (the HF model's ``_no_split_modules``). A student
+    that names none (the MLP classifier, transformers' sequence classifiers such as BERT's) is
+    sharded whole, as one unit: each forward and backward gathers all of it, so fsdp saves the
+    optimiser's and the stored weights' memory there, not the peak of one pass.
 
     On GPU that is Ray Train's prepare_model(parallel_strategy="fsdp"). Ray 2.60's prepare_model
     refuses it without CUDA ("FSDP is only available with GPU-enabled training"), and torch's
@@ -38,6 +41,9 @@ def prepare(model, strategy: str, use_gpu: bool):
 
     names = set(getattr(model, "_no_split_modules", None) or ())
     layers = {type(m) for m in model.modules() if type(m).__name__ in names}
+    if not layers and ray.train.get_context().get_world_rank() == 0:
+        print(f"train: train.strategy fsdp: {type(model).__name__} names no layer to wrap (_no_split_modules): "
+              "the whole student is one FSDP unit", flush=True)
     kwargs = {"use_orig_params": True, **({"auto_wrap_policy": ModuleWrapPolicy(layers)} if layers else {})}
     if use_gpu:
         return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs)

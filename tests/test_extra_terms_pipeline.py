@@ -133,3 +133,22 @@ def test_fsdp_trains_like_ddp_with_the_projection_and_resumes(labeled, reference
         assert torch.allclose(res["model"][name], want, rtol=1e-5, atol=1e-6), name
     for name, want in ckpt["extra_terms"].items():
         assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-5, atol=1e-6), name
+
+
+def test_fsdp_mlp_student_with_a_hint_trains_like_ddp(labeled, tmp_path, monkeypatch):
+    """The MLP student (student.arch mlp): no layer to wrap either, so FSDP shards it whole as one
+    unit; the hint's forward hook on its ReLU (net.1) still fires inside FSDP's wrapper."""
+    raw, store_path = labeled
+    terms = [{"kind": "hint", "weight": 0.5, "teacher": "mlp", "teacher_layer": "net.1", "student_layer": "net.1"},
+             {"kind": "rkd_distance", "teacher": "mlp", "teacher_layer": "net.1", "student_layer": "net.1"}]
+    mlp = {**raw, "student": {"hidden": [16]}, "train": {**raw["train"], "extra_losses": terms, "epochs": 1}}
+    (_, ddp, ddp_kept), (_, fsdp, kept) = (_train(mlp, store_path, tmp_path / s, monkeypatch, s) for s in ("ddp", "fsdp"))
+    assert all(isinstance(k, str) for k in fsdp["optimizer"]["state"]) and "extra_terms_optimizer" in kept[-1]
+    assert fsdp["model"].keys() == ddp["model"].keys()
+    for name, want in ddp["model"].items():
+        assert torch.allclose(fsdp["model"][name], want, rtol=1e-4, atol=1e-5), name
+    proj = ddp_kept[-1]["extra_terms"]
+    assert proj["losses.0.0.loss.proj.weight"].shape == (32, 16)  # student net.1 (16) -> the teacher's net.1 (32)
+    for name, want in proj.items():
+        assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-4, atol=1e-5), name
+    assert fsdp["history"][0]["extra_losses"] == pytest.approx(ddp["history"][0]["extra_losses"], rel=1e-3)
