@@ -22,7 +22,10 @@ def load_state(checkpoint) -> dict:
 def prepare(model, strategy: str, use_gpu: bool):
     """train.strategy: ``ddp`` (Ray Train's prepare_model), or ``fsdp``: torch's
     FullyShardedDataParallel (parameters, gradients and optimiser state sharded over the
-    workers), one FSDP unit per decoder layer (the HF model's ``_no_split_modules``).
+    workers), one FSDP unit per decoder layer (the HF model's ``_no_split_modules``). A student
+    that names none (the MLP classifier, transformers' sequence classifiers such as BERT's) is
+    sharded whole, as one unit: each forward and backward gathers all of it, so fsdp saves the
+    optimiser's and the stored weights' memory there, not the peak of one pass.
 
     On GPU that is Ray Train's prepare_model(parallel_strategy="fsdp"). Ray 2.60's prepare_model
     refuses it without CUDA ("FSDP is only available with GPU-enabled training"), and torch's
@@ -33,6 +36,9 @@ def prepare(model, strategy: str, use_gpu: bool):
 
     if strategy == "ddp":
         return ray.train.torch.prepare_model(model)
+    if "auto_wrap_policy" not in fsdp_kwargs(model) and ray.train.get_context().get_world_rank() == 0:
+        print(f"train: train.strategy fsdp: {type(model).__name__} names no layer to wrap (_no_split_modules): "
+              "the whole student is one FSDP unit", flush=True)
     if use_gpu:
         return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=fsdp_kwargs(model))
     model = ray.train.torch.prepare_model(model, parallel_strategy=None)

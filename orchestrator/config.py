@@ -217,7 +217,8 @@ class TrainConfig(_Strict):
     # one is exact: the epoch's batches already consumed are skipped, none seen twice or missed.
     checkpoint_every: Optional[int] = Field(None, ge=1)
     # How the student is spread over the workers: ddp (a full copy each), or fsdp (parameters,
-    # gradients and optimiser state sharded; one unit per decoder layer), for students too large for one device.
+    # gradients and optimiser state sharded; one unit per decoder layer, or the whole student as one
+    # unit when it names no such layer: the MLP and BERT-style classifiers), for students too large for one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # Feature / relation terms beside the response loss (check_extra_loss below; built by
     # orchestrator/feature_losses.py build_extra_loss; added to the train step by orchestrator/extra_terms.py).

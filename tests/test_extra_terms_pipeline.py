@@ -43,8 +43,9 @@ def labeled(ray_local, teachers, tmp_path_factory):
     return raw, cfg.store_path
 
 
-def _train(raw: dict, store_path: str, out, monkeypatch, **hooks):
-    cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": store_path}})
+def _train(raw: dict, store_path: str, out, monkeypatch, strategy: str = "ddp", **hooks):
+    cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": store_path},
+                            "train": {**raw["train"], "strategy": strategy}})
     monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
     store = LabelStore(store_path)
     store.load_manifest()
@@ -54,11 +55,19 @@ def _train(raw: dict, store_path: str, out, monkeypatch, **hooks):
     return cfg, state, [torch.load(p, weights_only=False) for p in kept]  # the last 2 kept, oldest first
 
 
-def test_trains_resumes_with_the_projection_and_exports_without_it(labeled, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def reference(labeled, tmp_path_factory):
+    """The uninterrupted DDP run (its config, final state, last two checkpoints): both tests compare with it."""
+    raw, store_path = labeled
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _train(raw, store_path, tmp_path_factory.mktemp("ref"), monkeypatch)
+
+
+def test_trains_resumes_with_the_projection_and_exports_without_it(labeled, reference, tmp_path, monkeypatch):
     from transformers import AutoModelForSequenceClassification
 
     raw, store_path = labeled
-    cfg, ref, kept = _train(raw, store_path, tmp_path / "ref", monkeypatch)
+    cfg, ref, kept = reference
     before, ref_ckpt = kept[-2:]
     # every epoch logs each term's mean (weighted) value; the terms are live and finite
     for h in ref["history"]:
@@ -86,3 +95,60 @@ def test_trains_resumes_with_the_projection_and_exports_without_it(labeled, tmp_
     model = AutoModelForSequenceClassification.from_pretrained(ref["export"], local_files_only=True)
     assert set(model.state_dict()) == set(saved["model"])
     assert model.config.num_hidden_layers == 1
+
+
+def test_fsdp_trains_like_ddp_with_the_projection_and_resumes(labeled, reference, tmp_path, monkeypatch):
+    """train.strategy fsdp: the BERT student (no ``_no_split_modules``: one FSDP unit, the whole
+    model, sharded over the 2 workers) with the hint projection beside it (replicated, its own
+    optimiser: actors/fsdp_terms.py) ends where DDP ends, student and projection; its checkpoints
+    carry the projection's optimiser; a worker killed mid-epoch 1 resumes to the same end."""
+    raw, store_path = labeled
+    _, ddp, ddp_kept = reference
+    cfg, fsdp, kept = _train(raw, store_path, tmp_path / "fsdp", monkeypatch, "fsdp")
+    ckpt, ddp_ckpt = kept[-1], ddp_kept[-1]
+    # FSDP's gathered optimiser state is keyed by parameter name, DDP's by index: FSDP did run
+    assert all(isinstance(k, str) for k in fsdp["optimizer"]["state"]) and len(fsdp["optimizer"]["state"]) > 0
+    assert all(isinstance(k, int) for k in ddp["optimizer"]["state"])
+    assert fsdp["model"].keys() == ddp["model"].keys()  # the whole model, plain names
+    for name, want in ddp["model"].items():  # same math, other reduction order
+        assert torch.allclose(fsdp["model"][name], want, rtol=1e-4, atol=1e-5), name
+    assert ckpt["extra_terms"].keys() == ddp_ckpt["extra_terms"].keys()
+    for name, want in ddp_ckpt["extra_terms"].items():  # the projection's own AdamW = DDP's shared one
+        assert torch.allclose(ckpt["extra_terms"][name], want, rtol=1e-4, atol=1e-5), name
+    for got, want in zip(fsdp["history"], ddp["history"]):
+        assert list(got["extra_losses"]) == LABELS
+        assert got["extra_losses"] == pytest.approx(want["extra_losses"], rel=1e-3)
+    # the projection's optimiser in the checkpoint (DDP keeps it in the student's), not in the student's state
+    opt = ckpt["extra_terms_optimizer"]
+    assert len(opt["optimizer"]["state"]) == 2 and opt["scheduler"]["last_epoch"] == sum(h["steps"] for h in fsdp["history"])
+    assert "extra_terms_optimizer" not in ddp_ckpt
+    saved = torch.load(cfg.run_dir / "students" / "student.pt", weights_only=False)
+    assert "extra_terms" not in saved and not any("proj" in k for k in saved["model"])
+
+    # killed mid-epoch 1: restored with the projection and its AdamW moments (fresh ones end elsewhere)
+    steps = fsdp["history"][0]["steps"]
+    _, res, kept = _train(raw, store_path, tmp_path / "killed", monkeypatch, "fsdp", kill_at_step=steps + 3, kill_rank=1)
+    assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] in (0, 1), res["resumed_at"]
+    for name, want in fsdp["model"].items():
+        assert torch.allclose(res["model"][name], want, rtol=1e-5, atol=1e-6), name
+    for name, want in ckpt["extra_terms"].items():
+        assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-5, atol=1e-6), name
+
+
+def test_fsdp_mlp_student_with_a_hint_trains_like_ddp(labeled, tmp_path, monkeypatch):
+    """The MLP student (student.arch mlp): no layer to wrap either, so FSDP shards it whole as one
+    unit; the hint's forward hook on its ReLU (net.1) still fires inside FSDP's wrapper."""
+    raw, store_path = labeled
+    terms = [{"kind": "hint", "weight": 0.5, "teacher": "mlp", "teacher_layer": "net.1", "student_layer": "net.1"},
+             {"kind": "rkd_distance", "teacher": "mlp", "teacher_layer": "net.1", "student_layer": "net.1"}]
+    mlp = {**raw, "student": {"hidden": [16]}, "train": {**raw["train"], "extra_losses": terms, "epochs": 1}}
+    (_, ddp, ddp_kept), (_, fsdp, kept) = (_train(mlp, store_path, tmp_path / s, monkeypatch, s) for s in ("ddp", "fsdp"))
+    assert all(isinstance(k, str) for k in fsdp["optimizer"]["state"]) and "extra_terms_optimizer" in kept[-1]
+    assert fsdp["model"].keys() == ddp["model"].keys()
+    for name, want in ddp["model"].items():
+        assert torch.allclose(fsdp["model"][name], want, rtol=1e-4, atol=1e-5), name
+    proj = ddp_kept[-1]["extra_terms"]
+    assert proj["losses.0.0.loss.proj.weight"].shape == (32, 16)  # student net.1 (16) -> the teacher's net.1 (32)
+    for name, want in proj.items():
+        assert torch.allclose(kept[-1]["extra_terms"][name], want, rtol=1e-4, atol=1e-5), name
+    assert fsdp["history"][0]["extra_losses"] == pytest.approx(ddp["history"][0]["extra_losses"], rel=1e-3)

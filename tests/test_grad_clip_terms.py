@@ -63,9 +63,10 @@ def _worker(rank: int, init: str, out: str) -> None:
 
 def test_two_workers_clip_the_averaged_projection_gradient(tmp_path):
     out = str(tmp_path / "applied")
-    # fork, not spawn: a spawned child re-imports torch, Ray and transformers (~25 s on 2 cores);
-    # the children only add 2x2 tensors and a gloo all-reduce.
-    mp.start_processes(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="fork")
+    # spawn, not fork: in the full suite the pytest process has Ray's and torch's threads running, and
+    # a forked child can inherit a lock or thread pool mid-use and hang (tests/test_fsdp_sampling.py
+    # did, in its first attention kernel). Spawn pays the re-imports; _worker is importable at module level.
+    mp.start_processes(_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="spawn")
     for rank in range(2):
         torch.testing.assert_close(torch.load(f"{out}.{rank}"), torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
 
@@ -103,7 +104,8 @@ def _fsdp_worker(rank: int, init: str, out: str) -> None:
 
 def test_fsdp_two_workers_clip_one_norm_over_every_shard_and_the_projections(tmp_path):
     out = str(tmp_path / "applied")
-    mp.start_processes(_fsdp_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="fork")
+    # spawn, as above: FSDP's collectives are where an inherited lock would bite
+    mp.start_processes(_fsdp_worker, args=(f"file://{tmp_path / 'rendezvous'}", out), nprocs=2, start_method="spawn")
     w = torch.tensor([[0.15, 0.2], [0.0, 0.0]])
     b = torch.tensor([0.05, 0.0])
     want = {"net.0.weight": w, "net.0.bias": b, "net.2.weight": w, "net.2.bias": b,
