@@ -36,15 +36,16 @@ def prepare(model, strategy: str, use_gpu: bool):
 
     if strategy == "ddp":
         return ray.train.torch.prepare_model(model)
-    if "auto_wrap_policy" not in fsdp_kwargs(model) and ray.train.get_context().get_world_rank() == 0:
+    kwargs = fsdp_kwargs(model)
+    if "auto_wrap_policy" not in kwargs and ray.train.get_context().get_world_rank() == 0:
         print(f"train: train.strategy fsdp: {type(model).__name__} names no layer to wrap (_no_split_modules): "
               "the whole student is one FSDP unit", flush=True)
     if use_gpu:
-        return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=fsdp_kwargs(model))
+        return ray.train.torch.prepare_model(model, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs)
     model = ray.train.torch.prepare_model(model, parallel_strategy=None)
     if ray.train.get_context().get_world_size() == 1:
         return model  # as prepare_model: nothing to shard over
-    return fsdp_on_cpu(model)
+    return fsdp_on_cpu(model, kwargs)
 
 
 def fsdp_kwargs(model) -> dict:
@@ -57,12 +58,13 @@ def fsdp_kwargs(model) -> dict:
     return {"use_orig_params": True, **({"auto_wrap_policy": ModuleWrapPolicy(layers)} if layers else {})}
 
 
-def fsdp_on_cpu(model):
+def fsdp_on_cpu(model, kwargs: dict | None = None):
     """`prepare`'s FSDP wrapper on CPU (gloo), in an initialised process group of >= 2 ranks; also
-    what benchmarks/scale_fsdp.py wraps with outside Ray Train."""
+    what benchmarks/scale_fsdp.py wraps with outside Ray Train. kwargs: fsdp_kwargs(model) (computed
+    here when not given)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **fsdp_kwargs(model))
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), **(kwargs or fsdp_kwargs(model)))
 
 
 def _full_state_dicts(model, opt):

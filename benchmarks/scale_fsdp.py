@@ -44,44 +44,31 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-GIB = 2**30
+from benchmarks.scale_lm_online import GIB, _status
+from benchmarks.scale_lm_online import Phases as OnlinePhases
+
 STRATEGIES = ("ddp", "fsdp")
 HINT_LAYER = 6  # the student's hidden state the hint reads (after decoder layer 6; clipped to the depth)
 
 
-def _status(field: str) -> float:
-    """VmRSS / VmHWM of this process in GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024 / GIB
-    raise KeyError(field)
-
-
-def _trim() -> None:
-    """Freed heap back to the kernel, then VmHWM := VmRSS: a phase's peak is its own."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-class Phases:
-    """One rank's phases: seconds, RSS at the start, own peak (and per part), under `prefix`."""
+class Phases(OnlinePhases):
+    """scale_lm_online's phases (seconds, RSS at the start, own peak, per part), per rank: both
+    ranks start each phase together, names carry `prefix` (the strategy), and the end line lists
+    the parts' peaks and any extra figures."""
 
     def __init__(self, rank: int):
-        self.rank, self.figures, self.prefix = rank, {}, ""
+        super().__init__()
+        self.rank, self.prefix = rank, ""
 
     def start(self, name: str) -> None:
         torch.distributed.barrier()  # both ranks start together: a collective inside waits for neither
-        _trim()
-        self.name, self.t0, self.rss0, self.peak, self.parts = f"{self.prefix}{name}", time.perf_counter(), \
-            _status("VmRSS"), 0.0, []
+        super().start(f"{self.prefix}{name}")
+        self.parts = []
 
-    def part(self, name: str) -> None:
-        peak = _status("VmHWM")
-        self.figures[f"{self.name}_{name}_peak_rss_gib"], self.peak = peak, max(self.peak, peak)
+    def part(self, name: str) -> float:
+        peak = super().part(name)
         self.parts.append(f"{name} {peak:.2f}")
-        _trim()
+        return peak
 
     def end(self, **extra) -> None:
         s, peak = time.perf_counter() - self.t0, max(self.peak, _status("VmHWM"))
