@@ -100,3 +100,20 @@ def test_scale_fsdp_runs_every_phase_at_tiny_size(tmp_path):
         for step in ("train_step0", "hint_step0"):
             assert f[f"rank{rank}_fsdp_{step}_loss"] == pytest.approx(f[f"rank{rank}_ddp_{step}_loss"], rel=1e-3), step
     assert len(result["ratios"]) == 2 * 6 and all(v > 0 for v in result["ratios"].values())
+
+
+def test_top_p_cost_runs_at_tiny_size(tmp_path):
+    """benchmarks/top_p_cost.py (its numbers are taken at vocab 49,152 and 151,936 by hand, see
+    BENCHMARKS.md) at smoke size: the top-k-first cut is the full sort's on every shape, and the
+    peaked rows take the top-k path while the flat ones are sorted whole."""
+    out = tmp_path / "top_p.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.top_p_cost", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    f = json.loads(out.read_text())["figures"]
+    p = "v4096_b2_"
+    assert f[p + "decode_step_ms"] > 0
+    for shape in ("zipf1.0", "zipf1.5", "flat"):
+        assert f[p + shape + "_same"] is True, shape
+        assert f[p + shape + "_topk_first_ms"] > 0 and f[p + shape + "_full_sort_ms"] > 0
+    assert f[p + "zipf1.5_rows_sorted_whole"] == 0.0 and f[p + "flat_rows_sorted_whole"] == 1.0

@@ -84,6 +84,24 @@ def test_top_p_keeps_the_nucleus():
     np.testing.assert_allclose(_filtered(logits, 1.0, 0.1).numpy(), [[0.5, 0, 0, 0]], atol=1e-6)  # the top one always
 
 
+
+def test_top_p_search_in_the_top_k_cuts_where_a_full_sort_does(monkeypatch):
+    """_filtered looks for the nucleus in the top _NUCLEUS_K first and sorts whole only the rows whose
+    top _NUCLEUS_K hold no more than top_p: both kinds of row in one batch give the full sort's cut."""
+    import orchestrator.generation as g
+
+    monkeypatch.setattr(g, "_NUCLEUS_K", 8)
+    gen = torch.Generator().manual_seed(0)
+    peaked, flat = torch.randn(3, 200, generator=gen) * 6, torch.randn(2, 200, generator=gen) * 0.1
+    logits = torch.cat([peaked, flat])
+    for temperature, top_p in ((1.0, 0.5), (0.7, 0.9), (1.3, 0.3)):
+        probs = torch.softmax(logits / temperature, -1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        top8 = sorted_p[:, :8].sum(-1)
+        assert bool((top8[:3] > top_p).all()) and bool((top8[3:] <= top_p).all())  # both paths taken
+        full = torch.zeros_like(probs).scatter(-1, order, sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p > top_p, 0.0))
+        assert torch.equal(g._filtered(logits, temperature, top_p), full)
+
 def test_mixture_nll_hand_computed():
     # Two teachers give the written token p = 1/2 and 1/4: the mixture 3/8 (equal weights), 5/16 (1:3).
     assert mixture_nll(np.log([[2.0], [4.0]]), [1, 1]) == pytest.approx(-math.log(3 / 8))
