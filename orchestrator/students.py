@@ -29,8 +29,12 @@ import torch
 from .errors import DistillError
 
 # The layout init: teacher knows: model.model.embed_tokens / .layers / .norm and lm_head, and
-# checkpoint keys model.layers.N.* (transformers' Llama family).
-TEACHER_INIT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# checkpoint keys model.layers.N.* (transformers' Llama family and the decoders built like it).
+# Each is checked by tests/test_students.py: all layers kept give the teacher's logits.
+TEACHER_INIT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2",
+                      "granite", "smollm3")
+# Config lists with one entry per decoder layer: they travel with the kept layers.
+PER_LAYER = ("layer_types", "no_rope_layers")
 INITS = ("scratch", "pretrained", "teacher")
 
 
@@ -84,7 +88,7 @@ def _teacher_student_config(spec: dict):
         arch = ", ".join(getattr(tcfg, "architectures", None) or []) or tcfg.model_type
         raise DistillError(f"student.init: teacher: {spec['path']} is a {arch} (model_type {tcfg.model_type}); "
                            f"init: teacher supports model_type {', '.join(TEACHER_INIT_TYPES)} "
-                           f"(Llama / Mistral / Qwen2 / Qwen3 layout); use init: pretrained or scratch")
+                           f"(decoder layers saved as model.layers.N); use init: pretrained or scratch")
     keep = check_layers(spec.get("layers"), tcfg.num_hidden_layers)
     return kept_config(tcfg, keep), tcfg, keep
 
@@ -93,9 +97,9 @@ def kept_config(tcfg, keep: list[int]):
     """A copy of the teacher's config with only the layers ``keep`` (their per-layer settings too)."""
     scfg = tcfg.__class__.from_dict(tcfg.to_dict())  # a copy
     scfg.num_hidden_layers = len(keep)
-    types = getattr(tcfg, "layer_types", None)
-    if types is not None:  # per-layer full / sliding attention travels with each kept layer
-        scfg.layer_types = [types[i] for i in keep]
+    for name in PER_LAYER:  # per-layer full / sliding attention, RoPE on or off: travels with each kept layer
+        if (per_layer := getattr(tcfg, name, None)) is not None:
+            setattr(scfg, name, [per_layer[i] for i in keep])
     if getattr(tcfg, "max_window_layers", None) is not None:  # Qwen2/3: layers below it use full attention
         scfg.max_window_layers = sum(1 for i in keep if i < tcfg.max_window_layers)
     return scfg

@@ -15,6 +15,7 @@ from orchestrator.models import build_student
 from orchestrator.students import build_lm_student, check_student_vocab, lm_student_config
 
 VOCAB = 97
+IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # some configs' defaults lie past VOCAB
 
 
 def tiny(model_type: str, layers: int = 4, **extra) -> dict:
@@ -40,7 +41,18 @@ def save_teacher(root, cfg: dict, seed: int = 0):
     tiny("qwen3", tie_word_embeddings=True),
     # Qwen2 with sliding attention on layers >= 2: the kept layers carry their own types
     tiny("qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=2),
-], ids=["llama", "qwen3-tied", "qwen2-sliding"])
+    # the other layouts init: teacher takes (decoder layers saved as model.layers.N), each with what
+    # sets it apart: soft-capped / scaled logits, per-layer sliding windows or RoPE, fused projections
+    tiny("gemma", head_dim=8, **IDS),
+    tiny("gemma2", head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+         layer_types=["sliding_attention", "full_attention"] * 2, **IDS),
+    tiny("gemma3_text", head_dim=8, query_pre_attn_scalar=8, sliding_window=8,
+         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"], **IDS),
+    tiny("phi3", **IDS),
+    tiny("olmo2", **IDS),
+    tiny("granite", logits_scaling=2.0, residual_multiplier=0.5, embedding_multiplier=3.0, **IDS),
+    tiny("smollm3", no_rope_layers=[1, 1, 0, 1], **IDS),
+], ids=["llama", "qwen3-tied", "qwen2-sliding", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "smollm3"])
 def teacher(request, tmp_path):
     return save_teacher(tmp_path, request.param)
 
@@ -59,8 +71,11 @@ def test_kept_layers_are_the_teachers(teacher):
     assert s.config.tie_word_embeddings == t.config.tie_word_embeddings
     if t.config.tie_word_embeddings:
         assert s.lm_head.weight.data_ptr() == s.model.embed_tokens.weight.data_ptr()
-    if getattr(t.config, "layer_types", None):
-        assert s.config.layer_types == [t.config.layer_types[0], t.config.layer_types[2]]
+    for name in ("layer_types", "no_rope_layers"):  # per-layer settings travel with their layers
+        if getattr(t.config, name, None):
+            assert getattr(s.config, name) == [getattr(t.config, name)[0], getattr(t.config, name)[2]], name
+    if t.config.model_type == "smollm3":
+        assert s.config.no_rope_layers == [1, 0]
     if t.config.model_type == "qwen2":
         assert s.config.layer_types == ["full_attention", "sliding_attention"]
         assert s.model.layers[1].self_attn.sliding_window == 8 and s.model.layers[0].self_attn.sliding_window is None
@@ -79,6 +94,22 @@ def test_all_layers_give_the_teachers_logits(teacher):
     with torch.no_grad():
         torch.testing.assert_close(s(x).logits, t(x).logits, atol=1e-5, rtol=0)
 
+
+
+def test_kept_layers_compute_what_they_computed_in_the_teacher(teacher):
+    """Layers [0, 2] of the student give the logits of the teacher cut to its layers 0 and 2 (the
+    modules themselves, so each keeps its own sliding window / RoPE setting, and the mask each is
+    given): the per-layer config lists were sliced with the layers. 20 positions: past the sliding
+    windows of 8."""
+    path, t = teacher
+    s = build_lm_student({"init": "teacher", "path": str(path), "layers": [0, 2]}).eval()
+    t.model.layers = torch.nn.ModuleList([t.model.layers[0], t.model.layers[2]])
+    t.config.num_hidden_layers = 2  # some decoders loop over layers[:num_hidden_layers]
+    if getattr(t.config, "layer_types", None):  # and pick layer i's mask by layer_types[i]
+        t.config.layer_types = [t.config.layer_types[0], t.config.layer_types[2]]
+    x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(s(x, use_cache=False).logits, t(x, use_cache=False).logits, atol=1e-5, rtol=0)
 
 def test_reordered_layers_differ_from_the_teacher(tmp_path):
     path, t = save_teacher(tmp_path, tiny("llama"))
