@@ -69,7 +69,7 @@ def teachers_for_training(cfg, prep, store):
                      "whole weights beside its shards")
         yield {**cfg.train.on_policy.model_dump(), "apps": apps, "chunk": {t.name: t.max_batch_size for t in cfg.teachers},
                "ensemble": store.manifest["ensemble"], "vocab_size": store.manifest["num_classes"],
-               "max_len": cfg.lm.max_len, "eos_ids": eos,
+               "max_len": cfg.lm.max_len, "eos_ids": eos, "vocab_limit": len(tokenizer),
                "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]}
     finally:
         if teacher_pool.release(owned):  # else a hold keeps them up for a later stage
@@ -141,7 +141,8 @@ class OnPolicy:
         seeds = [[sample_seed(self.seed, epoch, index, self.rank, i)] for i in range(len(prompts))]
         with whole_student(model, self.skeleton) as student:  # FSDP: a collective, entered by every rank alike
             out = sample(student, prompts, seeds, temperature=op["temperature"], top_p=1.0,
-                         max_new_tokens=op["max_new_tokens"], eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"]) if prompts else []
+                         max_new_tokens=op["max_new_tokens"], eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"],
+                         vocab_limit=op.get("vocab_limit")) if prompts else []
         rows = completion_rows(prompts, [s[0]["tokens"] for s in out], op["max_len"], op["pad_id"])
         tokens = sampled_tokens(rows)
         t0 = time.perf_counter()

@@ -126,7 +126,7 @@ def _run_teachers(cfg, out: Path, identity: dict, blocks: list, todo: list, eos:
                 asked = {t: handles[t].generate.remote(
                     [p.ids for p in block], [[sample_seed(g.seed, p.id, t, i) for i in range(g.n)] for p in block],
                     {"temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
-                     "eos_ids": eos[t], "pad_id": pad}) for t in writers}
+                     "eos_ids": eos[t], "pad_id": pad, "vocab_limit": len(tokenizer)}) for t in writers}
                 try:
                     answers = _timed(asked, sent)
                 except Exception as e:  # noqa: BLE001

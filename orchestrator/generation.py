@@ -46,8 +46,11 @@ def _filtered(logits: torch.Tensor, temperature: float, top_p: float) -> torch.T
 
 @torch.inference_mode()
 def sample(model, prompts: list[list[int]], seeds: list[list[int]], *, temperature: float, top_p: float,
-           max_new_tokens: int, eos_ids: list[int], k: int, pad_id: int, device=None) -> list[list[dict]]:
-    """-> per prompt, its n samples (n = len(seeds[p])). temperature 0: greedy (seeds unused)."""
+           max_new_tokens: int, eos_ids: list[int], k: int, pad_id: int, device=None,
+           vocab_limit: int | None = None) -> list[list[dict]]:
+    """-> per prompt, its n samples (n = len(seeds[p])). temperature 0: greedy (seeds unused).
+    vocab_limit: only ids below it are written (the tokenizer's tokens: a head wider than the
+    tokenizer has padding rows, which a narrower teacher could not read); top-k and NLL stay the model's."""
     device = device or next(model.parameters()).device
     rows = [p for p, s in zip(prompts, seeds) for _ in s]  # B = P x n rows, prompt-major
     gens = [torch.Generator().manual_seed(int(x)) for s in seeds for x in s]
@@ -65,6 +68,9 @@ def sample(model, prompts: list[list[int]], seeds: list[list[int]], *, temperatu
     for _ in range(max_new_tokens):
         logits = out.logits[:, -1].float()
         logp = torch.log_softmax(logits, dim=-1)
+        if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+            logits = logits.clone()
+            logits[:, vocab_limit:] = float("-inf")
         if temperature == 0:
             nxt = logits.argmax(-1)
         else:

@@ -94,19 +94,23 @@ def _first_input(train: pa.Table) -> np.ndarray:
 
 
 def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
-    """Teachers must agree on their output width (classes, or vocabulary size for LMs)."""
+    """Teachers must agree on their output width (classes) -> that width. LM teachers share one
+    tokenizer (prepare.check_vocabulary) but may differ in padding rows past it
+    (prepare.ensemble_vocab): the widest is the ensemble's vocabulary, and every teacher must
+    read every token of the data."""
     lm = "input_ids" in train.column_names
     what = "vocabulary size" if lm else "number of classes"
     widths = {n: i["num_classes"] for n, i in infos.items()}
-    if len(set(widths.values())) != 1:
+    if len(set(widths.values())) != 1 and not lm:
         raise DistillError(f"teachers disagree on the {what}: " + ", ".join(f"'{n}' has {w}" for n, w in widths.items())
                            + "; one ensemble needs teachers of the same label space (remove or fix the odd one)")
-    width = next(iter(widths.values()))
+    narrowest = min(widths, key=widths.get)
     top = int(np.max(to_numpy(train.column("input_ids")) if lm else train.column("label").to_numpy()))
-    if top >= width:
+    if top >= widths[narrowest]:
         field = "token id" if lm else "dataset.label: class id"
-        raise DistillError(f"{field} {top} found, but the teachers' {what} is {width}")
-    return width
+        who = f"teacher '{narrowest}' {what}" if lm and len(set(widths.values())) > 1 else f"teachers' {what}"
+        raise DistillError(f"{field} {top} found, but the {who} is {widths[narrowest]}")
+    return max(widths.values())
 
 
 def label_shards(cfg: DistillConfig, store: LabelStore, apps: dict[str, str], shards: list[int]) -> None:

@@ -184,9 +184,8 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
     d = cfg.dataset
     source = cfg.student_spec_source
     check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, source.get("config_file"))
-    if source["init"] != "scratch":  # the student's own config.json: vocabulary and positions, before any work
-        _check_student_source(cfg)
     tok_dir = check_vocabulary(cfg)
+    _check_student_source(cfg, tok_dir)  # the student's own config.json: vocabulary and positions, before any work
     tokenizer = load_tokenizer(tok_dir)
     if cfg.train.extra_losses:  # before labeling: terms the LM step computes, on layers the student has
         from .lm_extra_terms import check_lm_terms
@@ -254,13 +253,20 @@ def lm_student_spec(cfg: DistillConfig) -> dict:
     return source
 
 
-def _check_student_source(cfg: DistillConfig) -> None:
+def _check_student_source(cfg: DistillConfig, tok_dir) -> None:
     from .models import _check_positions
     from .students import check_student_vocab, lm_student_config
+    from .vocab import ensemble_vocab
 
     spec = lm_student_spec(cfg)
-    vocab = json.loads((Path(cfg.teachers[0].path) / "config.json").read_text()).get("vocab_size")
+    vocab, tokens = ensemble_vocab(cfg, tok_dir)
+    field = ("student.config" if cfg.student.config else "lm.student_config") if spec["init"] == "scratch" else None
     if isinstance(vocab, int):
-        check_student_vocab(spec, vocab)
+        fitted = check_student_vocab(spec, vocab, tokens, field)
+        if fitted.get("vocab_size") is not None:
+            log.info("prepare: the student's vocab_size %s resized to the ensemble's %d at build (both hold the "
+                     "tokenizer's %d tokens; new rows start as the mean row)", lm_student_config(spec).vocab_size, vocab, tokens)
+    if spec["init"] == "scratch":
+        return  # check_lm_limits checked its positions
     path = Path(spec["path"]) / "config.json"  # the pretrained dir, or the teacher whose layers it keeps
     _check_positions(f"the student (student.init {spec['init']})", path, lm_student_config(spec).to_dict(), cfg.lm.max_len)

@@ -76,21 +76,23 @@ def ensemble_nll_per_token(teachers: list[dict], weights, mode: str, tau: float,
 
 
 def student_samples(state_or_model, prompts: list[list[int]], limits: list[int], *, eos_ids: list[int], pad_id: int,
-                    temperature: float = 0.0, seed: int = 0, use_gpu: bool = False) -> list[dict]:
+                    temperature: float = 0.0, seed: int = 0, use_gpu: bool = False,
+                    vocab_limit: int | None = None) -> list[dict]:
     """A student's answers to `prompts` (a training state {spec, model}, or a loaded causal LM),
-    each cut at its limit: [{tokens [T] int32, finished}], in a Ray task."""
+    each cut at its limit: [{tokens [T] int32, finished}], in a Ray task. vocab_limit: the
+    tokenizer's token count (generation.sample: no padding row is written)."""
     import ray
 
     from .session import reraise_user_error
 
     task = ray.remote(_sample_task).options(num_cpus=1, num_gpus=1 if use_gpu else 0)
     try:
-        return ray.get(task.remote(state_or_model, prompts, limits, eos_ids, pad_id, temperature, seed))
+        return ray.get(task.remote(state_or_model, prompts, limits, eos_ids, pad_id, temperature, seed, vocab_limit))
     except Exception as e:  # noqa: BLE001
         reraise_user_error(e)
 
 
-def _sample_task(state_or_model, prompts, limits, eos_ids, pad_id, temperature, seed) -> list[dict]:
+def _sample_task(state_or_model, prompts, limits, eos_ids, pad_id, temperature, seed, vocab_limit=None) -> list[dict]:
     import torch
 
     from .generate import sample_seed
@@ -108,7 +110,7 @@ def _sample_task(state_or_model, prompts, limits, eos_ids, pad_id, temperature, 
         batch, lim = prompts[a:a + GEN_BATCH], limits[a:a + GEN_BATCH]
         seeds = [[sample_seed(seed, str(a + i), "student", 0)] for i in range(len(batch))]
         got = sample(model, batch, seeds, temperature=temperature, top_p=1.0, max_new_tokens=max(lim), eos_ids=eos_ids,
-                     k=1, pad_id=pad_id)
+                     k=1, pad_id=pad_id, vocab_limit=vocab_limit)
         for (s,), n in zip(got, lim):  # a prompt with less room stops at its own limit
             out.append({"tokens": s["tokens"][:n], "finished": s["finished"] and len(s["tokens"]) <= n})
     return out
@@ -146,14 +148,15 @@ def labels_of(samples: list[dict]) -> np.ndarray:
 
 def teacher_nll_of_samples(state_or_model, prompts: list[list[int]], handles: dict, *, ensemble: dict, k: int,
                            vocab_size: int, max_new_tokens: int, max_len: int, eos_ids: list[int], pad_id: int,
-                           temperature: float = 0.0, seed: int = 0, use_gpu: bool = False) -> dict:
+                           temperature: float = 0.0, seed: int = 0, use_gpu: bool = False,
+                           vocab_limit: int | None = None) -> dict:
     """One student (a training state, or a loaded causal LM) against the teachers behind
     `handles` ({teacher: Serve handle}, in the store's order): it answers `prompts`, the
     teachers score the answers, the ensemble's NLL per written token. Callable during training
     too (an on-policy run holds its teachers' handles already)."""
     limits = budgets(prompts, max_new_tokens, max_len)
     samples = student_samples(state_or_model, prompts, limits, eos_ids=eos_ids, pad_id=pad_id,
-                              temperature=temperature, seed=seed, use_gpu=use_gpu)
+                              temperature=temperature, seed=seed, use_gpu=use_gpu, vocab_limit=vocab_limit)
     labels = labels_of(samples)
     scores = score_samples(handles, prompts, samples, pad_id, k)
     nll, how = ensemble_nll_per_token([scores[n] for n in handles], [ensemble["weights"][n] for n in handles],
@@ -201,7 +204,8 @@ def for_students(cfg, prep, states: dict[str, dict], vocab_size: int) -> dict[st
                 out[name] = teacher_nll_of_samples(
                     state, prompts, handles, ensemble=prep.ensemble, k=cfg.lm.k, vocab_size=vocab_size,
                     max_new_tokens=cfg.eval.sample_max_new_tokens, max_len=cfg.lm.max_len, eos_ids=eos, pad_id=pad,
-                    temperature=cfg.eval.sample_temperature, seed=cfg.eval.sample_seed, use_gpu=cfg.train.use_gpu)
+                    temperature=cfg.eval.sample_temperature, seed=cfg.eval.sample_seed, use_gpu=cfg.train.use_gpu,
+                    vocab_limit=len(tokenizer))
             except Exception as e:  # noqa: BLE001
                 reraise_user_error(e)
             log.info("evaluate: '%s' answered %d held-out prompts (%d tokens); teacher NLL per token %.3f",

@@ -108,6 +108,14 @@ def kept_config(tcfg, keep: list[int]):
 def lm_student_config(spec: dict):
     """The HF config of the student ``spec`` builds, without loading any weights
     (for rebuilding a trained student from its state dict: evaluation, export)."""
+    config = _own_config(spec)
+    if spec.get("vocab_size") is not None:  # resized to the ensemble's vocabulary (check_student_vocab)
+        config.vocab_size = int(spec["vocab_size"])
+    return config
+
+
+def _own_config(spec: dict):
+    """The config of the student's source, before any resize to the ensemble's vocabulary."""
     init = _check_init(spec)
     if init == "scratch":
         from transformers import AutoConfig
@@ -144,6 +152,10 @@ def build_lm_student(spec: dict):
             model.generation_config = GenerationConfig.from_pretrained(str(spec["path"]), local_files_only=True)
         except OSError:
             pass
+    if spec.get("vocab_size") is not None and int(spec["vocab_size"]) != model.config.vocab_size:
+        from .vocab import resize_vocab
+
+        resize_vocab(model, int(spec["vocab_size"]))
     return model.train()
 
 
@@ -203,13 +215,23 @@ def student_vocab_size(spec: dict) -> int | None:
     return getattr(lm_student_config(spec), "vocab_size", None)
 
 
-def check_student_vocab(spec: dict, vocab_size: int) -> None:
-    """One-line DistillError if the student would predict over another vocabulary than the ensemble's."""
-    field = {"scratch": "student.config", "pretrained": "student.path", "teacher": "student.path"}[_check_init(spec)]
-    ours = student_vocab_size(spec)
-    if ours != vocab_size:
+def check_student_vocab(spec: dict, vocab_size: int, tokens: int | None = None, field: str | None = None) -> dict:
+    """The spec to build the student from, predicting over the ensemble's ``vocab_size`` ids; a one-line
+    DistillError naming ``field`` if it cannot. A student whose own vocab_size differs only in padding
+    rows (it holds the tokenizer's ``tokens`` ids) is resized to the ensemble's at build."""
+    init = _check_init(spec)
+    field = field or {"scratch": "student.config", "pretrained": "student.path", "teacher": "student.path"}[init]
+    spec = {k: v for k, v in spec.items() if k != "vocab_size"}
+    ours = getattr(_own_config(spec), "vocab_size", None)
+    if ours == vocab_size:
+        return spec
+    if tokens is None or not isinstance(ours, int):
         raise DistillError(f"{field}: the student's vocab_size {ours} differs from the teachers' {vocab_size}; "
                            f"the student must predict over the teachers' vocabulary")
+    if ours < tokens:
+        raise DistillError(f"{field}: the student's vocab_size {ours} is smaller than the tokenizer's {tokens} tokens; "
+                           f"the student must predict over the teachers' vocabulary")
+    return {**spec, "vocab_size": vocab_size}
 
 
 # ---- export ----------------------------------------------------------------------------------

@@ -223,10 +223,11 @@ def train_dataset(store: LabelStore, columns: list[str], rows: int, read_in_driv
 def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, list[str]]:
     """The student's build spec (plain data) and the store columns its loop reads."""
     if cfg.task == "lm":
+        from .models import load_tokenizer
         from .students import check_student_vocab
 
-        spec = lm_student_spec(cfg)
-        check_student_vocab(spec, width)
+        tokens = len(load_tokenizer(cfg.lm.tokenizer or cfg.teachers[0].path))  # as prepare.check_vocabulary
+        spec = check_student_vocab(lm_student_spec(cfg), width, tokens)  # + vocab_size: resized to the ensemble's
         ids, lps = topk_columns(SOFT_TOPK)
         packed = ["position_ids", "loss_mask"] if is_packed(rows) else []
         return {"arch": "causal_lm", **spec}, ["input_ids", *packed, ids, lps]  # top-k last (actors.student.LMBatch)

@@ -46,6 +46,23 @@ def test_greedy_equals_transformers_generate(tiny):
         assert samples[0]["tokens"].tolist() == samples[1]["tokens"].tolist()  # greedy: seeds unused
 
 
+
+def test_vocab_limit_writes_no_padding_row(tiny):
+    """A head wider than the tokenizer (padding rows, here ids 30-39 made the likeliest by a copy
+    of the model whose head favours them) writes no id past vocab_limit, greedy or sampled, while
+    its NLL / top-k stay the model's own (the padding rows are still listed)."""
+    import copy
+
+    wide = copy.deepcopy(tiny)
+    with torch.no_grad():
+        wide.lm_head.weight[30:] = wide.lm_head.weight[30:] * 0 + wide.lm_head.weight[:30].sum(0) * 3
+    free = [s for ss in _run(wide, eos_ids=[-1]) for s in ss]
+    assert max(int(s["tokens"].max()) for s in free) >= 30  # without the limit it writes them
+    for temperature in (0.0, 1.0):
+        limited = [s for ss in _run(wide, temperature=temperature, eos_ids=[-1], vocab_limit=30) for s in ss]
+        assert all(int(s["tokens"].max()) < 30 for s in limited)
+        assert any(int(s["topk_ids"].max()) >= 30 for s in limited)
+
 def test_own_nll_and_topk_are_the_teachers_at_t1(tiny):
     """The NLL and top-k kept per generated token are those of one plain forward pass over
     prompt + response (left padding and the KV cache change nothing), at T=1 whatever the

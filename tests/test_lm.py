@@ -123,6 +123,42 @@ def test_teachers_with_different_vocabularies_are_refused(lm_setup, tmp_path):
     assert code == 2 and not LabelStore(cfg.store_path).exists()
 
 
+
+def test_teachers_and_student_that_differ_in_padding_rows(lm_run, tmp_path):
+    """Checkpoints of one family pad their vocabulary differently (Qwen2.5 1.5B 151,936 rows, 7B
+    152,064, same tokenizer): here 'large' saved with 20 padding rows past the 300 tokens, beside
+    'small' (300) and a 300-row student. The run labels with both, the ensemble spans 320 ids, and
+    the student is resized to 320 and exported so; nothing is refused."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg, _ = lm_run
+    large = cfg.teachers[1].path
+    wide = AutoModelForCausalLM.from_pretrained(large, local_files_only=True)
+    wide.resize_token_embeddings(320, mean_resizing=False)
+    with torch.no_grad():  # zero rows: logit 0 for every padding id, which then takes some mass
+        wide.lm_head.weight[300:] = 0
+    wide.save_pretrained(str(tmp_path / "wide"))
+    AutoTokenizer.from_pretrained(large).save_pretrained(str(tmp_path / "wide"))
+    raw = cfg.model_dump(mode="json")
+    raw["run"]["name"] = "tinylm_padded"
+    raw["store"]["path"] = str(tmp_path / "store")
+    raw["teachers"][1]["path"] = str(tmp_path / "wide")
+    raw["train"].update(max_steps=3, epochs=5)
+    raw["eval"]["baseline"] = False
+    new = config_from_dict(raw)
+    out = pipeline.run(new)
+    store = LabelStore(new.store_path)
+    manifest = store.load_manifest()
+    assert manifest["num_classes"] == 320 and manifest["lm"]["vocab_size"] == 320
+    table = pq.ParquetDataset(store.shard_paths()).read()
+    assert int(decode_topk(table, "small", 8)[0].max()) < 300  # the narrow teacher lists only its own ids
+    assert int(decode_topk(table, "large", 8)[0].max()) < 320
+    student = AutoModelForCausalLM.from_pretrained(str(new.run_dir / "students" / "student"), local_files_only=True)
+    assert student.config.vocab_size == 320 and student.get_output_embeddings().weight.shape[0] == 320
+    for name in ("small", "large", "ensemble", "student"):
+        assert 1.0 < out["models"][name]["perplexity"] < 600, name
+
 def test_exported_student_loads_with_transformers_and_reproduces_the_reported_nll(lm_run):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

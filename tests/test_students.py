@@ -95,7 +95,6 @@ def test_all_layers_give_the_teachers_logits(teacher):
         torch.testing.assert_close(s(x).logits, t(x).logits, atol=1e-5, rtol=0)
 
 
-
 def test_kept_layers_compute_what_they_computed_in_the_teacher(teacher):
     """Layers [0, 2] of the student give the logits of the teacher cut to its layers 0 and 2 (the
     modules themselves, so each keeps its own sliding window / RoPE setting, and the mask each is
@@ -110,6 +109,7 @@ def test_kept_layers_compute_what_they_computed_in_the_teacher(teacher):
     x = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(s(x, use_cache=False).logits, t(x, use_cache=False).logits, atol=1e-5, rtol=0)
+
 
 def test_reordered_layers_differ_from_the_teacher(tmp_path):
     path, t = save_teacher(tmp_path, tiny("llama"))
@@ -151,6 +151,48 @@ def test_gpt2_teacher_is_a_clear_error(tmp_path):
     msg = str(e.value)
     assert "GPT2LMHeadModel" in msg and "gpt2" in msg and "llama, mistral, qwen2, qwen3" in msg and "\n" not in msg
 
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_student_with_other_padding_rows_is_resized_to_the_ensembles(tmp_path, tied):
+    """Qwen2.5 0.5B (151,936 rows) under 7B teachers (152,064), same 151,665 tokens, here 97 rows
+    against 105 over 90 tokens: the student keeps its rows and gains the teachers' padding ones,
+    each the mean row (so its logit is an average token's); it rebuilds and saves at 105 (the
+    export through a pipeline run: tests/test_lm.py)."""
+    from orchestrator.students import from_state
+
+    path, t = save_teacher(tmp_path, tiny("llama", layers=2, tie_word_embeddings=tied))
+    spec = check_student_vocab({"init": "pretrained", "path": str(path)}, 105, tokens=90)
+    assert spec["vocab_size"] == 105 and lm_student_config(spec).vocab_size == 105
+    s = build_lm_student(spec)
+    emb, head = s.get_input_embeddings().weight, s.get_output_embeddings().weight
+    assert emb.shape == head.shape == (105, 32) and s.config.vocab_size == 105
+    assert torch.equal(emb[:VOCAB], t.get_input_embeddings().weight)
+    assert torch.equal(head[:VOCAB], t.get_output_embeddings().weight)
+    torch.testing.assert_close(emb[VOCAB:], t.get_input_embeddings().weight.mean(0).expand(8, -1))
+    torch.testing.assert_close(head[VOCAB:], t.get_output_embeddings().weight.mean(0).expand(8, -1))
+    assert (emb.data_ptr() == head.data_ptr()) == tied
+    x = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():  # the old rows' logits are the teacher's
+        torch.testing.assert_close(s(x).logits[..., :VOCAB], t(x).logits, atol=1e-5, rtol=0)
+    again = from_state(spec, s.state_dict())  # what evaluation and export rebuild from a checkpoint
+    assert torch.equal(again.get_output_embeddings().weight, head)
+    again.save_pretrained(str(tmp_path / "export"))
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["vocab_size"] == 105
+    cut = build_lm_student(check_student_vocab({"init": "pretrained", "path": str(path)}, 92, tokens=90))
+    assert cut.get_output_embeddings().weight.shape[0] == 92  # padding rows past the tokenizer cut
+    assert torch.equal(cut.get_input_embeddings().weight, t.get_input_embeddings().weight[:92])
+
+
+def test_a_student_short_of_the_tokenizer_is_refused(tmp_path):
+    path, _ = save_teacher(tmp_path, tiny("llama", layers=2))
+    with pytest.raises(DistillError, match=r"^student.path: the student's vocab_size 97 is smaller than the "
+                                           r"tokenizer's 100 tokens; the student must predict over the teachers' vocabulary$"):
+        check_student_vocab({"init": "pretrained", "path": str(path)}, 120, tokens=100)
+    with pytest.raises(DistillError, match=r"^lm.student_config: the student's vocab_size 97 is smaller"):
+        check_student_vocab({"init": "scratch", "config": tiny("llama")}, 120, tokens=100, field="lm.student_config")
+    spec = {"init": "pretrained", "path": str(path), "vocab_size": 120}  # a stale resize is dropped when equal
+    assert check_student_vocab(spec, VOCAB, tokens=90) == {"init": "pretrained", "path": str(path)}
 
 @pytest.mark.parametrize("layers, match", [
     ([], "non-empty"), (None, "non-empty"), ([0, 4], r"\[4\] out of range; the teacher has 4 layers"),

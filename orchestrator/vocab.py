@@ -1,0 +1,53 @@
+"""The ensemble's vocabulary when checkpoints pad theirs differently. Pure torch: no Ray.
+
+Checkpoints round vocab_size up past their tokenizer for fast matmuls, by different amounts:
+Qwen2.5 0.5B-3B have 151,936 rows, 7B-72B 152,064, all over the same 151,665 tokens. Teachers
+that share a tokenizer may differ in those padding rows, which no token id reaches, and a student
+from another size of the family too. The ensemble predicts over the widest teacher's rows (a
+narrower one lists none of the extra ids in its top-k; its tail is spread over a few more ids than
+it has, a relative error of (rows difference) / V in the tail's per-id mass); the student is
+resized to them (students.check_student_vocab, build_lm_student); nothing samples an id past the
+tokenizer (generation.sample's vocab_limit), so every teacher can read every sampled token.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("distill")
+
+
+def ensemble_vocab(cfg, tok_dir) -> tuple[int | None, int]:
+    """(the ensemble's vocabulary size: the widest teacher's vocab_size, the tokenizer's token count)."""
+    from .models import load_tokenizer
+
+    tokens = len(load_tokenizer(tok_dir))
+    sizes = {t.name: json.loads((Path(t.path) / "config.json").read_text()).get("vocab_size") for t in cfg.teachers}
+    known = [v for v in sizes.values() if isinstance(v, int)]
+    vocab = max(known) if known else None
+    if len(set(known)) > 1:
+        log.info("prepare: the teachers' vocab_size differ (%s) over the tokenizer's %d tokens: padding rows; the "
+                 "ensemble predicts over the widest, %d ids", ", ".join(f"{n} {v}" for n, v in sizes.items()), tokens, vocab)
+    return vocab, tokens
+
+
+@torch.no_grad()
+def resize_vocab(model, vocab_size: int) -> None:
+    """Resize a causal LM's embeddings and head to ``vocab_size`` rows. Rows past the tokenizer are
+    padding: cut ones are never read, and new ones start as the mean of the old rows (an average
+    token's embedding, so their logits start where an average token's do), the same on every rank
+    (transformers' own mean resizing samples them)."""
+    old = model.get_input_embeddings().weight.shape[0]
+    means = [m.weight.float().mean(0) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+             if m is not None]
+    bias = getattr(model.get_output_embeddings(), "bias", None)
+    bias_mean = None if bias is None else bias.float().mean()
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old:
+        for m, mean in zip((model.get_input_embeddings(), model.get_output_embeddings()), means):
+            m.weight[old:] = mean.to(m.weight.dtype)  # a tied head is the same tensor: the same mean
+        if bias_mean is not None:
+            model.get_output_embeddings().bias[old:] = bias_mean
