@@ -8,7 +8,10 @@ assistant turn, including its end-of-turn / EOS token so the student learns to s
 - chat: the conversation rendered with the tokenizer's chat template; an assistant turn's span
   is the text between the template rendered up to the turn's generation prompt and rendered
   through the turn, so any template works whose renderings of a conversation's prefixes are
-  prefixes of the whole (one that is not is refused by name).
+  prefixes of the whole. A template that renders earlier turns differently once later ones
+  follow (Qwen3's drops an answer's reasoning after the next user turn) still locates the last
+  assistant turn: the earlier ones it cannot locate stay as context without loss, counted in one
+  log line; a conversation whose last assistant turn cannot be located is refused by name.
 Truncation: an example longer than lm.max_len keeps its first max_len tokens (its end is cut),
 so the prompt stays whole and the response is cut short; one left without a loss token (its
 prompt alone fills the window) is dropped and counted.
@@ -22,6 +25,7 @@ example per window. Padding is its own segment and never carries loss.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +73,18 @@ def tokenize_examples(tokenizer, rows: list, fmt: str, tok_dir: str) -> list[tup
         responses = tokenizer([r for _, r in rows], add_special_tokens=False)["input_ids"]
         return [(np.array([*p, *r, eos], np.int64), np.array([0] * len(p) + [1] * (len(r) + 1), np.uint8))
                 for p, r in zip(prompts, responses)]
-    return [_chat_example(tokenizer, conv, tok_dir, i) for i, conv in enumerate(rows)]
+    out = [_chat_example(tokenizer, conv, tok_dir, i) for i, conv in enumerate(rows)]
+    if skipped := sum(n for _, _, n in out):
+        logging.getLogger("distill").info(
+            "prepare: %d earlier assistant turns in %d conversations carry no loss: the chat template of %s renders "
+            "them differently once later turns follow (e.g. without their reasoning), so only what the whole "
+            "conversation shows is learned: each conversation's last assistant turn", skipped,
+            sum(1 for _, _, n in out if n), tok_dir)
+    return [(ids, mask) for ids, mask, _ in out]
 
 
-def _chat_example(tokenizer, conv: list[dict], tok_dir: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+def _chat_example(tokenizer, conv: list[dict], tok_dir: str, row: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """-> (token ids, loss mask, earlier assistant turns not located)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DistillError(f"dataset.format: chat needs a chat template, and the tokenizer in {tok_dir} has none; "
                            "use format prompt_response, or a tokenizer with a chat_template")
@@ -83,12 +95,16 @@ def _chat_example(tokenizer, conv: list[dict], tok_dir: str, row: int) -> tuple[
     def render(msgs, gen):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
-    text, spans = render(conv, False), []
+    text, spans, skipped = render(conv, False), [], 0
+    last = max(i for i, m in enumerate(conv) if m["role"] == "assistant")
     for i, m in enumerate(conv):
         if m["role"] != "assistant":
             continue
         before, through = render(conv[:i], True), render(conv[: i + 1], False)
         if not (through.startswith(before) and text.startswith(through)):
+            if i < last:  # rendered otherwise inside the whole: context only
+                skipped += 1
+                continue
             raise DistillError(f"dataset.messages: row {row}: the chat template of {tok_dir} renders a conversation's "
                                "first turns differently from the whole, so assistant turns cannot be located")
         spans.append((len(before), len(through)))
@@ -97,7 +113,7 @@ def _chat_example(tokenizer, conv: list[dict], tok_dir: str, row: int) -> tuple[
     mask = np.zeros(len(starts), np.uint8)
     for a, b in spans:
         mask[(starts >= a) & (starts < b)] = 1
-    return np.array(enc["input_ids"], np.int64), mask
+    return np.array(enc["input_ids"], np.int64), mask, skipped
 
 
 @dataclass

@@ -82,6 +82,32 @@ def test_chat_without_a_template_or_with_an_inconsistent_one_is_refused(tok):
         tok.chat_template = saved
 
 
+
+# Qwen3's way, reduced: an answer after the last user turn shows its (empty) reasoning block, and
+# earlier answers lose it, so a prefix of the conversation renders an earlier answer otherwise.
+THINKING_TEMPLATE = (
+    "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}<s>{{ m['role'] }}\n{% if m['role'] == 'assistant' and "
+    "loop.index0 > ns.last %}<think></think>{% endif %}{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_answers_keeps_the_last_one(tok, caplog):
+    conv = [{"role": "user", "content": "About if?"}, {"role": "assistant", "content": "It branches."},
+            {"role": "user", "content": "And for?"}, {"role": "assistant", "content": "It loops."}]
+    saved = tok.chat_template
+    try:
+        tok.chat_template = THINKING_TEMPLATE
+        with caplog.at_level("INFO", logger="distill"):
+            (ids, mask), = tokenize_examples(tok, [conv], "chat", "tokdir")
+        assert tok.decode(ids[mask == 1]) == "<think></think>It loops.</s>\n"
+        assert "It branches." in tok.decode(ids[mask == 0])  # the earlier answer: context, no loss
+        assert "1 earlier assistant turns in 1 conversations carry no loss" in caplog.text
+        with pytest.raises(DistillError, match="cannot be located"):  # the last answer must be located
+            tokenize_examples(tok, [conv + [{"role": "user", "content": "Thanks."}]], "chat", "tokdir")
+    finally:
+        tok.chat_template = saved
+
 def test_load_examples_names_the_bad_column_or_row(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"prompt": ["a", "b"], "response": ["x", " "]}), path)
