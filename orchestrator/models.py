@@ -19,6 +19,7 @@ one file so that the deployment and the evaluation cannot load a teacher two dif
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -215,6 +216,16 @@ def tokenizer_hash(path: str | Path) -> str | None:
     for f in found:
         h.update(f.name.encode() + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=32)
+def vocabulary_hash(path: str | Path, files: str) -> str:
+    """Hash of the id -> token map of a from_pretrained dir's tokenizer (vocabulary and added
+    tokens; `files`: its tokenizer_hash, so a changed dir is read again). Checkpoints of one family
+    can ship tokenizer files that differ in bytes (formatting, the saving library's version, the
+    pad token) and still map every id to the same token: they read the same ids."""
+    vocab = load_tokenizer(path).get_vocab()
+    return hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()[:16]
 
 
 def load_tokenizer(path: str | Path, field: str = "lm.tokenizer"):

@@ -157,10 +157,13 @@ def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
 
 
 def check_vocabulary(cfg: DistillConfig) -> str:
-    """One tokenizer per ensemble: every teacher's tokenizer files must hash the same.
+    """One tokenizer per ensemble: every teacher's tokenizer must map ids to the same tokens
+    (files that hash the same, or, if their bytes differ, the same id -> token map).
 
     Returns the tokenizer directory the pipeline tokenizes with.
     """
+    from .models import vocabulary_hash
+
     hashes = {t.name: tokenizer_hash(t.path) for t in cfg.teachers}
     missing = [n for n, h in hashes.items() if h is None]
     if missing and not cfg.lm.tokenizer:
@@ -169,12 +172,23 @@ def check_vocabulary(cfg: DistillConfig) -> str:
     ref = tokenizer_hash(tok_dir)
     if ref is None:
         raise DistillError(f"lm.tokenizer: no tokenizer files in {tok_dir}")
+    paths = {t.name: t.path for t in cfg.teachers}
+
+    def same(a_path, a_hash, b_path, b_hash) -> bool:
+        if a_hash == b_hash:
+            return True
+        if vocabulary_hash(str(a_path), a_hash) != vocabulary_hash(str(b_path), b_hash):
+            return False
+        log.info("prepare: the tokenizer files of %s and %s differ, but map every id to the same token; the ensemble "
+                 "tokenizes with %s", a_path, b_path, tok_dir)
+        return True
+
     names = [n for n, h in hashes.items() if h is not None]
     for a, b in zip(names, names[1:]):
-        if hashes[a] != hashes[b]:
+        if not same(paths[a], hashes[a], paths[b], hashes[b]):
             raise DistillError(f"teachers '{a}' and '{b}' use different vocabularies (tokenizer files differ); "
                                "one ensemble needs one tokenizer")
-    if names and hashes[names[0]] != ref:
+    if names and not same(tok_dir, ref, paths[names[0]], hashes[names[0]]):
         raise DistillError(f"lm.tokenizer {tok_dir} differs from teacher '{names[0]}' tokenizer")
     return tok_dir
 

@@ -124,6 +124,32 @@ def test_teachers_with_different_vocabularies_are_refused(lm_setup, tmp_path):
 
 
 
+
+def test_tokenizer_files_that_differ_only_in_bytes_are_one_vocabulary(lm_setup, tmp_path, caplog):
+    """A teacher re-saved with its tokenizer files reformatted and another pad token (as a
+    fine-tuning script saves it) maps every id to the same token: accepted, with a log line;
+    a tokenizer with another id -> token map is still refused (test above)."""
+    import shutil
+
+    from orchestrator.prepare import check_vocabulary
+
+    copy = tmp_path / "resaved"
+    shutil.copytree(lm_setup["teachers"]["large"], copy)
+    tok = json.loads((copy / "tokenizer.json").read_text())
+    (copy / "tokenizer.json").write_text(json.dumps(tok, indent=4, sort_keys=True))
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": config["eos_token"]}))
+    raw = lm_config(tmp_path, lm_setup)
+    raw["teachers"][1]["path"] = str(copy)
+    with caplog.at_level("INFO", logger="distill"):
+        assert check_vocabulary(config_from_dict(raw)) == str(lm_setup["teachers"]["small"])
+    assert "differ, but map every id to the same token" in caplog.text
+    tok["added_tokens"][0]["content"] = "<pad2>"  # one id now names another token
+    tok["model"]["vocab"]["<pad2>"] = tok["model"]["vocab"].pop("<pad>")
+    (copy / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(DistillError, match=r"teachers 'small' and 'large' use different vocabularies"):
+        check_vocabulary(config_from_dict(raw))
+
 def test_teachers_and_student_that_differ_in_padding_rows(lm_run, tmp_path):
     """Checkpoints of one family pad their vocabulary differently (Qwen2.5 1.5B 151,936 rows, 7B
     152,064, same tokenizer): here 'large' saved with 20 padding rows past the 300 tokens, beside
