@@ -96,7 +96,7 @@ def _first_input(train: pa.Table) -> np.ndarray:
 def _check_teachers(infos: dict[str, dict], train: pa.Table) -> int:
     """Teachers must agree on their output width (classes) -> that width. LM teachers share one
     tokenizer (prepare.check_vocabulary) but may differ in padding rows past it
-    (prepare.ensemble_vocab): the widest is the ensemble's vocabulary, and every teacher must
+    (vocab.ensemble_vocab): the widest is the ensemble's vocabulary, and every teacher must
     read every token of the data."""
     lm = "input_ids" in train.column_names
     what = "vocabulary size" if lm else "number of classes"

@@ -278,8 +278,9 @@ def _check_student_source(cfg: DistillConfig, tok_dir) -> None:
     if isinstance(vocab, int):
         fitted = check_student_vocab(spec, vocab, tokens, field)
         if fitted.get("vocab_size") is not None:
-            log.info("prepare: the student's vocab_size %s resized to the ensemble's %d at build (both hold the "
-                     "tokenizer's %d tokens; new rows start as the mean row)", lm_student_config(spec).vocab_size, vocab, tokens)
+            log.info("prepare: the student's vocab_size %s is resized to the ensemble's %d at build (it holds the "
+                     "tokenizer's %d tokens; the rest are padding rows, new ones start as the mean row)",
+                     lm_student_config(spec).vocab_size, vocab, tokens)
     if spec["init"] == "scratch":
         return  # check_lm_limits checked its positions
     path = Path(spec["path"]) / "config.json"  # the pretrained dir, or the teacher whose layers it keeps
