@@ -199,8 +199,8 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
     source = cfg.student_spec_source
     check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, source.get("config_file"))
     tok_dir = check_vocabulary(cfg)
-    _check_student_source(cfg, tok_dir)  # the student's own config.json: vocabulary and positions, before any work
     tokenizer = load_tokenizer(tok_dir)
+    _check_student_source(cfg, len(tokenizer))  # the student's own config.json: vocabulary and positions, before any work
     if cfg.train.extra_losses:  # before labeling: terms the LM step computes, on layers the student has
         from .lm_extra_terms import check_lm_terms
 
@@ -267,13 +267,14 @@ def lm_student_spec(cfg: DistillConfig) -> dict:
     return source
 
 
-def _check_student_source(cfg: DistillConfig, tok_dir) -> None:
+def _check_student_source(cfg: DistillConfig, tokens: int) -> None:
+    """tokens: the ensemble tokenizer's token count."""
     from .models import _check_positions
     from .students import check_student_vocab, lm_student_config
     from .vocab import ensemble_vocab
 
     spec = lm_student_spec(cfg)
-    vocab, tokens = ensemble_vocab(cfg, tok_dir)
+    vocab = ensemble_vocab(cfg, tokens)
     field = ("student.config" if cfg.student.config else "lm.student_config") if spec["init"] == "scratch" else None
     if isinstance(vocab, int):
         fitted = check_student_vocab(spec, vocab, tokens, field)

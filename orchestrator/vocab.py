@@ -22,18 +22,16 @@ import torch
 log = logging.getLogger("distill")
 
 
-def ensemble_vocab(cfg, tok_dir) -> tuple[int | None, int]:
-    """(the ensemble's vocabulary size: the widest teacher's vocab_size, the tokenizer's token count)."""
-    from .models import load_tokenizer
-
-    tokens = len(load_tokenizer(tok_dir))
+def ensemble_vocab(cfg, tokens: int) -> int | None:
+    """The ensemble's vocabulary size: the widest teacher's vocab_size (tokens: the tokenizer's token
+    count, for the log line)."""
     sizes = {t.name: json.loads((Path(t.path) / "config.json").read_text()).get("vocab_size") for t in cfg.teachers}
     known = [v for v in sizes.values() if isinstance(v, int)]
     vocab = max(known) if known else None
     if len(set(known)) > 1:
         log.info("prepare: the teachers' vocab_size differ (%s) over the tokenizer's %d tokens: padding rows; the "
                  "ensemble predicts over the widest, %d ids", ", ".join(f"{n} {v}" for n, v in sizes.items()), tokens, vocab)
-    return vocab, tokens
+    return vocab
 
 
 @torch.no_grad()
