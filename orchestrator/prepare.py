@@ -17,7 +17,8 @@ from .datasets import (content_ids, features_of, fingerprint, load_dataset, load
 from .errors import DistillError
 from .feature_capture import check_layers
 from .instruct import example_table, load_examples, pack_examples, tokenize_examples
-from .models import check_lm_limits, load_tokenizer, teacher_fingerprint, tokenizer_files, tokenizer_hash
+from .models import (check_lm_limits, load_tokenizer, same_vocabulary, teacher_fingerprint, tokenizer_files,
+                     tokenizer_hash)
 from .store import SCHEMA_VERSION
 
 log = logging.getLogger("distill")
@@ -131,13 +132,20 @@ def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
     ref = tokenizer_hash(tok_dir)
     if ref is None:
         raise DistillError(f"student.tokenizer: no tokenizer files in {tok_dir}")
-    for t in cfg.teachers:
-        if t.backend == "hf" and tokenizer_hash(t.path) != ref:
-            raise DistillError(f"teacher '{t.name}': dataset.text is tokenized with {tok_dir}, and {t.path} has "
-                               "other (or no) tokenizer files; an hf teacher must share the tokenizer (and its padding)")
     tokenizer = load_tokenizer(tok_dir, "student.tokenizer")
     if tokenizer.pad_token_id is None:
         raise DistillError(f"student.tokenizer: {tok_dir} defines no pad token to pad the texts with")
+    for t in cfg.teachers:
+        if t.backend != "hf" or tokenizer_hash(t.path) == ref:
+            continue
+        # Re-saved files (reformatted, another library version) are fine if the teacher reads the
+        # same ids and masks the same pad id (ClassifierTeacher takes it from its own tokenizer).
+        pad = load_tokenizer(t.path, f"teacher '{t.name}'").pad_token_id if tokenizer_files(t.path) else None
+        if not same_vocabulary(tok_dir, t.path) or pad != tokenizer.pad_token_id:
+            raise DistillError(f"teacher '{t.name}': dataset.text is tokenized with {tok_dir}, and {t.path} has "
+                               "other (or no) tokenizer files; an hf teacher must share the tokenizer (and its padding)")
+        log.info("prepare: the tokenizer files of %s and %s differ, but map every id to the same token and pad "
+                 "with id %d; dataset.text is tokenized with %s", tok_dir, t.path, pad, tok_dir)
     configs = [cls_student_config(lm_student_spec(cfg)).to_dict()]
     configs += [json.loads((Path(t.path) / "config.json").read_text()) for t in cfg.teachers if t.backend == "hf"]
     limits = [c[k] for c in configs for k in POSITION_KEYS[:1] if isinstance(c.get(k), int)]
@@ -162,8 +170,6 @@ def check_vocabulary(cfg: DistillConfig) -> str:
 
     Returns the tokenizer directory the pipeline tokenizes with.
     """
-    from .models import vocabulary_hash
-
     hashes = {t.name: tokenizer_hash(t.path) for t in cfg.teachers}
     missing = [n for n, h in hashes.items() if h is None]
     if missing and not cfg.lm.tokenizer:
@@ -177,7 +183,7 @@ def check_vocabulary(cfg: DistillConfig) -> str:
     def same(a_path, a_hash, b_path, b_hash) -> bool:
         if a_hash == b_hash:
             return True
-        if vocabulary_hash(str(a_path), a_hash) != vocabulary_hash(str(b_path), b_hash):
+        if not same_vocabulary(a_path, b_path):
             return False
         log.info("prepare: the tokenizer files of %s and %s differ, but map every id to the same token; the ensemble "
                  "tokenizes with %s", a_path, b_path, tok_dir)

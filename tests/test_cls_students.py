@@ -300,6 +300,37 @@ def test_text_needs_a_tokenizer_shared_by_the_hf_teachers(text_setup):
         prepare(config_from_dict(_text_cfg(tmp, path, tokenizer=str(other))))
 
 
+def test_text_tokenizer_resaved_in_other_bytes_is_the_same_tokenizer(text_setup, caplog):
+    """student.tokenizer a re-saved copy of the teacher's tokenizer (reformatted tokenizer.json, as
+    a fine-tuning script saves it): the same ids and pad id, so accepted with a log line, and the
+    rows are the teacher tokenizer's; the copy with another pad token is refused (the teacher
+    would read the texts' padding as tokens)."""
+    import shutil
+
+    from orchestrator.datasets import features_of
+    from orchestrator.prepare import prepare
+
+    tmp, tok, path, _, texts = text_setup
+    copy = tmp / "resaved"
+    copy.mkdir()
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (path / f).is_file():
+            shutil.copy(path / f, copy / f)
+    raw = json.loads((copy / "tokenizer.json").read_text())
+    (copy / "tokenizer.json").write_text(json.dumps(raw, indent=4, sort_keys=True))
+    with caplog.at_level("INFO", logger="distill"):
+        prep = prepare(config_from_dict(_text_cfg(tmp, path, tokenizer=str(copy))))
+    assert "differ, but map every id to the same token and pad with id" in caplog.text
+    x = features_of(prep.train)
+    assert {tuple(r[r != tok.pad_token_id].astype(int)) for r in x} <= {tuple(tok(t)["input_ids"]) for t in texts}
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    (copy / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": config["eos_token"]}))
+    for f in ("special_tokens_map.json",):
+        (copy / f).unlink(missing_ok=True)
+    with pytest.raises(DistillError, match=r"teacher 'bert': dataset\.text is tokenized with .*resaved"):
+        prepare(config_from_dict(_text_cfg(tmp, path, tokenizer=str(copy))))
+
+
 def test_text_and_features_together_are_refused(text_setup):
     tmp, _, path, _, _ = text_setup
     cfg = _text_cfg(tmp, path)
