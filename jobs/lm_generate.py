@@ -16,8 +16,11 @@ Overrides apply to every command (e.g. `train.seed=1 run.name=lm_generate_s1`). 
 data and the label stores live under <output_dir>/lm_generate_data and are shared by every seed
 (they do not depend on train.seed): a second seed only trains and evaluates. `--variants a,b`
 runs only those training sets (`--variants none`: generate only); the table shows every
-variant whose report is there.
+variant whose report is there. `--generated-fraction F` (0 < F <= 1) puts the teachers' answers
+to only a fraction F of the prompts into the mixed set (all references stay; the prompts are
+chosen by a hash of their id, so every seed gets the same ones): a smaller dose of generated data.
 """
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -36,12 +39,21 @@ def _override(overrides: list[str], key: str, default: str) -> str:
     return vals[-1] if vals else default
 
 
-def _split(curated: Path) -> dict[str, Path]:
-    """The curated file (teacher answers + reference answers) -> the two training sets."""
+def _chosen(prompt_id: str, fraction: float) -> bool:
+    """Stable across runs and seeds: sha1 of the prompt id, read as a number in [0, 1)."""
+    return int(hashlib.sha1(prompt_id.encode()).hexdigest(), 16) / 16 ** 40 < fraction
+
+
+def _split(curated: Path, fraction: float = 1.0) -> dict[str, Path]:
+    """The curated file (teacher answers + reference answers) -> the two training sets; the mixed
+    set keeps every reference and the teachers' answers to a `fraction` of the prompts."""
     table = pq.read_table(curated)
-    out = {"generated": curated.with_name("generated_only.parquet"), "mixed": curated.with_name("mixed.parquet")}
-    pq.write_table(table.filter(pc.equal(table.column("origin"), "teacher")), out["generated"])
-    pq.write_table(table, out["mixed"])
+    teacher = pc.equal(table.column("origin"), "teacher")
+    mixed = "mixed.parquet" if fraction == 1.0 else f"mixed_f{fraction:g}.parquet"
+    out = {"generated": curated.with_name("generated_only.parquet"), "mixed": curated.with_name(mixed)}
+    pq.write_table(table.filter(teacher), out["generated"])
+    keep = [not t or _chosen(p, fraction) for t, p in zip(teacher.to_pylist(), table.column("prompt_id").to_pylist())]
+    pq.write_table(table.filter(keep), out["mixed"])
     return out
 
 
@@ -61,15 +73,26 @@ if __name__ == "__main__":
         args = args[:at] + args[at + 2:]
         if unknown := [v for v in chosen if v not in VARIANTS]:
             sys.exit(f"error: --variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)}, or none)")
+    fraction = 1.0
+    if "--generated-fraction" in args:
+        at = args.index("--generated-fraction")
+        try:
+            fraction = float(args[at + 1])
+        except (IndexError, ValueError):
+            fraction = -1.0
+        if not 0 < fraction <= 1:
+            sys.exit("error: --generated-fraction: give a number in (0, 1], e.g. --generated-fraction 0.33")
+        args = args[:at] + args[at + 2:]
     overrides = args
     name, root = _override(overrides, "run.name", "lm_generate"), Path(_override(overrides, "output_dir", "runs"))
     data = Path(_override(overrides, "generate.output", str(root / "lm_generate_data")))
     if code := main(["generate", str(CONFIG), *overrides, f"generate.output={data}", "generate.include_reference=true"]):
         sys.exit(code)
     sources = {"reference": _override(overrides, "dataset.source", "artifacts/teachers/instruct/data/train.parquet"),
-               **{k: str(v) for k, v in _split(data / "generated.parquet").items()}}
+               **{k: str(v) for k, v in _split(data / "generated.parquet", fraction).items()}}
     for v in chosen:
-        run = [f"run.name={name}_{v}", f"dataset.source={sources[v]}", f"store.path={data / ('store_' + v)}"]
+        store = "store_" + v + (f"_f{fraction:g}" if v == "mixed" and fraction != 1.0 else "")
+        run = [f"run.name={name}_{v}", f"dataset.source={sources[v]}", f"store.path={data / store}"]
         if code := main(["run", str(CONFIG), *overrides, *run]):
             sys.exit(code)
     reports = {v: json.loads(p.read_text()) for v in VARIANTS if (p := root / f"{name}_{v}" / "report.json").exists()}
