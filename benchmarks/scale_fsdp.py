@@ -1,9 +1,9 @@
 """train.strategy fsdp against ddp at ~100M parameters on CPU: a plain LM train step, on-policy
-sampling, and a train step with an LM hint term, per rank, in 2 processes (spawned, gloo), with
+sampling, and a train step with an LM hint term, per rank, in --ranks processes (default 2; spawned, gloo), with
 no Ray (the numbers are those of the train workers' own code; Ray Train only starts them).
 
     python -m benchmarks.scale_fsdp [--vocab 49152] [--hidden 768] [--layers 12] [--batch 4]
-        [--length 256] [--prompt 256] [--new 32] [--steps 2] [--threads 1]
+        [--length 256] [--prompt 256] [--new 32] [--steps 2] [--threads 1] [--ranks 2]
         [--out benchmarks/results_scale_fsdp.json] [--tiny]
 
 The student: a Llama built from a config (random weights, tied embeddings; hidden 768, 12 layers,
@@ -121,6 +121,19 @@ def _batch(a, rank: int, step: int, resolved: list[dict] | None) -> dict:
     return batch
 
 
+def release_flat_grads(model) -> None:
+    """--release-grads: free each FSDP unit's sharded flat gradient right after the step. With
+    use_orig_params, zero_grad(set_to_none=True) drops the original parameters' grads but not the
+    flat one they view; FSDP frees it itself (``_reset_flat_param_grad_info_if_needed``) at the next
+    forward, summon_full_params or state_dict call, so it is held only between those: the "at rest"
+    RSS here. The train loop leaves it to FSDP (no peak changes); this measures what it holds."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        if unit._handle is not None:
+            unit._handle._reset_flat_param_grad_info_if_needed()
+
+
 def _train_step(ph, name, model, loss_fn, batch, config, terms, head, opt, sched, terms_opt) -> None:
     from actors.student import _lm_step, _optimiser_step
 
@@ -130,6 +143,8 @@ def _train_step(ph, name, model, loss_fn, batch, config, terms, head, opt, sched
     loss.backward()
     ph.part("backward")
     _optimiser_step(model, opt, sched, config["grad_clip"], terms, terms_opt)
+    if config.get("release_grads"):
+        release_flat_grads(model)
     ph.part("optimiser")
     ph.end(tokens=n, loss=round(float(loss.detach()), 4))
 
@@ -159,7 +174,7 @@ def _strategy(rank: int, strategy: str, a, ph: Phases) -> None:
     else:
         model = torch.nn.parallel.DistributedDataParallel(model)  # = ray.train.torch.prepare_model on CPU
     own = fsdp_terms.is_fsdp(model)
-    config = {"k": a.k, "lr": 1e-5, "weight_decay": 0.01, "grad_clip": 1.0}
+    config = {"k": a.k, "lr": 1e-5, "weight_decay": 0.01, "grad_clip": 1.0, "release_grads": a.release_grads}
     opt = torch.optim.AdamW([*model.parameters(), *(terms.parameters() if not own else [])], lr=config["lr"],
                             weight_decay=config["weight_decay"])
     schedule = functools.partial(lr_lambda, warmup_steps=1, total_steps=100, schedule="cosine", min_ratio=0.1)
@@ -193,7 +208,7 @@ def _strategy(rank: int, strategy: str, a, ph: Phases) -> None:
 
 def _worker(rank: int, init: str, a, out: str) -> None:
     torch.set_num_threads(a.threads)
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=a.ranks)
     try:
         ph = Phases(rank)
         for strategy in a.strategies:
@@ -231,6 +246,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--teacher-width", type=int, default=1024, help="the hint's teacher feature width")
     ap.add_argument("--steps", type=int, default=2, help="train steps and hint steps each (the first makes AdamW's state)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--ranks", type=int, default=2, help="processes (world size): fsdp's shards are 1/ranks each")
+    ap.add_argument("--release-grads", action="store_true", help="free FSDP's sharded flat gradients after each step")
     ap.add_argument("--strategies", default=",".join(STRATEGIES))
     ap.add_argument("--tiny", action="store_true", help="smoke sizes (seconds): vocab 512, hidden 64, 2 layers")
     ap.add_argument("--out", default=None, help="write the result as JSON here (default: nowhere)")
@@ -243,12 +260,12 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="scale_fsdp-") as d:
         out = os.path.join(d, "figures")
         # spawn, not fork (tests/test_fsdp_sampling.py: a forked child hung in its first sdpa kernel)
-        mp.start_processes(_worker, args=(f"file://{d}/rendezvous", a, out), nprocs=2, start_method="spawn")
-        ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+        mp.start_processes(_worker, args=(f"file://{d}/rendezvous", a, out), nprocs=a.ranks, start_method="spawn")
+        ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(a.ranks)]
     s0 = ranks[0][f"{a.strategies[0]}_build_params"]
     figures = {"params": s0, "weights_f32_gib": s0 * 4 / GIB, "vocab": a.vocab, "hidden": a.hidden, "layers": a.layers,
                "batch": a.batch, "length": a.length, "prompt_tokens": a.prompt, "max_new_tokens": a.new, "k": a.k,
-               "teacher_width": a.teacher_width, "steps": a.steps, "threads_per_rank": a.threads,
+               "teacher_width": a.teacher_width, "steps": a.steps, "threads_per_rank": a.threads, "ranks": a.ranks, "release_grads": a.release_grads,
                "wall_s": time.perf_counter() - t0,
                **{f"rank{r}_{k}": v for r, f in enumerate(ranks) for k, v in f.items()}}
     ratios = {}
