@@ -41,11 +41,13 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
     if cfg.task == "lm":
         vocab = store.load_manifest()["lm"]["vocab_size"]
         rows, labels = lm_rows(prep.test)
-        # One deployment serves both the missing held-out scores and teacher_nll_of_samples.
+        # One deployment serves both the missing held-out scores and teacher_nll_of_samples. The
+        # students' own tasks come first (and their answers before the teachers are deployed, in
+        # _sample_scores): on a cluster the teachers fill, a student task beside them never starts.
         with ray_session(cfg, quiet), teacher_pool.hold():
-            t_scores = teacher_scores(cfg, prep, teachers, rows)
             s_scores = {n: {**score_student(cfg, s, rows), "loss": s.get("loss")} for n, s in states.items()}
             samples = _sample_scores(cfg, prep, states, vocab)
+            t_scores = teacher_scores(cfg, prep, teachers, rows)
         results = {**evaluate_lm(labels, t_scores, prep.ensemble, s_scores, cfg.lm.k, vocab), "test_rows": len(rows)}
         for n, extra in samples.items():  # beside each student's reference perplexity
             results["models"][n].update(extra)

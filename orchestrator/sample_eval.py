@@ -12,7 +12,9 @@ student predicts the given answers; this says how good its own answers are to th
 
 Pure parts (no Ray): `held_out_prompts`, `budgets`, `ensemble_nll_per_token`.
 Ray parts: `student_samples` (a Ray task, like evaluation.score_student), `score_samples`
-(Serve handles), and `teacher_nll_of_samples` / `for_students`, what evaluation calls.
+(Serve handles), `nll_of_answers` (the two after sampling), and `teacher_nll_of_samples` /
+`for_students`, what evaluation calls (for_students: every student's answers before the teachers
+are deployed).
 The driver holds the prompts' and answers' token ids and per-token [N, k] scores only.
 """
 from __future__ import annotations
@@ -157,6 +159,14 @@ def teacher_nll_of_samples(state_or_model, prompts: list[list[int]], handles: di
     limits = budgets(prompts, max_new_tokens, max_len)
     samples = student_samples(state_or_model, prompts, limits, eos_ids=eos_ids, pad_id=pad_id,
                               temperature=temperature, seed=seed, use_gpu=use_gpu, vocab_limit=vocab_limit)
+    return nll_of_answers(samples, prompts, handles, ensemble=ensemble, k=k, vocab_size=vocab_size, pad_id=pad_id,
+                          max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+def nll_of_answers(samples: list[dict], prompts: list[list[int]], handles: dict, *, ensemble: dict, k: int,
+                   vocab_size: int, pad_id: int, max_new_tokens: int, temperature: float) -> dict:
+    """A student's answers (student_samples) scored by the teachers behind `handles`: the
+    ensemble's NLL per written token, and the answers' lengths."""
     labels = labels_of(samples)
     scores = score_samples(handles, prompts, samples, pad_id, k)
     nll, how = ensemble_nll_per_token([scores[n] for n in handles], [ensemble["weights"][n] for n in handles],
@@ -193,21 +203,27 @@ def for_students(cfg, prep, states: dict[str, dict], vocab_size: int) -> dict[st
     tokenizer = load_tokenizer(prep.tokenizer)
     eos = sorted({e for t in cfg.teachers for e in eos_ids(t.name, Path(t.path), tokenizer)})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    e = cfg.eval
+    # Every student answers first, in its own task, before this deploys any teacher: a cluster the
+    # teachers fill (their GPUs, or all the CPUs) has no room for a student task beside them.
+    limits = budgets(prompts, e.sample_max_new_tokens, cfg.lm.max_len)
+    answers = {}
+    for name, state in states.items():
+        answers[name] = student_samples(state, prompts, limits, eos_ids=eos, pad_id=pad, temperature=e.sample_temperature,
+                                        seed=e.sample_seed, use_gpu=cfg.train.use_gpu, vocab_limit=len(tokenizer))
     teachers = sorted((t.model_dump() for t in cfg.teachers), key=lambda t: t["name"])
     apps = serve_teachers.attach([t for t in teachers if t["serve_app"]])
     owned = teacher_pool.deploy(cfg.run.name, [t for t in teachers if not t["serve_app"]], cfg.task, cfg.lm.k)
     try:
         handles = {t["name"]: serve.get_app_handle({**apps, **owned}[t["name"]]) for t in teachers}
         out = {}
-        for name, state in states.items():
+        for name, samples in answers.items():
             try:
-                out[name] = teacher_nll_of_samples(
-                    state, prompts, handles, ensemble=prep.ensemble, k=cfg.lm.k, vocab_size=vocab_size,
-                    max_new_tokens=cfg.eval.sample_max_new_tokens, max_len=cfg.lm.max_len, eos_ids=eos, pad_id=pad,
-                    temperature=cfg.eval.sample_temperature, seed=cfg.eval.sample_seed, use_gpu=cfg.train.use_gpu,
-                    vocab_limit=len(tokenizer))
-            except Exception as e:  # noqa: BLE001
-                reraise_user_error(e)
+                out[name] = nll_of_answers(samples, prompts, handles, ensemble=prep.ensemble, k=cfg.lm.k,
+                                           vocab_size=vocab_size, pad_id=pad, max_new_tokens=e.sample_max_new_tokens,
+                                           temperature=e.sample_temperature)
+            except Exception as err:  # noqa: BLE001
+                reraise_user_error(err)
             log.info("evaluate: '%s' answered %d held-out prompts (%d tokens); teacher NLL per token %.3f",
                      name, len(prompts), out[name]["samples"]["tokens"], out[name]["teacher_nll_of_samples"])
         return out

@@ -73,7 +73,10 @@ def test_generated_plus_reference_data_trains_students_scored_by_the_teachers_on
     assert set(firsts.values()) == {"reference"}  # each prompt's reference answer comes first
 
     # distill run on the mixed data: every student has teacher_nll_of_samples beside its perplexity.
-    run_cfg = {**cfg, "dataset": {**cfg["dataset"], "source": str(out / "generated.parquet")}}
+    # The teachers take both of the cluster's CPUs: evaluation runs the students' tasks (scores,
+    # answers) before it deploys them again, or those tasks would wait for a CPU for ever.
+    run_cfg = {**cfg, "dataset": {**cfg["dataset"], "source": str(out / "generated.parquet")},
+               "teachers": [{**t, "num_cpus": 1.0} for t in cfg["teachers"]]}
     assert main(["run", str(write_yaml(tmp_path / "run.yaml", run_cfg)), "-q"]) == 0
     c = config_from_dict(run_cfg)
     report = json.loads((c.run_dir / "report.json").read_text())
