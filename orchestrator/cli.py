@@ -76,7 +76,7 @@ def _run(args, quiet: bool) -> None:
 
 
 def _command(args, cfg, quiet: bool) -> None:
-    from . import pipeline
+    from . import pipeline, resources
 
     if args.command == "generate":  # orchestrator/generate.py
         from .generate import generate
@@ -102,6 +102,7 @@ def _command(args, cfg, quiet: bool) -> None:
             store = pipeline.label(cfg, prep, reensemble=True)
         else:
             with pipeline.ray_session(cfg, quiet):
+                resources.check(cfg, ("label",))
                 store = pipeline.label(cfg, prep)
         _inspect(store.uri, as_json=False)
         return
@@ -114,6 +115,7 @@ def _command(args, cfg, quiet: bool) -> None:
         prep = pipeline.prepare(cfg)
         store = pipeline.open_complete_store(cfg, prep)
         with pipeline.ray_session(cfg, quiet):
+            resources.check(cfg, ("train",))
             pipeline.train_students(cfg, prep, store)
         print(f"trained students in {cfg.run_dir / 'students'}")
         return

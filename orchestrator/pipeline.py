@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from . import metrics, teacher_pool
+from . import metrics, resources, teacher_pool
 from .config import DistillConfig
 from .evaluation import evaluate_and_report
 from .labeling import label
@@ -35,6 +35,7 @@ def run(cfg: DistillConfig, quiet: bool = False) -> dict:
     prep = prepare(cfg)
     # Serve teachers needed by several stages (train.on_policy) are deployed once: teacher_pool.py.
     with ray_session(cfg, quiet), teacher_pool.for_run(cfg):
+        resources.check(cfg)  # a stage the cluster cannot place would wait for ever: refused here
         with metrics.stage(name, "label", timings):
             label(cfg, prep)
         with metrics.stage(name, "train", timings):

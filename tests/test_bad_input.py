@@ -132,6 +132,9 @@ def _section(name: str, **kv):
         (_section("train", on_policy={"fraction": 0.5}),
          r"train\.on_policy: needs task lm with instruction data \(dataset\.format prompt_response or chat\), "
          r"got task classification; remove train\.on_policy"),
+        # the embedded Ray of the tests has 2 CPUs: a teacher asking for 3 would wait for ever
+        (_teacher(0, num_cpus=3), r"resources: label holds [\d.]+ CPU at once \(teachers\[\]\.replicas x num_cpus / "
+                                  r"num_gpus\) and the cluster has 2 .*raise ray\.num_cpus"),
     ],
     ids=["mistyped-key", "unknown-section", "wrong-type", "section-not-a-mapping", "negative-size", "negative-limit",
          "unknown-backend", "unknown-mode", "unknown-loss", "unknown-label-executor",
@@ -140,7 +143,7 @@ def _section(name: str, **kv):
          "lm-key-on-classification", "text-column-on-classification", "store-path-not-creatable",
          "store-path-unreachable-bucket",
          "engine-on-a-torch-teacher", "tensor-parallel-below-1", "tensor-parallel-without-gpus", "health-check-timeout-0",
-         "on-policy-fraction-above-1", "on-policy-on-classification"],
+         "on-policy-fraction-above-1", "on-policy-on-classification", "teachers-need-more-cpus-than-the-cluster"],
 )
 def test_config_errors(good, tmp_path, capsys, change, expect):
     _check(capsys, good, tmp_path, _like_good(good, change), expect)
