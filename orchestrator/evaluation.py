@@ -31,6 +31,8 @@ IN_FLIGHT = 4  # held-out batches outstanding per teacher: bounded memory, repli
 
 def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, dict] | None = None,
                         quiet: bool = False) -> dict:
+    import ray
+
     from .evaluate import evaluate, evaluate_lm, lm_rows
 
     if states is None:
@@ -45,8 +47,11 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
         # students' own tasks come first (and their answers before the teachers are deployed, in
         # _sample_scores): on a cluster the teachers fill, a student task beside them never starts.
         with ray_session(cfg, quiet), teacher_pool.hold():
-            s_scores = {n: {**score_student(cfg, s, rows), "loss": s.get("loss")} for n, s in states.items()}
-            samples = _sample_scores(cfg, prep, states, vocab)
+            # Each student goes to the object store once, for both of its tasks (a task argument
+            # is serialised by the driver at every call).
+            refs = {n: ray.put({"spec": s["spec"], "model": s["model"]}) for n, s in states.items()}
+            s_scores = {n: {**score_student(cfg, refs[n], rows), "loss": s.get("loss")} for n, s in states.items()}
+            samples = _sample_scores(cfg, prep, refs, vocab)
             t_scores = teacher_scores(cfg, prep, teachers, rows)
         results = {**evaluate_lm(labels, t_scores, prep.ensemble, s_scores, cfg.lm.k, vocab), "test_rows": len(rows)}
         for n, extra in samples.items():  # beside each student's reference perplexity
@@ -63,13 +68,16 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
 def load_students(cfg: DistillConfig) -> dict[str, dict]:
     import torch
 
+    from .training import drop_training_state
+
     names = ["student", "student_hard"] if cfg.eval.baseline else ["student"]
     states = {}
     for n in names:
         p = cfg.run_dir / "students" / f"{n}.pt"
         if not p.exists():
             raise DistillError(f"no trained '{n}' at {p}: run `distill train` first")
-        states[n] = torch.load(p, map_location="cpu", weights_only=False)
+        # mmap: the optimiser's part of the file is dropped without being read
+        states[n] = drop_training_state(torch.load(p, map_location="cpu", weights_only=False, mmap=True))
     return states
 
 

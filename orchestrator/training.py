@@ -144,8 +144,17 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     import torch
 
     torch.save(state, out / f"{name}.pt")  # the full state (optimiser too), for resuming and `distill export`
+    drop_training_state(state)
     if cfg.task == "lm" or cfg.student.arch == "hf":
         state["export"] = str(export(state, prep, out / name, cls_tokenizer(cfg)))
+    return state
+
+
+def drop_training_state(state: dict) -> dict:
+    """What the driver keeps of a trained student: spec, weights, history. AdamW's state is twice
+    the float32 weights (a 1B student: 8 GB more in the driver); it stays in students/NAME.pt."""
+    for key in ("optimizer", "scheduler", "rng"):
+        state.pop(key, None)
     return state
 
 
