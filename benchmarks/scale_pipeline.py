@@ -10,6 +10,17 @@ the teachers' Serve deployments and a Ray task for the student.
 train.on_policy on every batch (the student samples --new tokens on its Ray Train worker, the
 Serve teachers score them) and eval.sample_max_new_tokens = --new (teacher_nll_of_samples).
 
+    python -m benchmarks.scale_pipeline --generate --train 32 --test 8 --len 384 --new 64
+
+--generate: `distill generate` on the train prompts (n 2 per teacher, temperature 1, cross-scored,
+curated), then `distill run` on the curated teacher answers (SeqKD + KD) with
+eval.sample_max_new_tokens = --new. A random-weight teacher never ends an answer on its own, and
+curation drops answers that reach max_new_tokens unended, so the teachers are built with their
+end token's logit raised to --eos-logit on average over random text (`raise_eos`; at the default 1.0
+about 9 in 10 answers of a 640-wide, 8-layer teacher end within 64 tokens, among the tokenizer's
+300 ids): what
+the answers say is noise, but their lengths, the curation and the stores are a real teacher's.
+
 The driver's peak RSS (ru_maxrss of this process, which runs the pipeline) is reported with
 the stage times; run it at two --test sizes to see whether the driver's memory grows with the
 held-out split. Prints `BENCH_RESULT {json}` at the end. No timing asserts.
@@ -26,7 +37,25 @@ import time
 from pathlib import Path
 
 
-def build_teachers(root: Path, vocab: int, length: int, n: int, hidden: int, layers: int) -> None:
+def raise_eos(model, tokens: int, eos: int, logit: float) -> None:
+    """Give every position one shared direction u (added to every token's embedding, at the
+    embeddings' own norm), and point the end token's head row along it, scaled so that its logit
+    averages `logit` over random text: the model then ends its answers now and then. (A random
+    model's hidden states share no direction of their own to use.)"""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    emb = model.get_input_embeddings().weight
+    u = torch.randn(emb.shape[1], generator=g)
+    u /= u.norm()
+    x = torch.randint(3, tokens, (4, 64), generator=g)
+    with torch.no_grad():
+        emb += emb.norm(dim=1).mean() * u
+        h = model(x, output_hidden_states=True).hidden_states[-1]  # after the final norm: what the head reads
+        model.lm_head.weight[eos] = logit * u / (h @ u).mean()
+
+
+def build_teachers(root: Path, vocab: int, length: int, n: int, hidden: int, layers: int, eos_logit: float | None = None) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -40,6 +69,8 @@ def build_teachers(root: Path, vocab: int, length: int, n: int, hidden: int, lay
                           max_position_embeddings=length + 1,
                           tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         model = LlamaForCausalLM(cfg)
+        if eos_logit is not None:
+            raise_eos(model, len(tok), tok.eos_token_id, eos_logit)
         params[name] = sum(p.numel() for p in model.parameters())
         model.save_pretrained(str(root / name))
         tok.save_pretrained(str(root / name))
@@ -57,10 +88,14 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=640)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--on-policy", action="store_true", help="prompt_response data, train.on_policy, teacher_nll_of_samples")
-    ap.add_argument("--new", type=int, default=64, help="--on-policy: max_new_tokens of on-policy and sample eval")
+    ap.add_argument("--new", type=int, default=64, help="--on-policy / --generate: max_new_tokens (and of sample eval)")
+    ap.add_argument("--generate", action="store_true", help="distill generate on the train prompts, then SeqKD on the answers")
+    ap.add_argument("--eos-logit", type=float, default=1.0, help="--generate: the teachers' mean end-token logit")
     args = ap.parse_args()
     if args.build:
-        return build_teachers(Path(args.build), args.vocab, args.len, args.teachers, args.hidden, args.layers)
+        return build_teachers(Path(args.build), args.vocab, args.len, args.teachers, args.hidden, args.layers,
+                              args.eos_logit if args.generate else None)
+    import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pydoc_data.topics import topics
@@ -77,7 +112,7 @@ def main() -> None:
     need = args.train + args.test
     if len(docs) < need:
         raise SystemExit(f"only {len(docs)} documents for {need} windows")
-    if args.on_policy:  # a prompt of about --len - --new tokens (this tokenizer: ~0.72 tokens a character), an answer
+    if args.on_policy or args.generate:  # a prompt of about --len - --new tokens (this tokenizer: ~0.72 tokens a character), an answer
         cut = (args.len - args.new) * 5 // 4
         table = {"prompt": [d[:cut] for d in docs], "response": [d[cut:cut + args.new] or "." for d in docs]}
     else:
@@ -87,7 +122,8 @@ def main() -> None:
     # The teachers are built in a child process: this process is the driver being measured.
     subprocess.run([sys.executable, "-m", "benchmarks.scale_pipeline", "--build", str(root), "--vocab", str(args.vocab),
                     "--len", str(args.len), "--teachers", str(args.teachers), "--hidden", str(args.hidden),
-                    "--layers", str(args.layers)], check=True)
+                    "--layers", str(args.layers), *(["--generate", "--eos-logit", str(args.eos_logit)] if args.generate else [])],
+                   check=True)
     params = json.loads((root / "params.json").read_text())
     raw = {"run": {"name": "scale"}, "task": "lm", "output_dir": str(root / "runs"),
            "dataset": {"source": str(root / "train.parquet"), "test_source": str(root / "test.parquet")},
@@ -103,6 +139,26 @@ def main() -> None:
         raw["dataset"]["format"] = "prompt_response"
         raw["train"]["on_policy"] = {"fraction": 1.0, "max_new_tokens": args.new}
         raw["eval"]["sample_max_new_tokens"] = args.new
+    gen = None
+    if args.generate:
+        from orchestrator.generate import generate
+
+        raw["dataset"]["format"] = "prompt_response"
+        raw["generate"] = {"n": 2, "temperature": 1.0, "max_new_tokens": args.new, "seed": 0, "block_size": 8,
+                           "cross_score": args.teachers > 1, "output": str(root / "generated")}
+        raw["eval"]["sample_max_new_tokens"] = args.new
+        raw["train"]["alpha"] = 0.5  # SeqKD (hard CE on the written tokens) + KD on the ensembled top-k
+        t0 = time.perf_counter()
+        gen = generate(config_from_dict(raw), quiet=True)
+        gen_s = time.perf_counter() - t0
+        answers = pq.read_table(gen["dataset"], columns=["response_ids"]).column("response_ids").to_pylist()
+        gen = {"wall_s": gen_s, "total": gen["total"], "kept": gen["kept"], "dropped": gen["dropped"],
+               "per_teacher": gen["per_teacher"], "kept_mean_tokens": float(np.mean([len(a) for a in answers])) if answers else 0.0,
+               "tokens_per_s": {t: r["tokens_per_s"] for t, r in gen["throughput"].items()}}
+        print(f"[scale_pipeline] generate: {gen}", flush=True)
+        if not gen["kept"]:
+            raise SystemExit("no generated answer survived curation: raise --eos-logit or --new")
+        raw["dataset"]["source"] = str(root / "generated" / "generated.parquet")
     t0 = time.perf_counter()
     out = pipeline.run(config_from_dict(raw), quiet=True)
     wall = time.perf_counter() - t0
@@ -118,7 +174,8 @@ def main() -> None:
                "perplexity": {n: m["perplexity"] for n, m in models.items()}, "stage_s": stages,
                "teacher_nll_of_samples": {n: m["teacher_nll_of_samples"] for n, m in models.items()
                                           if "teacher_nll_of_samples" in m},
-               "on_policy": args.on_policy, "new_tokens": args.new if args.on_policy else None,
+               "on_policy": args.on_policy, "new_tokens": args.new if args.on_policy or args.generate else None,
+               "generate": gen, "store_bytes": sum(f.stat().st_size for f in (root / "runs").rglob("*.parquet")),
                # the train history's on-policy figures (actors/on_policy.py epoch_metrics), last epoch
                "train_on_policy": {k: v for k, v in json.loads(Path(out["report"]).read_text())["curves"]["student"][-1].items()
                                    if k.startswith("on_policy")}}
