@@ -14,9 +14,12 @@ STATE_FILE = "state.pt"
 HISTORY_FILE = "history.json"
 
 
-def load_state(checkpoint) -> dict:
+def load_state(checkpoint, mmap: bool = False) -> dict:
+    """mmap (the driver, after training): tensors are read from the file as they are touched, so
+    writing students/NAME.pt streams the optimiser's state instead of holding all of it (a file
+    mapping stays valid after Ray removes a downloaded copy of a remote checkpoint)."""
     with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False, mmap=mmap)
 
 
 def prepare(model, strategy: str, use_gpu: bool):

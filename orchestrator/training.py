@@ -42,15 +42,15 @@ def train_students(cfg: DistillConfig, prep: Prepared, store: LabelStore | None 
     from actors.on_policy import teachers_for_training
 
     with teachers_for_training(cfg, prep, store) as on_policy:  # train.on_policy: Serve teachers up meanwhile
-        states = {"student": train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha, on_policy=on_policy,
-                                   extra_losses=cfg.train.extra_losses)}
+        states = {"student": drop_training_state(train(cfg, prep, store, "student", cfg.train.loss, cfg.train.alpha,
+                                                       on_policy=on_policy, extra_losses=cfg.train.extra_losses))}
     if cfg.eval.baseline:  # same student, same budget, hard labels only: kd with alpha=1 is plain CE
         from . import teacher_pool
 
         teacher_pool.end("the hard-label baseline (eval.baseline) trains without them")  # when pipeline.run held them
         if cfg.train.extra_losses:
             log.info("train: student_hard trains on the hard labels only (no soft labels, no train.extra_losses)")
-        states["student_hard"] = train(cfg, prep, store, "student_hard", "kd", 1.0)
+        states["student_hard"] = drop_training_state(train(cfg, prep, store, "student_hard", "kd", 1.0))
     return states
 
 
@@ -136,7 +136,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
                                         f"checkpoints kept in {storage}/{run_name}: {last_line(e)}")
     if result.checkpoint is None:
         raise DistillError(f"training '{name}' produced no checkpoint (see {storage}/{run_name})")
-    state = load_state(result.checkpoint)
+    state = load_state(result.checkpoint, mmap=True)
     state["loss"] = loss
     state.pop("extra_terms", None)  # the hint projections train with the student but are not part of it
     out = cfg.run_dir / "students"
@@ -144,15 +144,15 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
     import torch
 
     torch.save(state, out / f"{name}.pt")  # the full state (optimiser too), for resuming and `distill export`
-    drop_training_state(state)
     if cfg.task == "lm" or cfg.student.arch == "hf":
         state["export"] = str(export(state, prep, out / name, cls_tokenizer(cfg)))
     return state
 
 
 def drop_training_state(state: dict) -> dict:
-    """What the driver keeps of a trained student: spec, weights, history. AdamW's state is twice
-    the float32 weights (a 1B student: 8 GB more in the driver); it stays in students/NAME.pt."""
+    """What the driver keeps of a trained student for evaluation: spec, weights, history. AdamW's
+    state is twice the float32 weights (a 1B student: 8 GB more in the driver); it stays in
+    students/NAME.pt (and `train` returns it, memory-mapped from the checkpoint)."""
     for key in ("optimizer", "scheduler", "rng"):
         state.pop(key, None)
     return state
