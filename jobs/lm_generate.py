@@ -57,6 +57,12 @@ def _split(curated: Path, fraction: float = 1.0) -> dict[str, Path]:
     return out
 
 
+def _refuse(message: str) -> None:
+    """Bad input to this job: one `error:` line and exit 2, as the distill commands do."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def steps(report: dict, student: str) -> int:
     return sum(h["steps"] for h in report["curves"][student])
 
@@ -72,7 +78,7 @@ if __name__ == "__main__":
         chosen = [v for v in args[at + 1].split(",") if v != "none"]
         args = args[:at] + args[at + 2:]
         if unknown := [v for v in chosen if v not in VARIANTS]:
-            sys.exit(f"error: --variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)}, or none)")
+            _refuse(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)}, or none)")
     fraction = 1.0
     if "--generated-fraction" in args:
         at = args.index("--generated-fraction")
@@ -81,7 +87,7 @@ if __name__ == "__main__":
         except (IndexError, ValueError):
             fraction = -1.0
         if not 0 < fraction <= 1:
-            sys.exit("error: --generated-fraction: give a number in (0, 1], e.g. --generated-fraction 0.33")
+            _refuse("--generated-fraction: give a number in (0, 1], e.g. --generated-fraction 0.33")
         args = args[:at] + args[at + 2:]
     overrides = args
     name, root = _override(overrides, "run.name", "lm_generate"), Path(_override(overrides, "output_dir", "runs"))
