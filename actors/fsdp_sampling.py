@@ -52,6 +52,15 @@ class _Bound:
     def parameters(self):
         return iter(self.weights.values())
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What the unwrapped student's state_dict holds (no non-persistent buffers such as RoPE's
+        inv_freq, which no checkpoint has): the vllm sampler copies these in."""
+        return {n: self.weights[n] for n in self.skel.state_dict()}
+
+    @property
+    def config(self):
+        return self.skel.config
+
 
 @contextlib.contextmanager
 def whole_student(model, skel: torch.nn.Module | None):

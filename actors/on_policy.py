@@ -102,6 +102,7 @@ class OnPolicy:
         # skeleton (train.strategy fsdp): the student's weightless copy that samples with the
         # gathered weights (actors/fsdp_sampling.py); None: sample with the (DDP) module itself
         self.op, self.ctx, self.counters, self.skeleton = config.get("on_policy"), ctx, self.fresh(), skeleton
+        self.vllm = None  # train.on_policy.sampler vllm: orchestrator/vllm_sampler.py, built when first needed
         if not self.op:  # inert: no on-policy batch, nothing checkpointed or reported
             return
         from ray import serve
@@ -140,9 +141,12 @@ class OnPolicy:
         module = model.module if hasattr(model, "module") else model
         seeds = [[sample_seed(self.seed, epoch, index, self.rank, i)] for i in range(len(prompts))]
         with whole_student(model, self.skeleton) as student:  # FSDP: a collective, entered by every rank alike
-            out = sample(student, prompts, seeds, temperature=op["temperature"], top_p=1.0,
-                         max_new_tokens=op["max_new_tokens"], eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"],
-                         vocab_limit=op.get("vocab_limit")) if prompts else []
+            if op.get("sampler") == "vllm":
+                out = self._vllm_sample(student, prompts, seeds)
+            else:
+                out = sample(student, prompts, seeds, temperature=op["temperature"], top_p=1.0,
+                             max_new_tokens=op["max_new_tokens"], eos_ids=op["eos_ids"], k=1, pad_id=op["pad_id"],
+                             vocab_limit=op.get("vocab_limit")) if prompts else []
         rows = completion_rows(prompts, [s[0]["tokens"] for s in out], op["max_len"], op["pad_id"])
         tokens = sampled_tokens(rows)
         t0 = time.perf_counter()
@@ -160,6 +164,21 @@ class OnPolicy:
         self.m["sample_nll"].set(nll, tags=self.tags)
         self.m["tokens"].inc(len(tokens), tags=self.tags)
         return loss, len(tokens)
+
+    def _vllm_sample(self, student, prompts: list, seeds: list) -> list:
+        """train.on_policy.sampler vllm: the engine (built at the first on-policy batch, on every
+        rank alike: joining the ranks' group is a collective) gets the current weights, then samples."""
+        from orchestrator.vllm_sampler import VLLMSampler
+
+        op = self.op
+        if self.vllm is None:
+            self.vllm = VLLMSampler(student.config, op["max_len"], op["max_new_tokens"], op.get("engine"),
+                                    local_rank=self.ctx.get_local_rank())
+        if not prompts:
+            return []
+        self.vllm.sync(student.state_dict().items())
+        return self.vllm.sample(prompts, seeds, temperature=op["temperature"], max_new_tokens=op["max_new_tokens"],
+                                eos_ids=op["eos_ids"], vocab_limit=op.get("vocab_limit"))
 
     def _score(self, rows: np.ndarray) -> dict[str, tuple]:
         """Every teacher's (top-k ids, log-probs, NLL) of the rows' sampled positions, all teachers

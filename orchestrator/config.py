@@ -185,6 +185,19 @@ class OnPolicyConfig(_Strict):
     every: int = Field(1, ge=1)  # only every N-th batch is considered (1: every batch)
     divergence: Literal["reverse_kl", "jsd", "forward_kl"] = "reverse_kl"  # over the sampled positions
     beta: float = Field(0.5, ge=0, le=1)  # jsd: mixture weight
+    # hf: our decode loop (orchestrator/generation.py) on the training student; vllm: a vLLM engine
+    # on each train worker, the student's weights copied into it before every on-policy batch
+    # (orchestrator/vllm_sampler.py). engine: that engine's settings (sampler vllm only).
+    sampler: Literal["hf", "vllm"] = "hf"
+    engine: Optional[EngineConfig] = None
+
+    @model_validator(mode="after")
+    def _engine_with_vllm(self):
+        if self.engine is not None and self.sampler != "vllm":
+            raise ValueError("engine: vLLM engine settings apply to sampler vllm only; set sampler: vllm or remove engine")
+        if self.engine is not None and self.engine.tensor_parallel_size != 1:
+            raise ValueError("engine.tensor_parallel_size: the on-policy sampler runs on one train worker's device: use 1")
+        return self
 
 
 class TrainConfig(_Strict):

@@ -288,6 +288,10 @@ def _check_student_source(cfg: DistillConfig, tokens: int) -> None:
             log.info("prepare: the student's vocab_size %s is resized to the ensemble's %d at build (it holds the "
                      "tokenizer's %d tokens; the rest are padding rows, new ones start as the mean row)",
                      lm_student_config(spec).vocab_size, vocab, tokens)
+    if cfg.train.on_policy is not None and cfg.train.on_policy.sampler == "vllm":  # vLLM can build it
+        from .vllm_sampler import check_student
+
+        check_student(lm_student_config(spec))
     if spec["init"] == "scratch":
         return  # check_lm_limits checked its positions
     path = Path(spec["path"]) / "config.json"  # the pretrained dir, or the teacher whose layers it keeps

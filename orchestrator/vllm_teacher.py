@@ -31,7 +31,8 @@ DEFAULT_KV_CACHE_GIB = 1
 GPU_MEMORY_FRACTION = 0.9
 
 
-def engine_args(cfg: dict, on_gpu: bool, max_model_len: int) -> tuple[dict, list[str]]:
+def engine_args(cfg: dict, on_gpu: bool, max_model_len: int,
+                gpu_default: tuple[float, str] | None = None) -> tuple[dict, list[str]]:
     """``teachers[].engine`` -> ``vllm.LLM`` keyword arguments, and for each one the reason.
 
     Pure (no vLLM import): ``on_gpu`` is the platform vLLM runs on; ``max_model_len`` the default
@@ -40,6 +41,8 @@ def engine_args(cfg: dict, on_gpu: bool, max_model_len: int) -> tuple[dict, list
     (``num_gpus: 0.5`` -> two replicas per GPU -> 0.45 each), KV cache sized by that fraction;
     CPU: float32, eager, a 1 GiB KV cache. Tensor parallelism uses Ray workers in the
     replica's placement group (actors/teacher.py build_app makes one bundle per GPU).
+    gpu_default: (fraction, why) instead, for an engine that shares its GPU with training
+    (orchestrator/vllm_sampler.py).
     """
     engine = cfg.get("engine") or {}
     tp = int(engine.get("tensor_parallel_size") or 1)
@@ -47,8 +50,8 @@ def engine_args(cfg: dict, on_gpu: bool, max_model_len: int) -> tuple[dict, list
     defaults = {  # key: (value, why), per platform
         "dtype": ("auto", "GPU: the checkpoint's dtype") if on_gpu else ("float32", "CPU: float32, as the hf backend"),
         "enforce_eager": (False, "GPU: CUDA graphs") if on_gpu else (True, "CPU: no graphs to capture"),
-        "gpu_memory_utilization": (round(GPU_MEMORY_FRACTION * share, 4), f"GPU: {GPU_MEMORY_FRACTION} x this replica's "
-                                   f"share of its GPU ({share:g})") if on_gpu else (None, "CPU: unused, KV cache is kv_cache_gib"),
+        "gpu_memory_utilization": (gpu_default or (round(GPU_MEMORY_FRACTION * share, 4), f"GPU: {GPU_MEMORY_FRACTION} x this "
+                                   f"replica's share of its GPU ({share:g})")) if on_gpu else (None, "CPU: unused, KV cache is kv_cache_gib"),
         "kv_cache_gib": (None, "GPU: sized by gpu_memory_utilization") if on_gpu else (DEFAULT_KV_CACHE_GIB, "CPU default"),
         "max_model_len": (max_model_len, "the checkpoint's max_position_embeddings"),
         "max_num_seqs": (None, "vLLM's default"),
@@ -231,7 +234,7 @@ def _read_config(path: Path, who: str) -> dict:
         raise DistillError(f"{who}: {path} is not a from_pretrained directory (config.json: {e})") from None
 
 
-def _check_head_size(model_cfg: dict, who: str) -> None:
+def _check_head_size(model_cfg: dict, who: str, instead: str = "use backend hf for this model") -> None:
     """vLLM's CPU attention supports a fixed list of head sizes (32, 64, 80, ...); others fail only at
     the first forward pass, deep inside a kernel: say it at load time instead."""
     try:
@@ -248,4 +251,4 @@ def _check_head_size(model_cfg: dict, who: str) -> None:
     head = model_cfg.get("head_dim") or (model_cfg.get("hidden_size", 0) // heads if heads else None)
     if head and head not in supported:
         raise DistillError(f"{who}: vLLM on CPU does not support attention head size {head} "
-                           f"(supported: {', '.join(map(str, supported))}); use backend hf for this model")
+                           f"(supported: {', '.join(map(str, supported))}); {instead}")

@@ -330,9 +330,13 @@ def _texts(tmp: Path, texts: list[str]) -> dict:
          r"lm\.max_len: 32 tokens is longer than the whole text \(\d+ tokens\); give more text or a smaller lm\.max_len"),
         (lambda t: {"train": {"on_policy": {"fraction": 0.5}}},
          r"train\.on_policy: needs task lm with instruction data .*got dataset\.format text \(no prompts\)"),
+        (lambda t: {"train": {"on_policy": {"engine": {"dtype": "bfloat16"}}}},
+         r"train\.on_policy: engine: vLLM engine settings apply to sampler vllm only; set sampler: vllm or remove engine"),
+        (lambda t: {"train": {"on_policy": {"sampler": "vllm", "engine": {"tensor_parallel_size": 2}}}},
+         r"train\.on_policy: engine\.tensor_parallel_size: the on-policy sampler runs on one train worker's device: use 1"),
     ],
     ids=["lm-k-larger-than-vocab", "lm-max-len-beyond-positions", "lm-empty-texts", "lm-text-shorter-than-a-window",
-         "on-policy-on-text-data"],
+         "on-policy-on-text-data", "on-policy-engine-without-vllm-sampler", "on-policy-vllm-sampler-tensor-parallel"],
 )
 def test_lm_errors(good, lm_files, tmp_path, capsys, sections, expect):
     _check(capsys, good, tmp_path, _lm_like_good(good, lm_files, tmp_path, **sections(tmp_path)), expect)
@@ -372,9 +376,13 @@ def _lm_on_policy(c: dict, t: Path) -> None:
         (lambda c, t: (_lm_features()(c, t), _lm_on_policy(c, t)),
          r"train\.extra_losses: not with train\.on_policy \(the student's sampled sequences have no stored teacher "
          r"features\); remove one of them"),
+        (lambda c, t: (_lm_on_policy(c, t), c["train"]["on_policy"].update(sampler="vllm")),
+         r"train\.on_policy\.sampler vllm: vLLM on CPU does not support attention head size 8 \(supported: .*\); "
+         r"use sampler: hf"),
     ],
     ids=["lm-features-index-out-of-range", "lm-features-on-vllm", "lm-extra-loss-attention", "lm-extra-loss-relation-per-token",
-         "lm-extra-loss-student-layer-out-of-range", "lm-extra-loss-with-on-policy"],
+         "lm-extra-loss-student-layer-out-of-range", "lm-extra-loss-with-on-policy",
+         "lm-on-policy-vllm-sampler-head-size"],
 )
 def test_lm_feature_errors(good, lm_files, tmp_path, capsys, change, expect):
     cfg = _lm_like_good(good, lm_files, tmp_path)

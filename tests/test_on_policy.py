@@ -142,7 +142,7 @@ def _instruct_cfg(**train):
 def test_config_defaults_and_limits():
     cfg = config_from_dict(_instruct_cfg(on_policy={"fraction": 0.25}))
     assert cfg.train.on_policy.model_dump() == {"fraction": 0.25, "max_new_tokens": 32, "temperature": 1.0, "every": 1,
-                                                "divergence": "reverse_kl", "beta": 0.5}
+                                                "divergence": "reverse_kl", "beta": 0.5, "sampler": "hf", "engine": None}
     assert config_from_dict(_instruct_cfg()).train.on_policy is None
     # fsdp: each worker gathers the whole student to sample (actors/fsdp_sampling.py), no longer refused
     assert config_from_dict(_instruct_cfg(on_policy={}, strategy="fsdp")).train.strategy == "fsdp"
