@@ -117,3 +117,19 @@ def test_top_p_cost_runs_at_tiny_size(tmp_path):
         assert f[p + shape + "_same"] is True, shape
         assert f[p + shape + "_topk_first_ms"] > 0 and f[p + shape + "_full_sort_ms"] > 0
     assert f[p + "zipf1.5_rows_sorted_whole"] == 0.0 and f[p + "flat_rows_sorted_whole"] == 1.0
+
+
+def test_scale_vllm_sampler_runs_at_tiny_size(tmp_path):
+    """benchmarks/scale_vllm_sampler.py (numbers taken at ~100M by hand, BENCHMARKS.md) at smoke size,
+    in a child process: both samplers run, and greedy they agree (a tiny model has no near-ties)."""
+    out = tmp_path / "sampler.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.scale_vllm_sampler", "--tiny", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH_RESULT "))
+    figures = json.loads(line[len("BENCH_RESULT "):])["figures"]
+    assert json.loads(out.read_text()) == figures
+    for tag in ("hf_sampled", "hf_greedy", "vllm_sampled", "vllm_greedy"):
+        assert figures[f"{tag}_s"] > 0 and figures[f"{tag}_tokens"] > 0, tag
+    assert figures["vllm_build_s"] > 0 and figures["vllm_sync_s"] > 0
+    assert figures["greedy_same_share"] == 1.0

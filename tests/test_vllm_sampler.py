@@ -59,7 +59,10 @@ def test_vllm_sampler_follows_the_synced_weights(tmp_path):
     b = sampler.sample(prompts, [[1, 2], [3, 4]], **seeded)
     assert [[s["tokens"].tolist() for s in p] for p in a] == [[s["tokens"].tolist() for s in p] for p in b]
     drawn = np.concatenate([s["tokens"] for p in a for s in p])
-    assert len(drawn) and drawn.max() < 50  # vocab_limit: never a padding row of a wider head
+    assert len(drawn) and drawn.max() < 50  # vocab_limit: never a padding row of a wider head (allowed ids)
+    wide = sampler.sample(prompts, [[1, 2], [3, 4]], **{**seeded, "vocab_limit": 200})  # few padding rows: a -100 bias
+    drawn = np.concatenate([s["tokens"] for p in wide for s in p])
+    assert len(drawn) >= 20 and drawn.max() < 200  # unbanned, a third of 40 random draws would land >= 200
     assert len({tuple(s["tokens"]) for p in a for s in p}) > 1  # the seeds differ, so do the samples
     # A prompt that fills max_model_len (32 + 10) leaves no room: an empty sample, not an engine error.
     full = sampler.sample([list(range(5, 47))], [[0]], **kw)
