@@ -47,6 +47,9 @@ def evaluate_and_report(cfg: DistillConfig, prep: Prepared, states: dict[str, di
         # students' own tasks come first (and their answers before the teachers are deployed, in
         # _sample_scores): on a cluster the teachers fill, a student task beside them never starts.
         with ray_session(cfg, quiet), teacher_pool.hold():
+            from . import resources
+
+            resources.check(cfg, ("evaluate",))  # `distill eval` alone too: never a silent wait
             # Each student goes to the object store once, for both of its tasks (a task argument
             # is serialised by the driver at every call).
             refs = {n: ray.put({"spec": s["spec"], "model": s["model"]}) for n, s in states.items()}

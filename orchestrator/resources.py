@@ -4,7 +4,9 @@ Ray queues a request it cannot place until the resources appear. An embedded loc
 gets more, so a run that asks for more than it has waits for ever, without an error (Serve
 warns once per deployment, Ray Train and a task not at all). What each stage holds at once:
 
-  label     every teacher's replicas (teachers[].replicas x num_cpus, num_gpus)
+  label     every teacher's replicas (teachers[].replicas x num_cpus, num_gpus); with
+            label.executor ray_data also its labeler actors (label.concurrency x label.num_cpus;
+            `auto` picks ray_data only on several nodes, a cluster, where this is a warning anyway)
   train     train.workers x (train.cpus_per_worker CPUs, 1 GPU with train.use_gpu); with
             train.on_policy the teachers stay up beside them
   evaluate  one student task (1 CPU, 1 GPU with train.use_gpu), then the teachers; with
@@ -36,8 +38,12 @@ def stage_needs(cfg) -> dict[str, tuple[dict[str, float], str]]:
     both = lambda a, b: {k: a[k] + b[k] for k in KINDS}  # noqa: E731
     held = t.on_policy is not None
     why_t = "teachers[].replicas x num_cpus / num_gpus"
+    label = (teachers, why_t)
+    if cfg.label.executor == "ray_data":  # its actor pool starts whole (a fixed size) or waits
+        actors = {"CPU": cfg.label.concurrency * cfg.label.num_cpus, "GPU": 0.0}
+        label = (both(teachers, actors), f"{why_t}, and label.concurrency x label.num_cpus for the ray_data labelers")
     return {
-        "label": (teachers, why_t),
+        "label": label,
         "train": (both(workers, teachers), f"train.workers x cpus_per_worker / use_gpu, beside the teachers "
                                            f"(train.on_policy keeps them up: {why_t})")
         if held else (workers, "train.workers x cpus_per_worker / use_gpu"),

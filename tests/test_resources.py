@@ -44,3 +44,14 @@ def test_attached_teachers_and_gpu_workers():
     assert needs["label"] == {"CPU": 0.0, "GPU": 0.0}  # served elsewhere: not this cluster's
     assert needs["train"] == {"CPU": 2.0, "GPU": 2.0}
     assert shortfalls(cfg, {"CPU": 8, "GPU": 1})[0].startswith("train holds 2 GPU at once")
+
+
+def test_ray_data_labelers_count_beside_the_teachers():
+    raw = {"dataset": {"source": "x.parquet"}, "teachers": [{**T, "name": "a", "num_cpus": 1}],
+           "label": {"executor": "ray_data", "concurrency": 4, "num_cpus": 0.5}}
+    needs = {s: n for s, (n, _) in stage_needs(config_from_dict(raw)).items()}
+    assert needs["label"] == {"CPU": 3.0, "GPU": 0.0}
+    assert "label.concurrency x label.num_cpus" in shortfalls(config_from_dict(raw), {"CPU": 2})[0]
+    for executor in ("driver", "auto"):  # the driver's threads hold nothing; auto is ray_data on a cluster only
+        cfg = config_from_dict({**raw, "label": {**raw["label"], "executor": executor}})
+        assert {s: n for s, (n, _) in stage_needs(cfg).items()}["label"] == {"CPU": 1.0, "GPU": 0.0}
