@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 
 import numpy as np
 import torch
@@ -74,6 +75,7 @@ class VLLMSampler:
         from vllm.platforms import current_platform
 
         self.dir = tempfile.mkdtemp(prefix="distill-vllm-sampler-")
+        weakref.finalize(self, shutil.rmtree, self.dir, True)  # the config copy goes with the sampler
         config = config.__class__.from_dict({**config.to_dict(), "architectures": [causal_lm_arch(config)]})
         config.save_pretrained(self.dir)  # config.json only: load_format dummy reads no weights
         on_gpu = not current_platform.is_cpu()
@@ -90,7 +92,6 @@ class VLLMSampler:
             self.llm = LLM(model=self.dir, skip_tokenizer_init=True, load_format="dummy", seed=0, disable_log_stats=True,
                            enable_prefix_caching=False, **args)
         except Exception as e:
-            shutil.rmtree(self.dir, ignore_errors=True)
             raise DistillError(f"train.on_policy.sampler vllm: vLLM cannot build the student: {type(e).__name__}: {e}; "
                                "use sampler: hf") from None
         torch.set_num_threads(threads)  # vLLM lowers this process' torch threads "for serving": training wants them
