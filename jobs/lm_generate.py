@@ -44,13 +44,17 @@ def _chosen(prompt_id: str, fraction: float) -> bool:
     return int(hashlib.sha1(prompt_id.encode()).hexdigest(), 16) / 16 ** 40 < fraction
 
 
+def _suffix(fraction: float) -> str:
+    """The mixed set's name part (its file and its store alike) when it keeps a fraction below 1."""
+    return "" if fraction == 1.0 else f"_f{fraction:g}"
+
+
 def _split(curated: Path, fraction: float = 1.0) -> dict[str, Path]:
     """The curated file (teacher answers + reference answers) -> the two training sets; the mixed
     set keeps every reference and the teachers' answers to a `fraction` of the prompts."""
     table = pq.read_table(curated)
     teacher = pc.equal(table.column("origin"), "teacher")
-    mixed = "mixed.parquet" if fraction == 1.0 else f"mixed_f{fraction:g}.parquet"
-    out = {"generated": curated.with_name("generated_only.parquet"), "mixed": curated.with_name(mixed)}
+    out = {"generated": curated.with_name("generated_only.parquet"), "mixed": curated.with_name(f"mixed{_suffix(fraction)}.parquet")}
     pq.write_table(table.filter(teacher), out["generated"])
     keep = [not t or _chosen(p, fraction) for t, p in zip(teacher.to_pylist(), table.column("prompt_id").to_pylist())]
     pq.write_table(table.filter(keep), out["mixed"])
@@ -97,7 +101,7 @@ if __name__ == "__main__":
     sources = {"reference": _override(overrides, "dataset.source", "artifacts/teachers/instruct/data/train.parquet"),
                **{k: str(v) for k, v in _split(data / "generated.parquet", fraction).items()}}
     for v in chosen:
-        store = "store_" + v + (f"_f{fraction:g}" if v == "mixed" and fraction != 1.0 else "")
+        store = "store_" + v + (_suffix(fraction) if v == "mixed" else "")
         run = [f"run.name={name}_{v}", f"dataset.source={sources[v]}", f"store.path={data / store}"]
         if code := main(["run", str(CONFIG), *overrides, *run]):
             sys.exit(code)

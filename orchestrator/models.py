@@ -228,10 +228,11 @@ def vocabulary_hash(path: str | Path, files: str) -> str:
     return hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1])).encode()).hexdigest()[:16]
 
 
-def same_vocabulary(a: str | Path, b: str | Path) -> bool:
+def same_vocabulary(a: str | Path, b: str | Path, hashes: tuple | None = None) -> bool:
     """Do two from_pretrained dirs' tokenizers read the same ids? The same files, or files that
-    differ in bytes but map every id to the same token. False when either has no tokenizer."""
-    ha, hb = tokenizer_hash(a), tokenizer_hash(b)
+    differ in bytes but map every id to the same token. False when either has no tokenizer.
+    hashes: their tokenizer_hash values when the caller has them already."""
+    ha, hb = hashes or (tokenizer_hash(a), tokenizer_hash(b))
     if ha is None or hb is None:
         return False
     return ha == hb or vocabulary_hash(str(a), ha) == vocabulary_hash(str(b), hb)

@@ -183,7 +183,7 @@ def check_vocabulary(cfg: DistillConfig) -> str:
     def same(a_path, a_hash, b_path, b_hash) -> bool:
         if a_hash == b_hash:
             return True
-        if not same_vocabulary(a_path, b_path):
+        if not same_vocabulary(a_path, b_path, (a_hash, b_hash)):
             return False
         log.info("prepare: the tokenizer files of %s and %s differ, but map every id to the same token; the ensemble "
                  "tokenizes with %s", a_path, b_path, tok_dir)
