@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import DistillError
-from .vllm_teacher import _check_head_size, engine_args
+from .vllm_teacher import _check_head_size, engine_args, in_process_engine_env
 
 log = logging.getLogger("distill")
 # Of the worker's GPU, for the engine (weights + KV cache) beside the student, its optimiser and
@@ -67,10 +67,7 @@ class VLLMSampler:
     training reads: per prompt, per seed, {tokens [T] int32 (the end token included), finished}."""
 
     def __init__(self, config, max_len: int, max_new_tokens: int, engine: dict | None, local_rank: int = 0):
-        # Before vllm is imported: vllm.envs reads these at first use.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        in_process_engine_env()  # as the vllm teacher
         from vllm import LLM
         from vllm.platforms import current_platform
 

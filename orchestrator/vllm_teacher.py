@@ -76,6 +76,14 @@ def engine_args(cfg: dict, on_gpu: bool, max_model_len: int,
     return args, why
 
 
+def in_process_engine_env() -> None:
+    """Before vllm is imported (vllm.envs reads these at first use): the engine core in this
+    process, never a forked Ray actor, no usage stats. A value already set is kept."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # never fork a Ray actor
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
 class VLLMTeacher:
     """``windows`` [B, L] int token ids -> (ids [B, L-1, k] int32, logprobs [B, L-1, k] float32)."""
 
@@ -85,10 +93,7 @@ class VLLMTeacher:
         path = Path(cfg["path"])
         if not path.exists():
             raise DistillError(f"{who}: path not found: {path}")
-        # Before vllm is imported: vllm.envs reads these at first use.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in-process
-        os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # never fork a Ray actor
-        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        in_process_engine_env()
         try:
             import vllm  # noqa: F401
         except ImportError as e:
