@@ -57,7 +57,17 @@ def gen_setup(tmp_path_factory):
 def lm_setup(tmp_path_factory):
     """tests/helpers_lm.py's tokenizer, two trained LM teachers, student config and text files
     (training the teachers: ~10 s on 2 idle cores): built once per session, read-only for the
-    modules that use it (test_lm, test_lm_instruct, test_metrics)."""
+    modules that use it (test_lm, test_lm_instruct)."""
     from tests.helpers_lm import make_lm_setup
 
     return make_lm_setup(tmp_path_factory.mktemp("lm"))
+
+
+def pytest_runtest_logreport(report):
+    """A failure's traceback as soon as it happens, not only in the end summary: a CI run stopped
+    by its time limit then still shows why a test failed (it once showed only the F)."""
+    if report.failed:
+        import sys
+
+        where = f"{report.nodeid} ({report.when})"
+        print(f"\n---- FAILED {where} ----\n{report.longreprtext}\n---- end of {where} ----", file=sys.stderr, flush=True)

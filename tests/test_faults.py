@@ -171,7 +171,10 @@ def uninterrupted_shards(tmp_path_factory) -> dict[str, str]:
 
 
 # Subprocess tests first: each driver starts (and, killed, loses) its own embedded Ray.
-@EXECUTORS
+# The default run kills the ray_data executor's driver (the multi-node default, where labeler
+# actors write the shards); the driver executor's resume reads the same manifest and sidecars
+# (extended: each case is two labeling runs in subprocesses).
+@pytest.mark.parametrize("executor", [pytest.param("driver", marks=pytest.mark.extended), "ray_data"])
 def test_driver_killed_mid_labeling_resumes_without_loss_or_rework(tmp_path, executor, uninterrupted_shards):
     log = tmp_path / "calls.log"
     cfg = _config(tmp_path, log, delay=0.3, label={"concurrency": 1, "executor": executor})
@@ -339,10 +342,13 @@ def _accuracy(state: dict, prep) -> float:
     return float((pred == prep.test.column("label").to_numpy()).mean())
 
 
-@pytest.mark.parametrize("read_mb", [256, 0], ids=["driver_read", "streamed"])  # train.read_in_driver_mb
+# train.read_in_driver_mb: exact mid-epoch resume on both read paths is tests/test_resume.py's.
+@pytest.mark.parametrize("read_mb", [256, pytest.param(0, marks=pytest.mark.extended)], ids=["driver_read", "streamed"])
 def test_train_worker_killed_restores_from_checkpoint(labeled, read_mb):
+    """A worker SIGKILLed from outside at whatever point it has reached (after the first registered
+    checkpoint): the run recovers, loses no epoch, and its student is good."""
     tmp, raw = labeled
-    epochs = 60
+    epochs = 30
     cfg = config_from_dict({**raw, "run": {"name": f"restore{read_mb}"},
                             "store": {**raw["store"], "path": str(tmp / "runs" / "tiny" / "store")},
                             "train": {**raw["train"], "epochs": epochs, "max_failures": 1, "read_in_driver_mb": read_mb}})
@@ -357,7 +363,7 @@ def test_train_worker_killed_restores_from_checkpoint(labeled, read_mb):
 def test_train_worker_killed_without_retries_fails_clearly_and_keeps_checkpoints(labeled):
     tmp, raw = labeled
     cfg = config_from_dict({**raw, "run": {"name": "no_retries"}, "store": {**raw["store"], "path": str(tmp / "runs" / "tiny" / "store")},
-                            "train": {**raw["train"], "epochs": 60, "max_failures": 0}})
+                            "train": {**raw["train"], "epochs": 30, "max_failures": 0}})
     _, result, train_dir = _train_and_kill_a_worker(cfg)
     err = result.get("error")
     assert isinstance(err, DistillError), err
@@ -365,6 +371,9 @@ def test_train_worker_killed_without_retries_fails_clearly_and_keeps_checkpoints
     assert list(train_dir.glob("student-*/checkpoint_*"))
 
 
+# extended: byte-identical labels are also the driver-kill test's check (against an uninterrupted
+# run), and training's determinism is what every exact-resume test (tests/test_resume.py) rests on.
+@pytest.mark.extended
 def test_same_seed_same_store_and_student(labeled, tmp_path):
     """Determinism: labels are byte-identical, and the student's weights are identical too
     (the training split is dealt by row count in store order, shuffles are seeded); the stated

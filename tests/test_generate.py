@@ -4,7 +4,7 @@
                                          same seed, each (prompt, teacher, sample) written once
   the parts                           -> shapes, end-token flags, own NLL = the teacher's score
   curation                            -> counts that add up; a re-run re-curates, no teacher work
-  `distill run` on the curated data   -> a label store over the generated responses, a student
+  `distill run` on the curated data   -> tests/test_seqkd.py
   generate.top_p through Serve        -> every written token lies in its teacher's top-p nucleus
 """
 from __future__ import annotations
@@ -21,8 +21,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from orchestrator.cli import main
-from orchestrator.config import config_from_dict
-from orchestrator.store import LabelStore
 from tests.conftest import local_ray
 from tests.helpers import write_yaml
 from tests.helpers_gen import written_samples
@@ -140,12 +138,5 @@ def test_generate_killed_and_rerun_equals_an_uninterrupted_run(setup, tmp_path, 
     # A different seed writes elsewhere, or is refused here.
     assert main(["generate", str(path), "-q", "generate.seed=4"]) == 2
 
-    # `distill run` on the curated responses: labeled by both teachers into a store, a student trained.
-    run_cfg = {**cfg, "dataset": {**cfg["dataset"], "source": str(out / "generated.parquet")}}
-    run_path = write_yaml(tmp_path / "run.yaml", run_cfg)
-    assert main(["run", str(run_path), "-q"]) == 0
-    c = config_from_dict(run_cfg)
-    store = LabelStore(c.store_path)
-    store.load_manifest()
-    assert store.complete and [t["name"] for t in store.manifest["teachers"]] == ["large", "small"]
-    assert (c.run_dir / "report.json").exists()
+    # (`distill run` on the curated responses, a store labeled by the teachers and a student trained
+    # and scored on them: tests/test_seqkd.py, which runs it on this same kind of generated data)

@@ -161,6 +161,9 @@ def test_trains_resumes_with_the_projections_and_exports_without_them(labeled, t
     assert set(names) <= set(model.state_dict()) and json.loads((export / "config.json").read_text())["hidden_size"] == 16
 
 
+# extended: two more Ray Train runs; tests/test_grad_clip_terms.py checks the one norm over student
+# and projections (two gloo processes, no Ray) in the default run.
+@pytest.mark.extended
 def test_grad_clip_clips_the_accumulated_gradient_once_per_step_projections_included(labeled, tmp_path, monkeypatch):
     """train.grad_accum 2 and max_steps 1 on Ray Train (2 workers, the fused head with the terms):
     AdamW's first moment after its first step is (1 - beta1) x the gradient it applied, read here

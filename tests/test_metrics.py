@@ -101,8 +101,8 @@ def prometheus(ray_with_metrics, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scraped(prometheus, teachers, gen_setup, lm_setup, tmp_path_factory):
-    """A classification run, an LM run, an on-policy LM run and a `distill generate`, all watched by
+def scraped(prometheus, teachers, gen_setup, tmp_path_factory):
+    """A classification run, an on-policy LM run and a `distill generate`, all watched by
     Prometheus; returns the time window."""
     base, driver_port = prometheus
     tmp = tmp_path_factory.mktemp("runs")
@@ -115,10 +115,9 @@ def scraped(prometheus, teachers, gen_setup, lm_setup, tmp_path_factory):
     cls["teachers"] = [{**t, "name": name} for t, name in
                        zip(counting_teachers(tmp / "weights", tmp / "calls.log", delay=0.2), ("linear", "mlp"))]
     assert main(["run", str(write_yaml(tmp / "cls.yaml", cls)), *watch]) == 0
-    # No hard-label baseline: a second student adds no metric family or panel (~15 s of Ray Train).
-    lm = lm_config(tmp, lm_setup, run={"name": "metrics_lm"}, eval={"baseline": False})  # conftest: shared
-    assert main(["run", str(write_yaml(tmp / "lm.yaml", lm)), *watch]) == 0
-    # train.on_policy (the on-policy panels): instruction data, every batch on-policy
+    # An LM run with train.on_policy (the LM and the on-policy panels: its store is labeled, its
+    # student trained and scored like any LM run's): instruction data, every batch on-policy. No
+    # hard-label baseline: a second student adds no metric family or panel (~45 s of Ray Train).
     gen = gen_setup  # tests/conftest.py: the instruction teachers, trained once per session
     onpol = lm_config(tmp, gen, run={"name": "metrics_onpol"}, lm={"max_len": 64, "k": 4}, eval={"baseline": False},
                       dataset={"source": str(gen["train"]), "test_source": str(gen["test"]), "format": "prompt_response"})

@@ -8,7 +8,7 @@ served by Serve for the whole training run, the student sampling on its two DDP 
                                 evaluation's hook for it again with ensemble.mode mean_logit and
                                 entropy (the teachers' top-k through Serve, tail bucket), each =
                                 an in-process recomputation
-  a teacher replica killed   -> Serve replaces it, the on-policy requests are retried, and the run
+  a teacher replica killed   -> (extended) Serve replaces it, the on-policy requests are retried, and the run
   during training               ends with every optimiser step of every epoch; the baseline student
                                 trained off-policy only, after the held teachers were shut down
   a train worker killed      -> restored from a mid-epoch checkpoint, the run makes the on-policy
@@ -116,6 +116,9 @@ def test_on_policy_run_trains_and_shuts_the_teachers_down(ray_local, setup, tmp_
             assert abs(want - mean_prob) > 1e-2, f"{mode} scores as mean_prob here: the check above proves little"
 
 
+# extended: a Serve replica killed under load is test_faults.py's (labeling), and the on-policy
+# requests go through the same handles; this run (with a baseline) is two more Ray Train runs.
+@pytest.mark.extended
 def test_teacher_replica_killed_during_on_policy_training_loses_no_step(ray_local, setup, tmp_path):
     from orchestrator import pipeline, teacher_pool
 

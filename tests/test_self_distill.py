@@ -123,7 +123,9 @@ def test_no_report_is_not_finished(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["hf", "mlp"])
+# arch mlp (extended): served by the torch backend, whose conversion
+# test_an_mlp_student_is_served_by_the_torch_backend above checks without Ray.
+@pytest.mark.parametrize("arch", ["hf", pytest.param("mlp", marks=pytest.mark.extended)])
 def test_generation_2_learns_from_generation_1_served(ray_local, teachers, tmp_path, capsys, arch):
     path = write_yaml(tmp_path / "c.yaml", _cfg(tmp_path, teachers, arch))
     assert self_distill([str(path), "--generations", "2", "-q"]) == 0

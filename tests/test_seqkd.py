@@ -37,7 +37,9 @@ def _config(tmp: Path, setup: dict) -> dict:
                     generate={"n": 1, "max_new_tokens": MAX_NEW, "temperature": 0.8, "seed": 5, "block_size": 18})
     cfg["teachers"][0]["weight"] = 3.0  # unequal weights: the recomputation below must use them
     cfg["train"].update(epochs=1, workers=1, cpus_per_worker=1)
-    cfg["eval"] = {"baseline": True, "sample_max_new_tokens": SAMPLE_NEW}
+    # No hard-label baseline: its sampled answers are scored by the same code as the student's, and
+    # it is one more Ray Train run (test_lm checks the baseline's report).
+    cfg["eval"] = {"baseline": False, "sample_max_new_tokens": SAMPLE_NEW}
     return cfg
 
 
@@ -81,7 +83,7 @@ def test_generated_plus_reference_data_trains_students_scored_by_the_teachers_on
     c = config_from_dict(run_cfg)
     report = json.loads((c.run_dir / "report.json").read_text())
     held_out = pq.read_table(setup["test"]).num_rows
-    for name in ("student", "student_hard"):
+    for name in ("student",):
         m = report["models"][name]
         assert m["samples"]["prompts"] == held_out
         assert 0 < m["samples"]["tokens"] <= held_out * SAMPLE_NEW
