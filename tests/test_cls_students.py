@@ -213,14 +213,13 @@ def test_pipeline_with_a_student_kept_from_a_bert_teacher(ray_local, teachers, t
     report = json.loads(open(out["report"]).read())  # report.json
     test = prepare(cfg).test
     x, y = torch.from_numpy(features_of(test)), test.column("label").to_numpy()
-    for name in ("student",):
-        d = cfg.run_dir / "students" / name
-        assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
-        model = AutoModelForSequenceClassification.from_pretrained(str(d), local_files_only=True).eval()
-        assert model.config.num_hidden_layers == 1
-        with torch.no_grad():
-            acc = float((cls_logits(model, x).argmax(1).numpy() == y).mean())
-        assert acc == report["models"][name]["accuracy"]
+    d = cfg.run_dir / "students" / "student"
+    assert (d / "config.json").is_file() and (d / "model.safetensors").is_file()
+    model = AutoModelForSequenceClassification.from_pretrained(str(d), local_files_only=True).eval()
+    assert model.config.num_hidden_layers == 1
+    with torch.no_grad():
+        acc = float((cls_logits(model, x).argmax(1).numpy() == y).mean())
+    assert acc == report["models"]["student"]["accuracy"]
     # `distill export` of the final state writes the same model again
     again = export_checkpoint(cfg, prepare(cfg), name="student", out=str(tmp_path / "again"))
     a = AutoModelForSequenceClassification.from_pretrained(str(again), local_files_only=True).state_dict()

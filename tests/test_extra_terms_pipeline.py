@@ -76,7 +76,7 @@ def test_trains_with_the_projection_and_exports_without_it(reference):
     assert proj["losses.0.0.loss.proj.weight"].shape == (8, 8)  # student width 8 -> the teacher's 8
 
     # (a worker killed mid-epoch and restored with the projection: the fsdp test below, whose
-    # projection has its own optimiser to restore too; one kill run in this module, for time)
+    # projection has its own optimiser to restore too; under ddp: the extended test after this one)
     assert before["history"] != ref_ckpt["history"]  # an earlier checkpoint, whose projection differs: it trains
     assert not torch.allclose(before["extra_terms"]["losses.0.0.loss.proj.weight"], proj["losses.0.0.loss.proj.weight"])
 
@@ -86,6 +86,25 @@ def test_trains_with_the_projection_and_exports_without_it(reference):
     model = AutoModelForSequenceClassification.from_pretrained(ref["export"], local_files_only=True)
     assert set(model.state_dict()) == set(saved["model"])
     assert model.config.num_hidden_layers == 1
+
+
+# extended: one more Ray Train run; the fsdp test below restores a projection too (with its own optimiser).
+@pytest.mark.extended
+def test_ddp_worker_killed_resumes_with_the_projection(labeled, reference, tmp_path, monkeypatch):
+    """Killed mid-epoch 1 (past 2 mid-epoch checkpoints), restored by Ray Train: the same end as the
+    uninterrupted run, the projection's trained state included."""
+    raw, store_path = labeled
+    _, ref, kept = reference
+    proj = kept[-1]["extra_terms"]
+    steps = ref["history"][0]["steps"]
+    assert steps > 2 * EVERY
+    _, res, kept = _train(raw, store_path, tmp_path / "killed", monkeypatch, kill_at_step=steps + 3, kill_rank=1)
+    res_ckpt = kept[-1]  # the latest (checkpoints of the attempt before the restore may be kept too)
+    assert len(res["resumed_at"]) == 1 and res["resumed_at"][0][0] in (0, 1), res["resumed_at"]
+    for name, want in ref["model"].items():
+        assert torch.allclose(res["model"][name], want, rtol=1e-5, atol=1e-6), name
+    for name, want in proj.items():  # a fresh projection after the restore would have ended elsewhere
+        assert torch.allclose(res_ckpt["extra_terms"][name], want, rtol=1e-5, atol=1e-6), name
 
 
 def test_fsdp_trains_like_ddp_with_the_projection_and_resumes(labeled, reference, tmp_path, monkeypatch):
