@@ -235,6 +235,11 @@ def train_loop(config: dict) -> None:
         if config["task"] == "lm" else None  # the LM step's head + loss without the full logits, when it may
     # train.on_policy under fsdp: the student's weightless copy that samples with the gathered weights
     skeleton = fsdp_sampling.skeleton(model) if config.get("on_policy") and config.get("strategy") == "fsdp" else None
+    if config.get("gradient_checkpointing"):  # after the skeleton: sampling keeps its activations (no backward)
+        # transformers' own, non-reentrant: every parameter still gets one gradient in one backward (DDP, FSDP)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if ctx.get_world_rank() == 0:
+            print("train: activations recomputed layer by layer in backward (train.gradient_checkpointing)", flush=True)
     model = prepare(model, config.get("strategy", "ddp"), bool(config.get("use_gpu")))
     # The optimiser after wrapping: FSDP replaces the parameters with views of its shards.
     # fsdp + train.extra_losses: the projections get their own optimiser (actors/fsdp_terms.py)
@@ -347,6 +352,7 @@ def train_loop(config: dict) -> None:
             "unit": "tokens" if lm else "samples",
             "world_size": ctx.get_world_size(),
             "steps": steps,
+            **({"gradient_checkpointing": True} if config.get("gradient_checkpointing") else {}),
             **({"extra_losses": terms.pop_means()} if terms is not None else {}),  # each term's mean, weighted
         }
         metrics.update(on_policy.epoch_metrics())  # on_policy_*: fraction, tokens, sample_nll, score_s

@@ -78,6 +78,32 @@ def timed(fn, *args, **kwargs):
 # ---- machine -----------------------------------------------------------------------------------
 
 
+@contextmanager
+def activations_kept(model, out: dict):
+    """Within the block: autograd's saved tensors; after it, ``out["bytes"]``: the bytes of those still
+    alive (the activations the backward will read), each storage once, the model's parameters not
+    counted. Saves of graphs made and freed inside the forward (the fused head's per-chunk logits)
+    are not counted: they are gone by then."""
+    import weakref
+
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+    alive = {}
+    for ref in saved:
+        if (t := ref()) is not None and t.untyped_storage().data_ptr() not in params:
+            alive[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    out["bytes"] = sum(alive.values())
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     try:

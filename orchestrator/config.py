@@ -83,6 +83,9 @@ class TeacherConfig(_Strict):
     health_check_period_s: float = Field(5.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)  # Serve's default
     engine: Optional[EngineConfig] = None  # backend vllm only
+    # hf / vllm: run the Python files of the teacher's dir (config.json's auto_map: an architecture
+    # transformers does not ship). transformers' and vLLM's trust_remote_code; only for code you trust.
+    trust_remote_code: bool = False
     # Intermediate features stored beside the logits (orchestrator/features.py; task lm: lm_features.py):
     # hf: hidden-state indices (0 = embeddings); torch (module + state_dict): module names, by forward hook.
     features: list[int | str] = []
@@ -106,6 +109,13 @@ class TeacherConfig(_Strict):
             raise ValueError(f"features: backend {self.backend} takes {what}, got {wrong[0]!r} (teacher '{self.name}')")
         if len(set(map(str, self.features))) != len(self.features):
             raise ValueError(f"features: listed twice on teacher '{self.name}': {self.features}")
+        return self
+
+    @model_validator(mode="after")
+    def _remote_code_backend(self):
+        if self.trust_remote_code and self.backend == "torch":
+            raise ValueError(f"trust_remote_code: applies to backends hf and vllm (teacher '{self.name}' is torch, "
+                             "whose code is named by module); remove it")
         return self
 
     @model_validator(mode="after")
@@ -233,6 +243,9 @@ class TrainConfig(_Strict):
     # gradients and optimiser state sharded; one unit per decoder layer, or the whole student as one
     # unit when it names no such layer: the MLP and BERT-style classifiers), for students too large for one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    # Keep only each transformer layer's input for backward and recompute the rest there:
+    # activation memory ~ one layer instead of all of them, for about one more forward per step.
+    gradient_checkpointing: bool = False
     # Feature / relation terms beside the response loss (check_extra_loss below; built by
     # orchestrator/feature_losses.py build_extra_loss; added to the train step by orchestrator/extra_terms.py).
     extra_losses: list[dict[str, Any]] = []
@@ -388,6 +401,9 @@ class DistillConfig(_Strict):
             raise ValueError("teachers: backend vllm serves causal LMs: set task: lm")
         if self.train.on_policy is not None:
             _check_on_policy(self)
+        if self.train.gradient_checkpointing and self.task == "classification" and self.student.arch == "mlp":
+            raise ValueError("train.gradient_checkpointing: applies to transformer students (task lm, or "
+                             "student.arch hf); the MLP student has no layers to recompute; remove it")
         return self
 
     @field_validator("teachers")

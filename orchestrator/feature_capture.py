@@ -38,7 +38,9 @@ def check_layers(cfg: dict) -> None:
     if cfg["backend"] == "hf":
         from transformers import AutoConfig
 
-        n = getattr(AutoConfig.from_pretrained(cfg["path"], local_files_only=True), "num_hidden_layers", None)
+        config = AutoConfig.from_pretrained(cfg["path"], local_files_only=True,
+                                            trust_remote_code=bool(cfg.get("trust_remote_code")))
+        n = getattr(config, "num_hidden_layers", None)
         _check_indices(name, layers, n)
         return
     import importlib

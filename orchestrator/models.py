@@ -47,13 +47,26 @@ def check_teacher_files(cfg: dict) -> None:
         raise DistillError(f"{who}: path not found: {path}")
     if cfg["backend"] in ("hf", "vllm"):  # both load a from_pretrained directory
         try:
-            json.loads((path / "config.json").read_text())
+            config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise DistillError(f"{who}: {path} is not a from_pretrained directory (config.json: {e})") from None
+        if needs_remote_code(config) and not cfg.get("trust_remote_code"):
+            raise DistillError(f"{who}: {path} is a {config.get('model_type')} model whose code is in its dir "
+                               f"(auto_map in config.json: {', '.join(config['auto_map'])}), not in transformers; "
+                               "set trust_remote_code: true on this teacher if you trust that code")
         return
     if path.is_dir() or not zipfile.is_zipfile(path):
         raise DistillError(f"{who}: {path} is not a TorchScript or torch.save file; "
                            "save it with torch.jit.save, or torch.save(state_dict) plus `module`")
+
+
+def needs_remote_code(config: dict) -> bool:
+    """Does a config.json name its own code (auto_map) for a model_type transformers lacks?
+    transformers then refuses it without trust_remote_code; with a model_type it ships, it uses
+    its own class and ignores auto_map (as from_pretrained does, trust_remote_code unset)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
 
 
 # Where HF configs keep the longest sequence a model takes (llama/bert, gpt2, others).
@@ -156,7 +169,8 @@ class ClassifierTeacher:
         if self.backend == "hf":
             from transformers import AutoModelForSequenceClassification
 
-            return AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
+            return AutoModelForSequenceClassification.from_pretrained(  # float32, as torch teachers (and students)
+                str(path), local_files_only=True, dtype=torch.float32, trust_remote_code=bool(cfg.get("trust_remote_code")))
         if cfg.get("module"):
             mod, cls = cfg["module"].split(":")
             model = getattr(importlib.import_module(mod), cls)(**cfg.get("kwargs", {}))
@@ -242,8 +256,17 @@ def load_tokenizer(path: str | Path, field: str = "lm.tokenizer"):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # trust_remote_code False, not unset: unset, transformers asks on stdin whether to run a dir's code
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except Exception as e:
+        try:
+            custom = "auto_map" in json.loads((Path(path) / "tokenizer_config.json").read_text())
+        except (OSError, ValueError):
+            custom = False
+        if custom:  # the pipeline runs no tokenizer code: one tokenizer is read in many processes
+            raise DistillError(f"{field}: the tokenizer in {path} is its own code (auto_map in tokenizer_config.json), "
+                               "which is not run; save the same vocabulary as a standard tokenizer (tokenizer.json) "
+                               "in a dir and set lm.tokenizer (task lm) or student.tokenizer to it") from None
         raise DistillError(f"{field}: cannot load a tokenizer from {path}: {type(e).__name__}: {e}") from None
 
 
@@ -264,10 +287,12 @@ class CausalLMTeacher:
             raise DistillError(f"teacher '{self.name}': path not found: {path}")
         from transformers import AutoModelForCausalLM
 
-        # On a GPU the checkpoint's own dtype (bf16/fp16 for most LLMs); on the CPU float32.
-        dtype = "auto" if self.device.type == "cuda" else None
+        # On a GPU the checkpoint's own dtype (bf16/fp16 for most LLMs); on the CPU float32, said
+        # explicitly: transformers 5 loads a checkpoint in its own dtype when none is given.
+        dtype = "auto" if self.device.type == "cuda" else torch.float32
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=dtype,
+                                                              trust_remote_code=bool(cfg.get("trust_remote_code")))
             self.model = self.model.eval().to(self.device)
         except Exception as e:
             raise DistillError(f"teacher '{self.name}': cannot load {path}: {type(e).__name__}: {e}") from None
@@ -326,6 +351,8 @@ class CausalLMTeacher:
 
 def load_teacher(cfg: dict, task: str = "classification", k: int = 8):
     """The callable a teacher deployment serves, by task and backend."""
+    if cfg["backend"] in ("hf", "vllm") and Path(cfg["path"]).exists():
+        check_teacher_files(cfg)  # e.g. code in its dir without trust_remote_code: the driver's one line
     if task == "lm":
         if cfg["backend"] == "vllm":
             from .vllm_teacher import VLLMTeacher

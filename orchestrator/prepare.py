@@ -41,6 +41,10 @@ class Prepared:
 def prepare(cfg: DistillConfig) -> Prepared:
     train, test, dataset, label_kind, tokenizer = (_lm_split if cfg.task == "lm" else _classification_split)(cfg)
     train = train.append_column("row", pa.array(np.arange(train.num_rows), pa.int64()))
+    if cfg.train.gradient_checkpointing:  # before labeling: the student's class must support it
+        from .training import check_checkpointing
+
+        check_checkpointing(cfg)
     identity = {
         "schema_version": SCHEMA_VERSION,
         "dataset": {"source": cfg.dataset.source, "fingerprint": fingerprint(train), "rows": train.num_rows, **dataset},
@@ -52,14 +56,12 @@ def prepare(cfg: DistillConfig) -> Prepared:
     return Prepared(train, test, identity, ensemble_record(cfg), tokenizer)
 
 
-def ensemble_record(cfg: DistillConfig) -> dict:
-    """The ensemble settings as the manifest records them (weights keyed by teacher)."""
+def ensemble_record(cfg: DistillConfig) -> dict:  # as the manifest records it, weights keyed by teacher
     return {**cfg.ensemble.model_dump(), "weights": {t.name: t.weight for t in cfg.teachers}}
 
 
 def teacher_identities(cfg: DistillConfig) -> list[dict]:
-    """Teachers in one order everywhere: by name (the store's columns, the ensemble's inputs,
-    evaluation), so reordering the config's list never changes a byte of a store."""
+    """Teachers by name everywhere (store columns, ensemble, evaluation): list order never changes a store."""
     for t in cfg.teachers:  # teachers[].features name layers the teachers have: caught before any deployment
         check_layers(t.model_dump())
     return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump()),
@@ -94,8 +96,8 @@ def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict,
 
 
 def _check_cls_student(cfg: DistillConfig, train: pa.Table) -> None:
-    """student.arch hf: its config loads, the features fit it as token ids, and its num_labels
-    covers the dataset's labels (the teachers' class count is checked once labeled, in training)."""
+    """student.arch hf: its config loads, the features fit it as token ids, its num_labels covers the
+    labels (the teachers' class count is checked once labeled)."""
     from .cls_students import FIELD, check_token_inputs, cls_student_config
 
     config = cls_student_config(lm_student_spec(cfg))

@@ -4,10 +4,9 @@ A student spec is plain data (it pickles into Ray workers), one of
 
   {"init": "scratch",    "config": {HF config dict with model_type}}   random weights
   {"init": "pretrained", "path": DIR}                                  any local from_pretrained causal LM
-  {"init": "teacher",    "path": DIR, "layers": [i, j, ...]}           the teacher's embeddings, its decoder
-                                                                       layers i, j, ... in that order, its
-                                                                       final norm and LM head (DistilBERT /
-                                                                       Minitron style)
+  {"init": "teacher",    "path": DIR, "layers": [i, j, ...]}           the teacher's embeddings, decoder layers
+                                                                       i, j, ... in that order, final norm and
+                                                                       LM head (DistilBERT / Minitron style)
 
 each with an optional "dtype" (default "float32": students train in float32, under autocast).
 
@@ -49,10 +48,18 @@ def _dtype(spec: dict) -> torch.dtype:
 def _read_config(path, field: str):
     from transformers import AutoConfig
 
+    from .models import needs_remote_code
+
     if not (Path(path) / "config.json").is_file():
         raise DistillError(f"{field}: {path} is not a from_pretrained directory (no config.json)")
     try:
-        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+        if needs_remote_code(raw := json.loads((Path(path) / "config.json").read_text())):  # the export loads as is
+            raise DistillError(f"{field}: {path} is a {raw.get('model_type')} model whose code is in its dir "
+                               "(auto_map), not in transformers; a student must be an architecture transformers "
+                               "ships: use init: scratch with a config of one, or such a pretrained dir")
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except DistillError:
+        raise
     except Exception as e:
         raise DistillError(f"{field}: cannot read the config in {path}: {type(e).__name__}: {e}") from None
 

@@ -82,7 +82,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
         "schedule": t.schedule, "warmup_steps": t.warmup_steps, "min_lr_ratio": t.min_lr_ratio,
         "grad_clip": t.grad_clip, "grad_accum": t.grad_accum, "max_steps": t.max_steps, "use_gpu": t.use_gpu,
         "total_steps": total_steps(rows, t), "checkpoint_every": t.checkpoint_every,
-        "strategy": t.strategy,
+        "strategy": t.strategy, "gradient_checkpointing": t.gradient_checkpointing,  # checked in prepare
     }
     if on_policy:  # actors/on_policy.py: the served teachers and the sampling settings
         loop_cfg["on_policy"] = on_policy
@@ -246,6 +246,22 @@ def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, 
     spec = {"arch": cfg.student.arch, "in_dim": x.shape[1], "num_classes": width, "hidden": cfg.student.hidden,
             "mean": x.mean(0).tolist(), "std": (x.std(0) + 1.0).tolist()}
     return spec, ["features", "label", SOFT_COLUMN]
+
+
+def check_checkpointing(cfg: DistillConfig) -> None:
+    """train.gradient_checkpointing, before labeling: the student's transformers class supports it."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from .cls_students import cls_student_config
+    from .students import lm_student_config
+
+    lm, spec = cfg.task == "lm", lm_student_spec(cfg)
+    config = lm_student_config(spec) if lm else cls_student_config(spec)
+    auto = AutoModelForCausalLM if lm else AutoModelForSequenceClassification
+    cls = auto._model_mapping.get(type(config), None)
+    if cls is None or not getattr(cls, "supports_gradient_checkpointing", False):
+        raise DistillError(f"train.gradient_checkpointing: the student's {getattr(cls, '__name__', config.model_type)} "
+                           "does not support it in transformers; remove it")
 
 
 def hf_cls_spec(cfg: DistillConfig, x, num_classes: int) -> dict:

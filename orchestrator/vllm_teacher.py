@@ -113,7 +113,7 @@ class VLLMTeacher:
             _check_head_size(model_cfg, who)
             self.llm = LLM(model=str(path), tokenizer=str(path), skip_tokenizer_init=True, **args,
                            max_logprobs=max(k, 20), seed=0, disable_log_stats=True,
-                           enable_prefix_caching=False)
+                           enable_prefix_caching=False, trust_remote_code=bool(cfg.get("trust_remote_code")))
         except DistillError:
             raise
         except Exception as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -131,3 +132,32 @@ def make_untrained_lm_setup(root: Path) -> dict:
     """The files of make_lm_setup with untrained teachers (seconds, not a minute): enough for
     the checks that refuse bad input before any teacher runs (tests/test_bad_input.py)."""
     return make_lm_setup(root, teacher_steps=0)
+
+
+# A teacher architecture transformers does not ship, as a hub repo with its own code has it.
+REMOTE_CODE = '''"""A test teacher whose code lives in its dir: a Llama under its own model_type."""
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class TinyCustomConfig(LlamaConfig):
+    model_type = "tiny_custom"
+
+
+class TinyCustomForCausalLM(LlamaForCausalLM):
+    config_class = TinyCustomConfig
+'''
+
+
+def as_remote_code(src: Path, out: Path, architecture: str = "TinyCustomForCausalLM") -> Path:
+    """A copy of the Llama dir ``src`` (same weights and tokenizer) whose config.json names its own
+    code (model_type tiny_custom, auto_map -> modeling_tiny.py): loading it needs trust_remote_code.
+    architecture: config.json's architectures, the class vLLM picks (LlamaForCausalLM: vLLM's own
+    implementation, as for hub models vLLM supports whose config class is remote code)."""
+    shutil.copytree(src, out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(model_type="tiny_custom", architectures=[architecture],
+               auto_map={"AutoConfig": "modeling_tiny.TinyCustomConfig",
+                         "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "modeling_tiny.py").write_text(REMOTE_CODE)
+    return out

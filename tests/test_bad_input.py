@@ -25,7 +25,8 @@ from orchestrator.cli import main
 from orchestrator.datasets import features_of
 from orchestrator.store import LabelStore
 from tests.helpers import InfTeacher, NaNTeacher, save_script, tiny_config, train_tiny, write_yaml
-from tests.helpers_lm import corpus, lm_config, make_lm, make_tokenizer, make_untrained_lm_setup, write_instruct_files
+from tests.helpers_lm import (as_remote_code, corpus, lm_config, make_lm, make_tokenizer, make_untrained_lm_setup,
+                              write_instruct_files)
 
 # Every case is checked against a store that real Ray labeled (the `good` fixture).
 pytestmark = pytest.mark.slow
@@ -125,6 +126,12 @@ def _section(name: str, **kv):
         (_teacher(0, backend="vllm", engine={"tensor_parallel_size": 2}),
          r"teachers\.0: engine\.tensor_parallel_size: 2 shards need num_gpus: 2 \(one GPU each\) on teacher 'linear' "
          r"\(got num_gpus: 0\)"),
+        (_teacher(0, trust_remote_code=True),
+         r"teachers\.0: trust_remote_code: applies to backends hf and vllm \(teacher 'linear' is torch, whose code is "
+         r"named by module\); remove it"),
+        (_section("train", gradient_checkpointing=True),
+         r"train\.gradient_checkpointing: applies to transformer students \(task lm, or student\.arch hf\); the MLP "
+         r"student has no layers to recompute; remove it"),
         (_teacher(0, health_check_timeout_s=0),
          r"teachers\.0\.health_check_timeout_s: Input should be greater than 0 \(got 0\)"),
         (_section("train", on_policy={"fraction": 1.5}),
@@ -142,7 +149,8 @@ def _section(name: str, **kv):
          "weights-all-zero", "weight-negative", "test-fraction-zero", "test-fraction-one", "duplicate-teacher-names",
          "lm-key-on-classification", "text-column-on-classification", "store-path-not-creatable",
          "store-path-unreachable-bucket",
-         "engine-on-a-torch-teacher", "tensor-parallel-below-1", "tensor-parallel-without-gpus", "health-check-timeout-0",
+         "engine-on-a-torch-teacher", "tensor-parallel-below-1", "tensor-parallel-without-gpus",
+         "trust-remote-code-on-a-torch-teacher", "checkpointing-an-mlp-student", "health-check-timeout-0",
          "on-policy-fraction-above-1", "on-policy-on-classification", "teachers-need-more-cpus-than-the-cluster"],
 )
 def test_config_errors(good, tmp_path, capsys, change, expect):
@@ -457,6 +465,16 @@ def test_student_vocab_mismatch_is_caught_before_labeling(good, lm_files, tmp_pa
                                         r"tokenizer's 300 tokens; the student must predict over the teachers' vocabulary")
 
 
+def test_gradient_checkpointing_of_a_student_without_it(good, lm_files, tmp_path, capsys):
+    """A transformers class that cannot recompute its layers (CTRL here): refused before labeling."""
+    ctrl = {"model_type": "ctrl", "vocab_size": 300, "n_embd": 16, "n_layer": 1, "n_head": 2, "dff": 32, "n_positions": 64}
+    (tmp_path / "ctrl.json").write_text(json.dumps(ctrl))
+    cfg = _lm_like_good(good, lm_files, tmp_path, lm={"student_config": str(tmp_path / "ctrl.json")},
+                        train={"gradient_checkpointing": True})
+    _check(capsys, good, tmp_path, cfg, r"train\.gradient_checkpointing: the student's CTRLLMHeadModel does not "
+                                        r"support it in transformers; remove it")
+
+
 def test_lm_teachers_with_different_vocabularies(good, lm_files, tmp_path, capsys):
     # Also in tests/test_lm.py (through pipeline.prepare): here through the CLI, at the good store.
     other = make_lm(tmp_path / "other", make_tokenizer(tmp_path / "tok", corpus(6), vocab=280), corpus(6), 32, 1,
@@ -465,6 +483,45 @@ def test_lm_teachers_with_different_vocabularies(good, lm_files, tmp_path, capsy
     cfg["teachers"][1]["path"] = str(other)
     _check(capsys, good, tmp_path, cfg,
            r"teachers 'small' and 'large' use different vocabularies \(tokenizer files differ\)")
+
+
+def _custom_tokenizer(src: str, out: Path) -> str:
+    """``src`` with a tokenizer class of its own code (tokenizer_config.json's auto_map)."""
+    import shutil
+
+    shutil.copytree(src, out)
+    conf = json.loads((out / "tokenizer_config.json").read_text())
+    conf.update(tokenizer_class="TinyCustomTokenizer", auto_map={"AutoTokenizer": [None, "tok.TinyCustomTokenizer"]})
+    (out / "tokenizer_config.json").write_text(json.dumps(conf))
+    (out / "tok.py").write_text("from transformers import PreTrainedTokenizerFast\n\n\n"
+                                "class TinyCustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [
+        (lambda c, t: c["teachers"][1].update(path=str(as_remote_code(Path(c["teachers"][1]["path"]), t / "custom"))),
+         r"teacher 'large': .*custom is a tiny_custom model whose code is in its dir \(auto_map in config\.json: "
+         r"AutoConfig, AutoModelForCausalLM\), not in transformers; set trust_remote_code: true on this teacher if you "
+         r"trust that code"),
+        (lambda c, t: c["lm"].update(tokenizer=_custom_tokenizer(c["lm"].get("tokenizer") or c["teachers"][0]["path"],
+                                                                  t / "tok")),
+         r"lm\.tokenizer: the tokenizer in .*tok is its own code \(auto_map in tokenizer_config\.json\), which is not "
+         r"run; save the same vocabulary as a standard tokenizer \(tokenizer\.json\) in a dir and set lm\.tokenizer"),
+        (lambda c, t: [c["teachers"][1].update(path=str(as_remote_code(Path(c["teachers"][1]["path"]), t / "custom")),
+                                              trust_remote_code=True),
+                       c["lm"].pop("student_config"),
+                       c.update(student={"init": "teacher", "teacher": "large", "layers": [0]})],
+         r"student\.path: .*custom is a tiny_custom model whose code is in its dir \(auto_map\), not in transformers; "
+         r"a student must be an architecture transformers ships"),
+    ],
+    ids=["teacher-code-without-trust", "tokenizer-with-its-own-code", "student-from-a-teacher-with-its-own-code"],
+)
+def test_remote_code_errors(good, lm_files, tmp_path, capsys, change, expect):
+    cfg = _lm_like_good(good, lm_files, tmp_path)
+    change(cfg, tmp_path)
+    _check(capsys, good, tmp_path, cfg, expect)
 
 
 # ---- `distill generate` (task lm prompts; checked before any teacher is deployed) ----------

@@ -66,7 +66,7 @@ def test_minimal_config_gets_documented_defaults():
         "lr": 3e-3, "weight_decay": 0.0, "loss": "kd", "alpha": 0.1, "beta": 0.5,
         "max_failures": 0, "max_samples": None, "seed": 0, "cache_rows": 200_000, "read_in_driver_mb": 256, "worker_resources": {},
         "schedule": "constant", "warmup_steps": 0, "min_lr_ratio": 0.1, "grad_clip": None, "grad_accum": 1, "max_steps": None,
-        "checkpoint_every": None, "strategy": "ddp", "extra_losses": [], "on_policy": None,
+        "checkpoint_every": None, "strategy": "ddp", "gradient_checkpointing": False, "extra_losses": [], "on_policy": None,
     }
     assert cfg.eval.baseline is True
     assert cfg.ray.model_dump() == {"address": None, "num_cpus": None}

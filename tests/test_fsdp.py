@@ -1,7 +1,7 @@
 """train.strategy fsdp on real Ray Train, CPU and gloo: a tiny causal-LM student (two decoder
-layers, dropout on) sharded over 2 workers trains to the same weights as DDP, its checkpoints
-hold the whole state (gathered on rank 0), a worker killed mid-epoch resumes exactly, and the
-exported student loads with transformers."""
+layers, dropout on) sharded over 2 workers, with gradient checkpointing, trains to the same weights
+as DDP without it, its checkpoints hold the whole state (gathered on rank 0), a worker killed
+mid-epoch resumes exactly, and the exported student loads with transformers."""
 from __future__ import annotations
 
 import json
@@ -35,9 +35,9 @@ def labeled(ray_local, tmp_path_factory):
     return tmp, raw
 
 
-def _train(raw: dict, out, monkeypatch, strategy: str, **hooks) -> dict:
+def _train(raw: dict, out, monkeypatch, strategy: str, checkpointing: bool = False, **hooks) -> dict:
     cfg = config_from_dict({**raw, "output_dir": str(out), "store": {**raw["store"], "path": str(config_from_dict(raw).store_path)},
-                            "train": {**raw["train"], "strategy": strategy}})
+                            "train": {**raw["train"], "strategy": strategy, "gradient_checkpointing": checkpointing}})
     monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"record_rows": True, **hooks}))
     store = LabelStore(str(cfg.store_path))
     store.load_manifest()
@@ -50,7 +50,10 @@ def test_fsdp_trains_like_ddp_checkpoints_resumes_and_exports(labeled, tmp_path,
 
     _, raw = labeled
     ddp = _train(raw, tmp_path / "ddp", monkeypatch, "ddp")
-    fsdp = _train(raw, tmp_path / "fsdp", monkeypatch, "fsdp")
+    # FSDP also recomputes each layer's activations in backward (train.gradient_checkpointing),
+    # dropout included (the RNG state is replayed): still the same training as DDP without it.
+    fsdp = _train(raw, tmp_path / "fsdp", monkeypatch, "fsdp", checkpointing=True)
+    assert all(h["gradient_checkpointing"] for h in fsdp["history"]) and "gradient_checkpointing" not in ddp["history"][0]
     steps = ddp["history"][0]["steps"]
     assert steps > 2 * EVERY + 1
     # FSDP's gathered optimiser state is keyed by parameter name, DDP's by index: FSDP did run.
@@ -61,7 +64,8 @@ def test_fsdp_trains_like_ddp_checkpoints_resumes_and_exports(labeled, tmp_path,
     for name, want in ddp["model"].items():  # same math, other reduction order
         assert torch.allclose(fsdp["model"][name], want, rtol=1e-4, atol=1e-5), name
 
-    killed = _train(raw, tmp_path / "killed", monkeypatch, "fsdp", kill_at_step=2 * EVERY + 1, kill_rank=1)
+    killed = _train(raw, tmp_path / "killed", monkeypatch, "fsdp", checkpointing=True, kill_at_step=2 * EVERY + 1,
+                    kill_rank=1)
     assert len(killed["resumed_at"]) == 1 and killed["resumed_at"][0][0] == 0 and killed["resumed_at"][0][1] > 0
     assert [h["rows"] for h in killed["history"]] == [h["rows"] for h in fsdp["history"]]
     for name, want in fsdp["model"].items():

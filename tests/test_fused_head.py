@@ -156,3 +156,35 @@ def test_ddp_sees_every_parameter_used_and_syncs_the_fused_gradients(tmp_path):
             head.hidden(ddp, batch["input_ids"], {}, batch["sel"])
     finally:
         dist.destroy_process_group()
+
+
+def _saved_bytes(model, loss_fn, batch, head) -> int:
+    """Bytes autograd keeps for backward after one train step's forward (its activations)."""
+    from benchmarks.common import activations_kept
+
+    kept = {}
+    with activations_kept(model, kept):
+        loss, _ = _lm_step(model, loss_fn, batch, {"k": K}, head=head)
+    assert kept["bytes"] > 0
+    return kept["bytes"]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_checkpointing_gives_the_same_step_and_keeps_fewer_activations(fused):
+    """train.gradient_checkpointing (actors/student.py enables transformers' non-reentrant one): the
+    step's loss and every gradient are those without it, in the fused and the full-logits step,
+    and the forward keeps fewer bytes for backward."""
+    model = _llama(tied=False)
+    loss_fn = build_topk_loss("kd", alpha=0.3, temperature=2.0)
+    batch = _packed_batch()
+    head = FusedHead(model) if fused else None
+    want, want_g, _ = _grads(model, loss_fn, batch, head)
+    plain_bytes = _saved_bytes(model, loss_fn, batch, head)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing and model.training
+    got, got_g, _ = _grads(model, loss_fn, batch, head)
+    assert got == pytest.approx(want, rel=1e-12)
+    for k, g in want_g.items():
+        assert torch.allclose(got_g[k], g, rtol=1e-9, atol=1e-12), k
+    kept = _saved_bytes(model, loss_fn, batch, head)
+    assert kept < 0.8 * plain_bytes, (kept, plain_bytes)

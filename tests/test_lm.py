@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ from orchestrator.ensemble import ensemble_topk
 from orchestrator.errors import DistillError
 from orchestrator.store import LabelStore, decode_topk, topk_columns
 from tests.helpers import write_yaml
-from tests.helpers_lm import lm_config, make_lm, make_tokenizer
+from tests.helpers_lm import as_remote_code, lm_config, make_lm, make_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +24,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def lm_run(ray_local, lm_setup, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lmrun")
-    cfg = config_from_dict(lm_config(tmp, lm_setup))
+    raw = lm_config(tmp, lm_setup)
+    # 'small' is a copy of its Llama whose config names its own code (auto_map, model_type
+    # tiny_custom): its Serve replica must load that code (test_a_teacher_with_its_own_code_...).
+    # ('large' stays plain: tests below build students from its layers.)
+    small = raw["teachers"][0]
+    assert small["name"] == "small"
+    small.update(path=str(as_remote_code(lm_setup["teachers"]["small"], tmp / "small_own_code")), trust_remote_code=True)
+    cfg = config_from_dict(raw)
     return cfg, pipeline.run(cfg)
 
 
@@ -53,6 +61,28 @@ def test_topk_store_rows_types_and_soft_labels(lm_run, lm_setup):
     want_ids, want_lps = codec.roundtrip(e_ids, e_lps)
     np.testing.assert_array_equal(s_ids.reshape(-1, k), want_ids)
     np.testing.assert_array_equal(s_lps.reshape(-1, k), want_lps)
+
+
+def test_a_teacher_with_its_own_code_labels_through_serve(lm_run, lm_setup):
+    """teachers[].trust_remote_code reaches the Serve replica: 'small' (code in its dir) labeled the
+    store, and its labels are those of the plain Llama with the same weights, scored here."""
+    from orchestrator.models import CausalLMTeacher
+
+    cfg, _ = lm_run
+    small = {t.name: t for t in cfg.teachers}["small"]
+    assert small.trust_remote_code
+    assert json.loads((Path(small.path) / "config.json").read_text())["model_type"] == "tiny_custom"
+    store = LabelStore(cfg.store_path)
+    store.load_manifest()
+    table = pq.ParquetDataset(store.shard_paths()).read()
+    k = cfg.lm.k
+    got_ids, got_lps = (a.reshape(len(table), -1, k) for a in decode_topk(table, "small", k))
+    windows = np.stack(table.column("input_ids").to_numpy(zero_copy_only=False))
+    plain = CausalLMTeacher({"name": "plain", "backend": "hf", "path": str(lm_setup["teachers"]["small"])}, k=k)
+    ids, lps = plain(windows)
+    want_ids, want_lps = (a.reshape(got_ids.shape) for a in codec.roundtrip(ids.reshape(-1, k), lps.reshape(-1, k)))
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_lps, want_lps, atol=1e-5)
 
 
 def test_reensemble_topk_store_without_teachers(lm_run, monkeypatch):
@@ -204,7 +234,7 @@ def test_exported_student_loads_with_transformers_and_reproduces_the_reported_nl
 
 def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     """student.init teacher (the large teacher's second layer), trained for 3 optimiser steps of 2
-    accumulated batches with warmup, cosine decay and clipping, from the same store (no labeling);
+    accumulated batches with warmup, cosine decay, clipping and gradient checkpointing, from the same store (no labeling);
     `distill export --checkpoint` writes a loadable dir from its Ray Train checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -215,7 +245,8 @@ def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     raw["store"]["path"] = cfg.store_path
     raw["lm"]["student_config"] = None
     raw["student"] = {"init": "teacher", "teacher": "large", "layers": [1]}
-    raw["train"].update(max_steps=3, grad_accum=2, warmup_steps=1, schedule="cosine", grad_clip=1.0, epochs=5)
+    raw["train"].update(max_steps=3, grad_accum=2, warmup_steps=1, schedule="cosine", grad_clip=1.0, epochs=5,
+                        gradient_checkpointing=True)
     raw["eval"]["baseline"] = False
     for key in ("arch", "hidden", "config", "path"):
         raw["student"].pop(key, None)
@@ -224,6 +255,7 @@ def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     out = pipeline.run(new)
     state = torch.load(new.run_dir / "students" / "student.pt", weights_only=False)
     assert sum(h["steps"] for h in state["history"]) == 3
+    assert all(h["gradient_checkpointing"] for h in state["history"])  # on in the DDP workers
     assert state["spec"]["init"] == "teacher" and out["models"]["student"]["perplexity"] < 300
     student = AutoModelForCausalLM.from_pretrained(str(new.run_dir / "students" / "student"), local_files_only=True)
     assert student.config.num_hidden_layers == 1 and student.config.hidden_size == 48  # the large teacher's width

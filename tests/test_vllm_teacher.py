@@ -14,7 +14,7 @@ import pytest
 from orchestrator.errors import DistillError
 from orchestrator.generation import generate_with
 from orchestrator.models import CausalLMTeacher, load_teacher
-from tests.helpers_lm import corpus, make_lm, make_tokenizer
+from tests.helpers_lm import as_remote_code, corpus, make_lm, make_tokenizer
 
 pytestmark = pytest.mark.slow
 K = 8
@@ -97,11 +97,15 @@ logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 logging.getLogger("distill").setLevel(logging.INFO)
 path, windows = sys.argv[1], np.load(sys.argv[2])
 engine = {"max_model_len": 24, "kv_cache_gib": 0.5, "max_num_seqs": 4}
-t = load_teacher({"name": "e", "backend": "vllm", "path": path, "engine": engine}, task="lm", k=8)
+t = load_teacher({"name": "e", "backend": "vllm", "path": path, "engine": engine, "trust_remote_code": True},
+                 task="lm", k=8)
 v = t.llm.llm_engine.vllm_config
-out = {"max_model_len": v.model_config.max_model_len, "max_len": t.max_len, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
+ids, lps = t(windows[:2, :23])
+np.save(sys.argv[3], ids)
+out = {"trust": v.model_config.trust_remote_code, "config_class": type(v.model_config.hf_config).__name__,
+       "max_model_len": v.model_config.max_model_len, "max_len": t.max_len, "kv_bytes": v.cache_config.kv_cache_memory_bytes,
        "max_num_seqs": v.scheduler_config.max_num_seqs, "dtype": str(v.model_config.dtype),
-       "eager": v.model_config.enforce_eager, "settings": t.engine_settings, "shape": list(t(windows[:2, :23])[0].shape)}
+       "eager": v.model_config.enforce_eager, "settings": t.engine_settings, "shape": list(ids.shape)}
 try:
     t(windows[:2, :24])
 except DistillError as e:
@@ -110,21 +114,26 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_vllm_engine_settings_reach_the_engine(vllm_installed, tiny_llama, tmp_path):
-    """teachers[].engine is passed to vllm.LLM; unset keys take the CPU defaults, each logged with its reason."""
+def test_vllm_engine_settings_and_trust_remote_code_reach_the_engine(vllm_teacher, tiny_llama, tmp_path):
+    """teachers[].engine is passed to vllm.LLM; unset keys take the CPU defaults, each logged with its reason.
+    The engine loads a copy of the teacher whose config class is code in its dir (as hub models vLLM
+    implements but transformers does not ship): teachers[].trust_remote_code reaches vLLM."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     path, windows = tiny_llama
+    custom = as_remote_code(path, tmp_path / "custom", architecture="LlamaForCausalLM")
     np.save(tmp_path / "windows.npy", windows)
     root = str(Path(__file__).resolve().parents[1])
-    p = subprocess.run([sys.executable, "-c", ENGINE_PROBE, str(path), str(tmp_path / "windows.npy")],
-                       capture_output=True, text=True, cwd=root, timeout=600)
+    p = subprocess.run([sys.executable, "-c", ENGINE_PROBE, str(custom), str(tmp_path / "windows.npy"),
+                        str(tmp_path / "ids.npy")], capture_output=True, text=True, cwd=root, timeout=600)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))
+    assert out["trust"] is True and out["config_class"] == "TinyCustomConfig"  # the dir's own config class
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), vllm_teacher(windows[:2, :23])[0])  # same weights
     assert out["max_model_len"] == out["max_len"] == 24
     assert out["kv_bytes"] == 2**29  # 0.5 GiB
     assert out["max_num_seqs"] == 4
