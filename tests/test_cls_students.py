@@ -104,6 +104,29 @@ def test_padding_is_masked():
         assert not torch.allclose(cls_logits(m, x), cls_logits(m, padded), atol=1e-5)
 
 
+@pytest.mark.parametrize("family", list(TINY))
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    """train.gradient_checkpointing on a classifier student: the same gradients (dropout off, so that the
+    two calls draw no different masks)."""
+    cfg = {**TINY[family], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "dropout": 0.0,
+           "attention_dropout": 0.0, "seq_classif_dropout": 0.0}
+    m = build_student({"arch": "hf", "init": "scratch", "config": cfg, "num_classes": CLASSES})
+    x, y = ids(), torch.arange(4) % CLASSES
+
+    def grads():
+        m.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(cls_logits(m, x, pad_id=0), y).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    want = grads()
+    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert m.is_gradient_checkpointing
+    got = grads()
+    assert got.keys() == want.keys() and len(want) > 10
+    for n, g in want.items():
+        assert torch.allclose(got[n], g, rtol=1e-5, atol=1e-7), n
+
+
 def test_export_reloads_with_auto_model(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
