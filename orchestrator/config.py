@@ -112,6 +112,14 @@ class TeacherConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _one_gpu_unless_vllm(self):
+        if self.num_gpus > 1 and self.backend != "vllm" and self.serve_app is None:
+            raise ValueError(f"num_gpus: teacher '{self.name}' (backend {self.backend}) runs on one GPU of its replica "
+                             f"(it asks {self.num_gpus:g}, the rest would sit idle); use num_gpus <= 1 (replicas for more "
+                             "throughput), or backend vllm with engine.tensor_parallel_size for a model larger than a GPU")
+        return self
+
+    @model_validator(mode="after")
     def _remote_code_backend(self):
         if self.trust_remote_code and self.backend == "torch":
             raise ValueError(f"trust_remote_code: applies to backends hf and vllm (teacher '{self.name}' is torch, "

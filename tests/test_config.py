@@ -382,9 +382,13 @@ def test_engine_keys_and_their_unset_defaults():
          "teachers.0.engine.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16' (got 'fp8')"),
         (_lm_teacher(engine={"gpu_mem": 0.5}), "teachers.0.engine.gpu_mem: unknown key (check the spelling)"),
         (_lm_teacher(health_check_timeout_s=0), "teachers.0.health_check_timeout_s: Input should be greater than 0 (got 0)"),
+        (_lm_teacher(backend="hf", num_gpus=2),
+         "teachers.0: num_gpus: teacher 'v' (backend hf) runs on one GPU of its replica (it asks 2, the rest would "
+         "sit idle); use num_gpus <= 1 (replicas for more throughput), or backend vllm with engine.tensor_parallel_size "
+         "for a model larger than a GPU"),
     ],
     ids=["engine-on-torch", "tp-below-1", "tp-without-gpus", "memory-fraction-above-1", "unknown-dtype", "unknown-engine-key",
-         "health-timeout-0"],
+         "health-timeout-0", "hf-teacher-on-two-gpus"],
 )
 def test_engine_and_health_check_errors(tree, expected):
     assert error_of(tree) == f"config: {expected}"
