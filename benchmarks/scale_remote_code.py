@@ -1,7 +1,7 @@
 """teachers[].trust_remote_code at a real size: a ~100M Qwen2-shaped teacher (vocabulary 151,936,
 random weights from a config), and a copy of it whose config names its own code (auto_map,
-model_type scale_custom, as a hub repo with its own modeling file has it). Both label the same
-windows through the hf backend (orchestrator.models.CausalLMTeacher), and the copy also through
+model_type tiny_custom: tests.helpers_lm.as_remote_code, as a hub repo with its own modeling file
+has it). Both label the same windows through the hf backend (orchestrator.models.CausalLMTeacher), and the copy also through
 the vllm backend (its architectures name vLLM's Qwen2, its config class is the dir's code, as for
 hub models vLLM implements but transformers does not ship). The top-k are compared (asserted
 equal for hf; vLLM's float32 CPU kernels may reorder near-ties, so its top-1 agreement is
@@ -21,28 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CODE = '''from transformers import Qwen2Config, Qwen2ForCausalLM
-
-
-class ScaleCustomConfig(Qwen2Config):
-    model_type = "scale_custom"
-
-
-class ScaleCustomForCausalLM(Qwen2ForCausalLM):
-    config_class = ScaleCustomConfig
-'''
-
-
-def own_code_copy(src: Path, out: Path, architecture: str) -> Path:
-    shutil.copytree(src, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(model_type="scale_custom", architectures=[architecture],
-               auto_map={"AutoConfig": "modeling_scale.ScaleCustomConfig",
-                         "AutoModelForCausalLM": "modeling_scale.ScaleCustomForCausalLM"})
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "modeling_scale.py").write_text(CODE)
-    return out
-
+from tests.helpers_lm import as_remote_code
 
 def timed(fn):
     t0 = time.perf_counter()
@@ -77,7 +56,7 @@ def main() -> None:
             {"name": "plain", "backend": "hf", "path": str(root / "plain")}, task="lm", k=k))
         (ids, lps), result["hf_plain_label_s"] = timed(lambda: plain(windows))
         del plain
-        custom_dir = own_code_copy(root / "plain", root / "custom", "ScaleCustomForCausalLM")
+        custom_dir = as_remote_code(root / "plain", root / "custom", family="Qwen2")
         custom, result["hf_own_code_load_s"] = timed(lambda: load_teacher(
             {"name": "custom", "backend": "hf", "path": str(custom_dir), "trust_remote_code": True}, task="lm", k=k))
         result["hf_own_code_class"] = f"{type(custom.model).__module__}.{type(custom.model).__name__}"
@@ -88,7 +67,7 @@ def main() -> None:
         print(json.dumps(result, indent=1), flush=True)
 
         if not args.no_vllm:
-            vdir = own_code_copy(root / "plain", root / "custom_vllm", "Qwen2ForCausalLM")
+            vdir = as_remote_code(root / "plain", root / "custom_vllm", "Qwen2ForCausalLM", family="Qwen2")
             engine = {"max_model_len": args.len + 1, "kv_cache_gib": 1}
             v, result["vllm_own_code_load_s"] = timed(lambda: load_teacher(
                 {"name": "v", "backend": "vllm", "path": str(vdir), "trust_remote_code": True, "engine": engine},

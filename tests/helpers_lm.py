@@ -135,29 +135,30 @@ def make_untrained_lm_setup(root: Path) -> dict:
 
 
 # A teacher architecture transformers does not ship, as a hub repo with its own code has it.
-REMOTE_CODE = '''"""A test teacher whose code lives in its dir: a Llama under its own model_type."""
-from transformers import LlamaConfig, LlamaForCausalLM
+REMOTE_CODE = '''"""A test teacher whose code lives in its dir: a {family} under its own model_type."""
+from transformers import {family}Config, {family}ForCausalLM
 
 
-class TinyCustomConfig(LlamaConfig):
+class TinyCustomConfig({family}Config):
     model_type = "tiny_custom"
 
 
-class TinyCustomForCausalLM(LlamaForCausalLM):
+class TinyCustomForCausalLM({family}ForCausalLM):
     config_class = TinyCustomConfig
 '''
 
 
-def as_remote_code(src: Path, out: Path, architecture: str = "TinyCustomForCausalLM") -> Path:
-    """A copy of the Llama dir ``src`` (same weights and tokenizer) whose config.json names its own
-    code (model_type tiny_custom, auto_map -> modeling_tiny.py): loading it needs trust_remote_code.
-    architecture: config.json's architectures, the class vLLM picks (LlamaForCausalLM: vLLM's own
-    implementation, as for hub models vLLM supports whose config class is remote code)."""
+def as_remote_code(src: Path, out: Path, architecture: str = "TinyCustomForCausalLM", family: str = "Llama") -> Path:
+    """A copy of the ``family`` dir ``src`` (a transformers class prefix: Llama, Qwen2; same weights
+    and tokenizer) whose config.json names its own code (model_type tiny_custom, auto_map ->
+    modeling_tiny.py): loading it needs trust_remote_code. architecture: config.json's
+    architectures, the class vLLM picks (e.g. LlamaForCausalLM: vLLM's own implementation, as for
+    hub models vLLM supports whose config class is remote code)."""
     shutil.copytree(src, out)
     cfg = json.loads((out / "config.json").read_text())
     cfg.update(model_type="tiny_custom", architectures=[architecture],
                auto_map={"AutoConfig": "modeling_tiny.TinyCustomConfig",
                          "AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"})
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    (out / "modeling_tiny.py").write_text(REMOTE_CODE)
+    (out / "modeling_tiny.py").write_text(REMOTE_CODE.format(family=family))
     return out
