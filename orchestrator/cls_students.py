@@ -121,9 +121,9 @@ def cls_from_state(spec: dict, state: dict):
     return model.eval()
 
 
-def export_cls_student(model_or_state, spec: dict, out_dir, tokenizer_dir=None) -> Path:
-    """A trained student as a from_pretrained directory (config.json, model.safetensors and,
-    when the ensemble has one, the tokenizer), loadable by AutoModelForSequenceClassification.
+def export_cls_student(model_or_state, spec: dict, out_dir, tokenizer_dir=None, dtype: str = "float32") -> Path:
+    """A trained student as a from_pretrained directory (config.json, model.safetensors in ``dtype``
+    and, when the ensemble has one, the tokenizer), loadable by AutoModelForSequenceClassification.
     The directory appears complete or not at all (written beside it, then renamed)."""
     out = Path(out_dir)
     model = cls_from_state(spec, model_or_state) if isinstance(model_or_state, dict) else model_or_state
@@ -138,7 +138,7 @@ def export_cls_student(model_or_state, spec: dict, out_dir, tokenizer_dir=None) 
                                f"{type(e).__name__}: {e}") from None
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.to(getattr(torch, dtype)).save_pretrained(str(tmp))
     if tok is not None:
         tok.save_pretrained(str(tmp))
     if out.exists():

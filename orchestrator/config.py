@@ -185,6 +185,9 @@ class StudentConfig(_Strict):
     path: Optional[str] = None  # init pretrained: a local from_pretrained causal-LM dir
     teacher: Optional[str] = None  # init teacher: the teacher (by name) whose layers the student keeps
     layers: Optional[list[int]] = None  # init teacher: indices of its decoder layers to keep, in order
+    # task lm / arch hf: the exported weights' dtype (training is float32 either way). auto: the
+    # dtype of the checkpoint the student started from (init pretrained / teacher), float32 from scratch.
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     @model_validator(mode="after")
     def _positive(self):
@@ -362,7 +365,7 @@ def _check_on_policy(cfg) -> None:
 TASK_UNUSED: dict[str, dict[str, tuple[str, ...] | None]] = {
     "classification": {"dataset": ("text", "format", "prompt", "response", "messages"), "lm": None, "generate": None,
                        "eval": ("sample_max_new_tokens", "sample_temperature", "sample_seed"),
-                       "student": ("init", "config", "path", "teacher", "layers", "tokenizer")},
+                       "student": ("init", "config", "path", "teacher", "layers", "tokenizer", "export_dtype")},
     "lm": {"dataset": ("features", "label", "id_column"), "student": ("arch", "hidden", "tokenizer")},
 }
 # student.arch hf (task classification) reads the weight-source keys, not the MLP's, and may read

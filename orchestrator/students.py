@@ -260,14 +260,14 @@ def from_state(spec: dict, state: dict):
     return model.eval()
 
 
-def export_student(model_or_state, spec: dict, out_dir, tokenizer_dir, generation_config=None) -> Path:
+def export_student(model_or_state, spec: dict, out_dir, tokenizer_dir, generation_config=None, dtype="float32") -> Path:
     """Write a trained student as a from_pretrained directory: config.json, model.safetensors,
     the tokenizer files and generation_config.json; loadable by AutoModelForCausalLM and vllm.LLM.
 
     model_or_state: the trained PreTrainedModel, or its state dict (then the model is rebuilt
     from ``lm_student_config(spec)``). generation_config: a GenerationConfig, a dict, or None
-    (the model's own, else one from its config), with bos/eos/pad filled from the tokenizer.
-    The directory appears complete or not at all (written beside it, then renamed).
+    (the model's own, else one from its config), with bos/eos/pad filled from the tokenizer. dtype: the
+    weights' (a model is cast to it). The dir appears complete or not at all (written beside, renamed).
     """
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -292,7 +292,7 @@ def export_student(model_or_state, spec: dict, out_dir, tokenizer_dir, generatio
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config = gen
-    model.save_pretrained(str(tmp))  # safetensors (transformers' only format since 5.0)
+    model.to(getattr(torch, dtype)).save_pretrained(str(tmp))  # safetensors (transformers' only format since 5.0)
     tok.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)

@@ -145,7 +145,7 @@ def train(cfg: DistillConfig, prep: Prepared, store: LabelStore, name: str, loss
 
     torch.save(state, out / f"{name}.pt")  # the full state (optimiser too), for resuming and `distill export`
     if cfg.task == "lm" or cfg.student.arch == "hf":
-        state["export"] = str(export(state, prep, out / name, cls_tokenizer(cfg)))
+        state["export"] = str(export(state, prep, out / name, cls_tokenizer(cfg), export_dtype(cfg)))
     return state
 
 
@@ -158,20 +158,34 @@ def drop_training_state(state: dict) -> dict:
     return state
 
 
-def export(state: dict, prep: Prepared, out: Path, cls_tokenizer_dir: str | None = None) -> Path:
-    """A trained student as a save_pretrained dir with the ensemble's tokenizer: an LM (transformers,
-    vLLM), or an arch hf sequence classifier (transformers; the tokenizer when there is one)."""
+def export_dtype(cfg: DistillConfig) -> str:
+    """student.export_dtype, resolved: auto is the dtype of the checkpoint the student started
+    from (config.json's dtype / torch_dtype, as transformers saves it), float32 from scratch."""
+    if cfg.student.export_dtype != "auto":
+        return cfg.student.export_dtype
+    source = cfg.student_spec_source
+    if source["init"] == "scratch":
+        return "float32"
+    saved = json.loads((Path(source["path"]) / "config.json").read_text())
+    dtype = saved.get("dtype") or saved.get("torch_dtype")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def export(state: dict, prep: Prepared, out: Path, cls_tokenizer_dir: str | None = None, dtype: str = "float32") -> Path:
+    """A trained student as a save_pretrained dir with the ensemble's tokenizer, its weights in
+    ``dtype``: an LM (transformers, vLLM), or an arch hf sequence classifier (transformers; the
+    tokenizer when there is one)."""
     from .students import export_student
 
     if state["spec"]["arch"] == "hf":
         from .cls_students import export_cls_student
 
-        path = export_cls_student(state["model"], state["spec"], out, cls_tokenizer_dir)
-        log.info("train: exported %s (AutoModelForSequenceClassification.from_pretrained this dir)", path)
+        path = export_cls_student(state["model"], state["spec"], out, cls_tokenizer_dir, dtype)
+        log.info("train: exported %s in %s (AutoModelForSequenceClassification.from_pretrained this dir)", path, dtype)
         return path
     spec = {k: v for k, v in state["spec"].items() if k != "arch"}
-    path = export_student(state["model"], spec, out, prep.tokenizer)
-    log.info("train: exported %s (transformers / vLLM: from_pretrained this dir)", path)
+    path = export_student(state["model"], spec, out, prep.tokenizer, dtype=dtype)
+    log.info("train: exported %s in %s (student.export_dtype; transformers / vLLM: from_pretrained this dir)", path, dtype)
     return path
 
 
@@ -193,7 +207,8 @@ def export_checkpoint(cfg: DistillConfig, prep: Prepared, checkpoint: str | None
     except Exception as e:  # not there, not a torch file (a snapshot .json, say), truncated
         raise DistillError(f"--checkpoint: cannot read a student state from {path}: {type(e).__name__}: {e}; "
                            "give a checkpoint_* dir of the run or a students/NAME.pt file") from None
-    return export(state, prep, Path(out) if out else cfg.run_dir / "students" / name, cls_tokenizer(cfg))
+    return export(state, prep, Path(out) if out else cfg.run_dir / "students" / name, cls_tokenizer(cfg),
+                  export_dtype(cfg))
 
 
 def total_steps(rows: int, t) -> int:

@@ -138,6 +138,9 @@ def test_export_reloads_with_auto_model(tmp_path):
     back = AutoModelForSequenceClassification.from_pretrained(str(out), local_files_only=True).eval()
     x = ids()
     assert torch.equal(cls_logits(back, x), cls_logits(cls_from_state(spec, m.state_dict()), x))
+    half = export_cls_student(m.state_dict(), spec, tmp_path / "bf16", dtype="bfloat16")  # student.export_dtype
+    back = AutoModelForSequenceClassification.from_pretrained(str(half), local_files_only=True)
+    assert back.dtype == torch.bfloat16 and torch.equal(back.classifier.weight, m.classifier.weight.bfloat16())
 
 
 @pytest.mark.parametrize("spec, expect", [

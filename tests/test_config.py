@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def test_minimal_config_gets_documented_defaults():
     assert cfg.store.model_dump() == {"path": None, "shard_size": 256}
     assert cfg.label.model_dump() == {"executor": "auto", "concurrency": 2, "num_cpus": 0.25}
     assert cfg.student.model_dump() == {"arch": "mlp", "hidden": [32], "init": "scratch", "config": None, "path": None,
-                                        "teacher": None, "layers": None, "tokenizer": None}
+                                        "teacher": None, "layers": None, "tokenizer": None, "export_dtype": "auto"}
     assert cfg.train.model_dump() == {
         "workers": 2, "cpus_per_worker": 1, "use_gpu": False, "epochs": 20, "batch_size": 64,
         "lr": 3e-3, "weight_decay": 0.0, "loss": "kd", "alpha": 0.1, "beta": 0.5,
@@ -392,3 +393,19 @@ def test_engine_keys_and_their_unset_defaults():
 )
 def test_engine_and_health_check_errors(tree, expected):
     assert error_of(tree) == f"config: {expected}"
+
+
+def test_export_dtype_follows_the_checkpoint_the_student_started_from(tmp_path):
+    from orchestrator.training import export_dtype
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "dtype": "bfloat16"}))
+    lm = {"task": "lm", "teachers": [{"name": "t", "backend": "hf", "path": str(tmp_path)}]}
+    assert export_dtype(config_from_dict(minimal(**lm, lm={"student_config": "s.json"}))) == "float32"  # scratch
+    pretrained = minimal(**lm, student={"init": "pretrained", "path": str(tmp_path)})
+    assert export_dtype(config_from_dict(pretrained)) == "bfloat16"
+    assert export_dtype(config_from_dict({**pretrained, "student": {**pretrained["student"], "export_dtype": "float32"}})) \
+        == "float32"
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "float16"}))  # transformers 4
+    assert export_dtype(config_from_dict(minimal(**lm, student={"init": "teacher", "teacher": "t", "layers": [0]}))) \
+        == "float16"
+    assert "student.export_dtype: not used by task classification" in error_of(minimal(student={"export_dtype": "bfloat16"}))

@@ -73,6 +73,26 @@ def test_transformers_loads_the_same_model(exported):
     assert AutoTokenizer.from_pretrained(str(out))("def x").input_ids == tok("def x").input_ids
 
 
+def test_exported_in_bfloat16(exported, tmp_path):
+    """student.export_dtype bfloat16: the same state written as bfloat16 weights, which transformers
+    loads as such (its own dtype, as for any hub checkpoint), close to the float32 model."""
+    from transformers import AutoModelForCausalLM
+
+    out, windows, logits, _, _ = exported
+    state = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).state_dict()
+    spec = {"init": "teacher", "path": str(out.parents[1] / "teacher"), "layers": [0, 3]}
+    half = export_student(state, spec, tmp_path / "bf16", out, dtype="bfloat16")
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (half / "model.safetensors").stat().st_size < 0.6 * (out / "model.safetensors").stat().st_size
+    model = AutoModelForCausalLM.from_pretrained(str(half), local_files_only=True).eval()
+    assert model.dtype == torch.bfloat16
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, state[name].to(torch.bfloat16)), name
+    with torch.no_grad():
+        got = model.float()(windows).logits
+    assert 0 < (got - logits).abs().max() < 0.1  # bfloat16 rounding of the weights, no more
+
+
 def test_vllm_serves_it_with_the_same_nll(exported):
     out, windows, _, nll, tok = exported
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # as orchestrator/vllm_teacher.py

@@ -234,7 +234,8 @@ def test_exported_student_loads_with_transformers_and_reproduces_the_reported_nl
 
 def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     """student.init teacher (the large teacher's second layer), trained for 3 optimiser steps of 2
-    accumulated batches with warmup, cosine decay, clipping and gradient checkpointing, from the same store (no labeling);
+    accumulated batches with warmup, cosine decay, clipping and gradient checkpointing, from the same store (no labeling),
+    exported in bfloat16;
     `distill export --checkpoint` writes a loadable dir from its Ray Train checkpoint."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -244,7 +245,7 @@ def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     raw["run"]["name"] = "tinylm_from_teacher"
     raw["store"]["path"] = cfg.store_path
     raw["lm"]["student_config"] = None
-    raw["student"] = {"init": "teacher", "teacher": "large", "layers": [1]}
+    raw["student"] = {"init": "teacher", "teacher": "large", "layers": [1], "export_dtype": "bfloat16"}
     raw["train"].update(max_steps=3, grad_accum=2, warmup_steps=1, schedule="cosine", grad_clip=1.0, epochs=5,
                         gradient_checkpointing=True)
     raw["eval"]["baseline"] = False
@@ -259,6 +260,8 @@ def test_teacher_initialised_student_with_a_step_budget(lm_run, tmp_path):
     assert state["spec"]["init"] == "teacher" and out["models"]["student"]["perplexity"] < 300
     student = AutoModelForCausalLM.from_pretrained(str(new.run_dir / "students" / "student"), local_files_only=True)
     assert student.config.num_hidden_layers == 1 and student.config.hidden_size == 48  # the large teacher's width
+    assert student.dtype == torch.bfloat16  # student.export_dtype (training was float32: the state file is)
+    assert state["model"]["model.norm.weight"].dtype == torch.float32
     ckpt = sorted(p for p in (new.run_dir / "train").glob("student-*/checkpoint_*") if p.is_dir())[-1]
     # A file that is no checkpoint (Ray Train's snapshot beside them): one error line, exit 2.
     snapshot = next((new.run_dir / "train").glob("student-*/checkpoint_manager_snapshot.json"))
