@@ -32,12 +32,9 @@ from torch import nn
 
 from .cls_students import build_cls_student
 from .errors import DistillError
+from .file_hashes import hash_files
 from .packing import check_packing, logits_at, split_rows, topk_at  # noqa: F401  (re-exported)
 from .students import build_lm_student
-
-
-def _files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
 
 
 def check_teacher_files(cfg: dict) -> None:
@@ -120,13 +117,8 @@ def teacher_fingerprint(cfg: dict) -> str:
         spec["engine.dtype"] = dtype
     if cfg.get("features"):  # what the teacher returns; unset, the hash is what it was before features
         spec["features"], spec["pool"] = [str(f) for f in cfg["features"]], cfg.get("pool", "mean")
-    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
-    for f in _files(path):
-        h.update(f.relative_to(path).as_posix().encode() if path.is_dir() else b"")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    # every file's bytes, cached by their stat: a 70B dir is ~140 GB (orchestrator/file_hashes.py)
+    return hash_files(path, json.dumps(spec, sort_keys=True).encode(), f"teacher '{cfg['name']}'")[:16]
 
 
 def teacher_device(cfg: dict) -> torch.device:

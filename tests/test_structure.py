@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The compute core: plain torch / numpy / pyarrow, importable (and testable) without Ray.
 PURE = ("ensemble", "losses", "feature_losses", "extra_terms", "features", "feature_capture", "store", "codec", "columns", "students", "cls_students",
         "schedule", "soft_labels", "fused_head", "datasets", "instruct", "prompts", "curation", "generation", "packing", "evaluate",
-        "on_policy", "models", "prepare", "config", "self_distill", "vocab",
+        "on_policy", "models", "prepare", "config", "self_distill", "vocab", "file_hashes",
         "report", "errors")
 
 
