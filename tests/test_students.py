@@ -216,3 +216,16 @@ def test_bad_specs(tmp_path):
     with pytest.raises(DistillError, match="^student.path: init: teacher reads safetensors"):
         build_lm_student({"init": "teacher", "path": str(path), "layers": [0]})
     assert json.loads((path / "config.json").read_text())["num_hidden_layers"] == 2  # nothing written
+
+
+def test_kept_layers_from_a_sharded_checkpoint(tmp_path):
+    """Real teachers of a few GB and up are saved in shards (model-0000N-of-0000M.safetensors +
+    model.safetensors.index.json): the student reads its layers across them, as from one file,
+    and fetches only the shards' tensors it keeps."""
+    path, t = save_teacher(tmp_path, tiny("llama", layers=4))
+    sharded = tmp_path / "sharded"
+    t.save_pretrained(str(sharded), max_shard_size="20KB")
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2 and not (sharded / "model.safetensors").exists()
+    one = build_lm_student({"init": "teacher", "path": str(path), "layers": [3, 1]}).state_dict()
+    many = build_lm_student({"init": "teacher", "path": str(sharded), "layers": [3, 1]}).state_dict()
+    assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
