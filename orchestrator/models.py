@@ -66,6 +66,20 @@ def needs_remote_code(config: dict) -> bool:
     return bool(config.get("auto_map")) and config.get("model_type") not in CONFIG_MAPPING
 
 
+def student_source_problem(config: dict) -> str | None:
+    """Why a config.json's dir cannot be a student's weights (None: it can). The student trains
+    and is exported as a transformers class with full-precision weights."""
+    if needs_remote_code(config):
+        return (f"a {config.get('model_type')} model whose code is in its dir (auto_map), not in transformers; a "
+                "student must be an architecture transformers ships: use init: scratch with a config of one, or "
+                "such a pretrained dir")
+    if isinstance(quant := config.get("quantization_config"), dict):
+        return (f"quantized ({quant.get('quant_method', 'quantization_config')} in config.json); "
+                "a student trains full-precision weights: give the unquantized checkpoint of the same model (the "
+                "quantized one can still be a vllm teacher)")
+    return None
+
+
 # Where HF configs keep the longest sequence a model takes (llama/bert, gpt2, others).
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 

@@ -48,15 +48,13 @@ def _dtype(spec: dict) -> torch.dtype:
 def _read_config(path, field: str):
     from transformers import AutoConfig
 
-    from .models import needs_remote_code
+    from .models import student_source_problem
 
     if not (Path(path) / "config.json").is_file():
         raise DistillError(f"{field}: {path} is not a from_pretrained directory (no config.json)")
     try:
-        if needs_remote_code(raw := json.loads((Path(path) / "config.json").read_text())):  # the export loads as is
-            raise DistillError(f"{field}: {path} is a {raw.get('model_type')} model whose code is in its dir "
-                               "(auto_map), not in transformers; a student must be an architecture transformers "
-                               "ships: use init: scratch with a config of one, or such a pretrained dir")
+        if problem := student_source_problem(json.loads((Path(path) / "config.json").read_text())):
+            raise DistillError(f"{field}: {path} is {problem}")
         return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except DistillError:
         raise

@@ -524,6 +524,27 @@ def test_remote_code_errors(good, lm_files, tmp_path, capsys, change, expect):
     _check(capsys, good, tmp_path, cfg, expect)
 
 
+def _quantized(src: str, out: Path) -> str:
+    """``src`` as an AWQ checkpoint says it is (config.json's quantization_config)."""
+    import shutil
+
+    shutil.copytree(src, out)
+    conf = json.loads((out / "config.json").read_text())
+    conf["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 128}
+    (out / "config.json").write_text(json.dumps(conf))
+    return str(out)
+
+
+def test_student_from_a_quantized_checkpoint(good, lm_files, tmp_path, capsys):
+    """A student trains full-precision weights: a quantized dir is refused before any work."""
+    cfg = _lm_like_good(good, lm_files, tmp_path)
+    cfg["lm"].pop("student_config")
+    cfg["student"] = {"init": "pretrained", "path": _quantized(cfg["teachers"][1]["path"], tmp_path / "awq")}
+    _check(capsys, good, tmp_path, cfg,
+           r"student\.path: .*awq is quantized \(awq in config\.json\); a student "
+           r"trains full-precision weights: give the unquantized checkpoint of the same model")
+
+
 # ---- `distill generate` (task lm prompts; checked before any teacher is deployed) ----------
 
 

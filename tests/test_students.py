@@ -229,3 +229,13 @@ def test_kept_layers_from_a_sharded_checkpoint(tmp_path):
     one = build_lm_student({"init": "teacher", "path": str(path), "layers": [3, 1]}).state_dict()
     many = build_lm_student({"init": "teacher", "path": str(sharded), "layers": [3, 1]}).state_dict()
     assert one.keys() == many.keys() and all(torch.equal(one[k], many[k]) for k in one)
+
+
+@pytest.mark.parametrize("init", ["pretrained", "teacher"])
+def test_a_quantized_checkpoint_is_no_student_source(tmp_path, init):
+    path, _ = save_teacher(tmp_path, tiny("llama"))
+    conf = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**conf, "quantization_config": {"quant_method": "gptq", "bits": 4}}))
+    with pytest.raises(DistillError, match=r"student\.path: .* is quantized \(gptq in config\.json\); a student trains "
+                                           r"full-precision weights"):
+        build_lm_student({"init": init, "path": str(path), "layers": [0]})
