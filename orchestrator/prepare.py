@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -45,14 +46,10 @@ def prepare(cfg: DistillConfig) -> Prepared:
         from .training import check_checkpointing
 
         check_checkpointing(cfg)
-    identity = {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": {"source": cfg.dataset.source, "fingerprint": fingerprint(train), "rows": train.num_rows, **dataset},
-        "teachers": teacher_identities(cfg),
-        "label_kind": label_kind,
-        "k": cfg.lm.k if label_kind == "topk" else None,
-        "shard_size": cfg.store.shard_size,
-    }
+    identity = {"schema_version": SCHEMA_VERSION,  # in this order (the manifest's bytes)
+                "dataset": {"source": cfg.dataset.source, "fingerprint": fingerprint(train), "rows": train.num_rows, **dataset},
+                "teachers": teacher_identities(cfg), "label_kind": label_kind,
+                "k": cfg.lm.k if label_kind == "topk" else None, "shard_size": cfg.store.shard_size}
     return Prepared(train, test, identity, ensemble_record(cfg), tokenizer)
 
 
@@ -62,11 +59,13 @@ def ensemble_record(cfg: DistillConfig) -> dict:  # as the manifest records it, 
 
 def teacher_identities(cfg: DistillConfig) -> list[dict]:
     """Teachers by name everywhere (store columns, ensemble, evaluation): list order never changes a store."""
-    for t in cfg.teachers:  # teachers[].features name layers the teachers have: caught before any deployment
+    for t in (teachers := sorted(cfg.teachers, key=lambda t: t.name)):  # features name layers the teachers have
         check_layers(t.model_dump())
-    return [{"name": t.name, "backend": t.backend, "fingerprint": teacher_fingerprint(t.model_dump()),
+    with ThreadPoolExecutor(len(teachers)) as pool:  # read and hashed at once: hashlib and reads release the GIL
+        prints = list(pool.map(lambda t: teacher_fingerprint(t.model_dump()), teachers))
+    return [{"name": t.name, "backend": t.backend, "fingerprint": fp,
              **({"features": list(t.features), "pool": t.pool} if t.features else {})}  # no key: as before features
-            for t in sorted(cfg.teachers, key=lambda t: t.name)]
+            for t, fp in zip(teachers, prints)]
 
 
 def _classification_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, None]:
