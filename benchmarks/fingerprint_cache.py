@@ -5,7 +5,8 @@ random bytes, tokenizer.json) is fingerprinted three ways side by side:
 - uncached: DISTILL_FINGERPRINT_CACHE=0, every byte read and hashed (what every run, resume and
   replica did before orchestrator/file_hashes.py);
 - the first call with the cache (hashes, then stores the digest);
-- a second process with the same cache (a re-run, a resume, a replica on the same node).
+- a second process with the same cache (a re-run, a resume, a replica on the same node);
+and two teachers uncached, one after the other and on two threads (prepare.teacher_identities).
 The bytes come from the page cache after the first read, so the hashing rate is the CPU's;
 from disk or network storage the uncached time is bounded by the read rate instead.
 
@@ -23,12 +24,19 @@ import tempfile
 import time
 from pathlib import Path
 
-CALL = ("import json, sys, time; from orchestrator.models import teacher_fingerprint; t = time.perf_counter(); "
+WARM = "from transformers.models.auto.configuration_auto import CONFIG_MAPPING; "  # check_teacher_files' import, untimed
+CALL = (f"import json, sys, time; {WARM}from orchestrator.models import teacher_fingerprint; t = time.perf_counter(); "
         "fp = teacher_fingerprint(json.loads(sys.argv[1])); print(json.dumps([fp, time.perf_counter() - t]))")
+# Two teachers, uncached: one after the other (as before), then as prepare.teacher_identities does (threads).
+TWO = (f"import json, sys, time; {WARM}from concurrent.futures import ThreadPoolExecutor; "
+       "from orchestrator.models import teacher_fingerprint; cfg = json.loads(sys.argv[1]); t = time.perf_counter(); "
+       "[teacher_fingerprint(cfg) for _ in range(2)]; seq = time.perf_counter() - t; t = time.perf_counter(); "
+       "list(ThreadPoolExecutor(2).map(teacher_fingerprint, [cfg, cfg])); "
+       "print(json.dumps([seq, time.perf_counter() - t]))")
 
 
-def fingerprint_in_a_process(cfg: dict, env: dict) -> tuple[str, float]:
-    out = subprocess.run([sys.executable, "-c", CALL, json.dumps(cfg)], env=env, capture_output=True, text=True,
+def fingerprint_in_a_process(cfg: dict, env: dict, code: str = CALL) -> tuple:
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg)], env=env, capture_output=True, text=True,
                          check=True)
     fp, took = json.loads(out.stdout.strip().splitlines()[-1])
     return fp, took
@@ -60,6 +68,8 @@ def main() -> None:
         fp1, result["first_cached_call_s"] = fingerprint_in_a_process(cfg, env)
         fp2, result["second_process_s"] = fingerprint_in_a_process(cfg, env)
         assert fp0 == fp1 == fp2, (fp0, fp1, fp2)
+        result["two_teachers_one_after_the_other_s"], result["two_teachers_on_threads_s"] = \
+            fingerprint_in_a_process(cfg, {**env, "DISTILL_FINGERPRINT_CACHE": "0"}, TWO)
         result["hash_rate_gib_s"] = round(result["gib"] / result["uncached_s"], 2)
         result["projected_70b_bf16_uncached_s"] = round(131 / result["hash_rate_gib_s"], 0)  # 70.6e9 params x 2 bytes
         result = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
