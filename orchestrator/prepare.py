@@ -19,8 +19,9 @@ from .errors import DistillError
 from .feature_capture import check_layers
 from .instruct import example_table, load_examples, pack_examples, tokenize_examples
 from .models import (check_lm_limits, load_tokenizer, same_vocabulary, teacher_fingerprint, tokenizer_files,
-                     tokenizer_hash)
+                     tokenizer_hash, _check_positions)
 from .store import SCHEMA_VERSION
+from .vocab import check_student_tokenizer, ensemble_vocab
 
 log = logging.getLogger("distill")
 
@@ -147,7 +148,8 @@ def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
                                "other (or no) tokenizer files; an hf teacher must share the tokenizer (and its padding)")
         log.info("prepare: the tokenizer files of %s and %s differ, but map every id to the same token and pad "
                  "with id %d; dataset.text is tokenized with %s", tok_dir, t.path, pad, tok_dir)
-    configs = [cls_student_config(lm_student_spec(cfg)).to_dict()]
+    check_student_tokenizer(spec := lm_student_spec(cfg), tok_dir)
+    configs = [cls_student_config(spec).to_dict()]
     configs += [json.loads((Path(t.path) / "config.json").read_text()) for t in cfg.teachers if t.backend == "hf"]
     limits = [c[k] for c in configs for k in POSITION_KEYS[:1] if isinstance(c.get(k), int)]
     max_len = min([*limits, *([tokenizer.model_max_length] if tokenizer.model_max_length < 1e6 else [])] or [512])
@@ -207,7 +209,7 @@ def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:
     check_lm_limits([t.model_dump() for t in cfg.teachers], cfg.lm.k, cfg.lm.max_len, source.get("config_file"))
     tok_dir = check_vocabulary(cfg)
     tokenizer = load_tokenizer(tok_dir)
-    _check_student_source(cfg, len(tokenizer))  # the student's own config.json: vocabulary and positions, before any work
+    _check_student_source(cfg, tok_dir, len(tokenizer))  # the student's own files: vocabulary, positions, before any work
     if cfg.train.extra_losses:  # before labeling: terms the LM step computes, on layers the student has
         from .lm_extra_terms import check_lm_terms
 
@@ -274,13 +276,12 @@ def lm_student_spec(cfg: DistillConfig) -> dict:
     return source
 
 
-def _check_student_source(cfg: DistillConfig, tokens: int) -> None:
-    """tokens: the ensemble tokenizer's token count."""
-    from .models import _check_positions
+def _check_student_source(cfg: DistillConfig, tok_dir: str, tokens: int) -> None:
+    """tok_dir, tokens: the ensemble tokenizer's dir and token count."""
     from .students import check_student_vocab, lm_student_config
-    from .vocab import ensemble_vocab
 
     spec = lm_student_spec(cfg)
+    check_student_tokenizer(spec, tok_dir)  # a pretrained student's embeddings follow its own tokenizer's ids
     vocab = ensemble_vocab(cfg, tokens)
     field = ("student.config" if cfg.student.config else "lm.student_config") if spec["init"] == "scratch" else None
     if isinstance(vocab, int):

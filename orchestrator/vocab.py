@@ -1,4 +1,5 @@
-"""The ensemble's vocabulary when checkpoints pad theirs differently. Pure torch: no Ray.
+"""The ensemble's vocabulary when checkpoints pad theirs differently, and a pretrained student's
+tokenizer checked against it. Pure torch: no Ray.
 
 Checkpoints round vocab_size up past their tokenizer for fast matmuls, by different amounts:
 Qwen2.5 0.5B-3B have 151,936 rows, 7B-72B 152,064, all over the same 151,665 tokens. Teachers
@@ -51,3 +52,37 @@ def resize_vocab(model, vocab_size: int) -> None:
             m.weight[old:] = mean.to(m.weight.dtype)  # a tied head is the same tensor: the same mean
         if bias_mean is not None:
             model.get_output_embeddings().bias[old:] = bias_mean
+
+
+def check_student_tokenizer(spec: dict, tok_dir: str | Path, field: str = "student.path") -> None:
+    """spec: the student's (orchestrator.prepare.lm_student_spec). A pretrained student's embeddings
+    are indexed by its own tokenizer's ids; it trains on the ensemble tokenizer's. If the two maps disagree (Llama-3 teachers, a Qwen student: both
+    V >= 128k, so no size check notices), every row would be trained as another token's and the
+    pretraining is lost: refused in one line. Ids only the ensemble has are new rows (fine); a few
+    differing special tokens (a fine-tune renaming a reserved token) are logged, not refused."""
+    from .errors import DistillError
+    from .models import load_tokenizer, tokenizer_files, tokenizer_hash
+
+    student_dir = spec.get("path")
+    if spec["init"] == "scratch" or Path(student_dir).resolve() == Path(tok_dir).resolve() \
+            or not tokenizer_files(student_dir):
+        return  # no tokenizer beside the weights: nothing to compare with (its config's vocab_size is checked)
+    if tokenizer_hash(student_dir) == tokenizer_hash(tok_dir):
+        return
+    ours = {i: t for t, i in load_tokenizer(student_dir, field).get_vocab().items()}
+    theirs = {i: t for t, i in load_tokenizer(tok_dir).get_vocab().items()}
+    if ours == theirs:  # files that differ in bytes only (re-saved, another pad token)
+        return
+    shared = ours.keys() & theirs.keys()
+    differ = sorted(i for i in shared if ours[i] != theirs[i])
+    if len(differ) > max(16, len(shared) // 100):
+        i = differ[len(differ) // 2]
+        raise DistillError(f"{field}: {student_dir} has another tokenizer than the ensemble's ({tok_dir}): "
+                           f"{len(differ):,} of {len(shared):,} shared ids are other tokens (id {i}: {ours[i]!r} "
+                           f"vs {theirs[i]!r}), so its pretrained embeddings would learn other tokens' ids; use a "
+                           "student of the teachers' tokenizer family, student.init teacher, or a student from "
+                           "scratch (distilling across tokenizers is not supported)")
+    log.info("prepare: %s's tokenizer differs from the ensemble's (%s) in %d ids (%s); it has %d of the "
+             "ensemble's %d ids (any others become new rows) and trains on the ensemble's",
+             student_dir, tok_dir, len(differ),
+             ", ".join(f"{i}: {ours[i]!r} vs {theirs[i]!r}" for i in differ[:3]) or "none", len(shared), len(theirs))

@@ -545,6 +545,25 @@ def test_student_from_a_quantized_checkpoint(good, lm_files, tmp_path, capsys):
            r"trains full-precision weights: give the unquantized checkpoint of the same model")
 
 
+def test_student_with_another_tokenizer(good, lm_files, tmp_path, capsys):
+    """A pretrained student whose tokenizer reads other tokens at the ensemble's ids (another model
+    family of a large enough vocab_size, which no size check catches) is refused before any work."""
+    import shutil
+
+    from tests.helpers_lm import corpus, make_tokenizer
+
+    cfg = _lm_like_good(good, lm_files, tmp_path)
+    cfg["lm"].pop("student_config")
+    student = tmp_path / "other-family"
+    shutil.copytree(cfg["teachers"][1]["path"], student)
+    make_tokenizer(student, [t[::-1].upper() for t in corpus()])  # other merges, saved over the teacher's files
+    cfg["student"] = {"init": "pretrained", "path": str(student)}
+    _check(capsys, good, tmp_path, cfg,
+           r"student\.path: .*other-family has another tokenizer than the ensemble's \(.*small\): [\d,]+ of 300 "
+           r"shared ids are other tokens \(id \d+: .* vs .*\), so its pretrained embeddings would learn other "
+           r"tokens' ids; use a student of the teachers' tokenizer family")
+
+
 # ---- `distill generate` (task lm prompts; checked before any teacher is deployed) ----------
 
 

@@ -239,3 +239,46 @@ def test_a_quantized_checkpoint_is_no_student_source(tmp_path, init):
     with pytest.raises(DistillError, match=r"student\.path: .* is quantized \(gptq in config\.json\); a student trains "
                                            r"full-precision weights"):
         build_lm_student({"init": init, "path": str(path), "layers": [0]})
+
+
+def _tokenizers(tmp_path):
+    """Two byte-level BPE tokenizers of 300 ids trained on different texts (other merges, so most
+    ids are other tokens), and the first again with two tokens added past its end."""
+    from tests.helpers_lm import corpus, make_tokenizer
+
+    texts = corpus()
+    ours = make_tokenizer(tmp_path / "ours", texts)
+    make_tokenizer(tmp_path / "other", [t[::-1].upper() for t in texts])
+    ours.add_tokens(["<extra_0>", "<extra_1>"])
+    ours.save_pretrained(str(tmp_path / "wider"))
+    return tmp_path / "ours", tmp_path / "other", tmp_path / "wider"
+
+
+def test_a_pretrained_student_of_another_tokenizer_is_refused(tmp_path, caplog):
+    """Its embedding rows follow its own ids: trained on the ensemble's, each row would learn
+    another token. Same ids plus new ones past its end are fine (they become new rows)."""
+    from orchestrator.vocab import check_student_tokenizer
+
+    ours, other, wider = _tokenizers(tmp_path)
+    with pytest.raises(DistillError, match=r"student\.path: .*other has another tokenizer than the ensemble's "
+                                           r"\(.*ours\): [\d,]+ of 300 shared ids are other tokens \(id \d+: .* vs .*\), so "
+                                           r"its pretrained embeddings would learn other tokens' ids"):
+        check_student_tokenizer({"init": "pretrained", "path": str(other)}, ours)
+    with caplog.at_level("INFO", logger="distill"):
+        check_student_tokenizer({"init": "pretrained", "path": str(ours)}, wider)  # ours is a prefix of wider
+    assert "differs from the ensemble's" in caplog.text and "in 0 ids (none); it has 300 of the ensemble's 302 ids" in caplog.text
+    check_student_tokenizer({"init": "pretrained", "path": str(ours)}, ours)
+    resaved = tmp_path / "resaved"  # other bytes, same id -> token map (a fine-tune's re-save)
+    resaved.mkdir()
+    for f in ours.iterdir():
+        text = f.read_text()
+        (resaved / f.name).write_text(json.dumps(json.loads(text), indent=4) if f.suffix == ".json" else text)
+    from orchestrator.models import tokenizer_hash
+
+    assert tokenizer_hash(resaved) != tokenizer_hash(ours)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="distill"):
+        check_student_tokenizer({"init": "pretrained", "path": str(resaved)}, ours)
+    assert "differs" not in caplog.text
+    check_student_tokenizer({"init": "scratch", "config": {}}, ours)
+    check_student_tokenizer({"init": "pretrained", "path": str(tmp_path)}, ours)  # no tokenizer files: nothing to compare
