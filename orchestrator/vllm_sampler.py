@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .errors import DistillError
-from .vllm_teacher import _check_head_size, engine_args, in_process_engine_env
+from .vllm_teacher import _check_head_size, engine_args, in_process_engine_env, vocab_ban
 
 log = logging.getLogger("distill")
 # Of the worker's GPU, for the engine (weights + KV cache) beside the student, its optimiser and
@@ -108,15 +108,7 @@ class VLLMSampler:
         from vllm import SamplingParams
 
         eos = [int(e) for e in eos_ids]
-        # Ids at or above vocab_limit are the head's padding rows. A bias of -100 (vLLM's floor) on
-        # them: e^-100 of a probability, never drawn, and cheap for a few padding rows;
-        # allowed_token_ids over 151,665 ids cost 23% more per batch (benchmarks/scale_vllm_sampler.py).
-        # A head mostly padding would make a long bias map: the allowed ids instead.
-        ban = {"logit_bias": None, "allowed_token_ids": None}
-        if vocab_limit is not None and vocab_limit < self.vocab_size:
-            pad_rows = range(vocab_limit, self.vocab_size)
-            ban = ({"logit_bias": dict.fromkeys(pad_rows, -100.0), "allowed_token_ids": None} if len(pad_rows) <= vocab_limit
-                   else {"logit_bias": None, "allowed_token_ids": list(range(vocab_limit))})
+        ban = vocab_ban(vocab_limit, self.vocab_size)
         requests, params, where = [], [], []
         for p, ss in zip(prompts, seeds):
             room = min(max_new_tokens, self.max_model_len - len(p))

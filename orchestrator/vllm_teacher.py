@@ -76,6 +76,21 @@ def engine_args(cfg: dict, on_gpu: bool, max_model_len: int,
     return args, why
 
 
+def vocab_ban(vocab_limit: int | None, vocab_size: int) -> dict:
+    """SamplingParams keys that keep sampling below vocab_limit (the ensemble tokenizer's ids; rows
+    past it are a head's padding, or tokens only this model's tokenizer has). A bias of -100
+    (vLLM's floor) on them: e^-100 of a probability, never drawn, cheap for a few rows;
+    allowed_token_ids over 151,665 ids cost 23% more per batch (benchmarks/scale_vllm_sampler.py),
+    so only a head mostly past the limit gets the allowed ids instead. The returned log-probs are
+    the model's own (vLLM computes them before the bias)."""
+    if vocab_limit is None or vocab_limit >= vocab_size:
+        return {"logit_bias": None, "allowed_token_ids": None}
+    past = range(vocab_limit, vocab_size)
+    if len(past) <= vocab_limit:
+        return {"logit_bias": dict.fromkeys(past, -100.0), "allowed_token_ids": None}
+    return {"logit_bias": None, "allowed_token_ids": list(range(vocab_limit))}
+
+
 def in_process_engine_env() -> None:
     """Before vllm is imported (vllm.envs reads these at first use): the engine core in this
     process, never a forked Ray actor, no usage stats. A value already set is kept."""
@@ -184,7 +199,8 @@ class VLLMTeacher:
         per sample, each with its own seed (vLLM seeds a request's sampler from it, so a sample
         does not depend on its batch), all in one engine call that vLLM batches. options:
         temperature (0: greedy), top_p, max_new_tokens, eos_ids (the stop tokens, and the only
-        ones, as in the hf loop; kept in the output), pad_id (unused). logprobs=k: vLLM's raw (T=1) log-probs of the k best tokens and
+        ones, as in the hf loop; kept in the output), pad_id (unused), vocab_limit (only ids below it
+        are written: the ensemble tokenizer's, as in the hf loop). logprobs=k: vLLM's raw (T=1) log-probs of the k best tokens and
         of the sampled one, per generated position."""
         from vllm import SamplingParams
 
@@ -193,6 +209,7 @@ class VLLMTeacher:
             raise DistillError(f"teacher '{self.name}': prompts plus generate.max_new_tokens reach {longest} tokens, "
                                f"beyond its max_model_len {self.max_len}; lower lm.max_len or generate.max_new_tokens")
         eos = [int(e) for e in options["eos_ids"]]
+        ban = vocab_ban(options.get("vocab_limit"), self.vocab_size)  # ids the ensemble's tokenizer lacks
         requests, params = [], []
         for p, ss in zip(prompts, seeds):
             for s in ss:
@@ -203,7 +220,7 @@ class VLLMTeacher:
                                              # Stop at eos_ids only, as the hf loop does: vLLM would also
                                              # stop at generation_config.json's eos (ignore_eos keeps
                                              # stop_token_ids working, it drops only that addition).
-                                             ignore_eos=True))
+                                             ignore_eos=True, **ban))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         samples = []
         for o in outs:

@@ -7,10 +7,9 @@ that share a tokenizer may differ in those padding rows, which no token id reach
 from another size of the family too. The ensemble predicts over the widest teacher's rows (a
 narrower one lists none of the extra ids in its top-k; its tail is spread over a few more ids than
 it has, a relative error of (rows difference) / V in the tail's per-id mass); the student is
-resized to them (students.check_student_vocab, build_lm_student); the hf teachers' and the
-students' sampler writes no id past the tokenizer (generation.sample's vocab_limit), so every
-teacher can read every sampled token. A vLLM teacher samples with vLLM's sampler over its whole
-head: a trained model gives its padding rows next to no mass, but nothing stops them there.
+resized to them (students.check_student_vocab, build_lm_student); no sampler writes an id past
+the tokenizer (generation.sample's vocab_limit; vllm_teacher.vocab_ban for vLLM teachers and the
+vLLM student sampler), so every teacher can read every sampled token.
 """
 from __future__ import annotations
 

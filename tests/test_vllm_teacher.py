@@ -189,6 +189,21 @@ def test_vllm_sample_depends_on_its_seed_only(vllm_teacher, tiny_llama):
     assert both[0][0]["tokens"].tolist() != both[0][1]["tokens"].tolist()
 
 
+def test_vllm_samples_stay_below_the_vocab_limit(vllm_teacher, tiny_llama):
+    """Ids past the ensemble tokenizer (a head's padding rows, or tokens only this teacher's
+    tokenizer has, as Qwen3's <think> beside Qwen2.5 teachers) are never written: a -100 bias on a
+    few rows, the allowed ids when most are past the limit. The log-probs stay the model's own."""
+    _, windows = tiny_llama
+    prompts, seeds = [windows[6, :8].tolist()], [list(range(1, 9))]
+    free = [s["tokens"] for s in generate_with(vllm_teacher, prompts, seeds, _opts(temperature=1.0))[0]]
+    hi = int(max(t.max() for t in free))
+    assert hi >= 150  # BPE merges (ids >= 260) are written: the bias path below is taken (300 - hi <= hi)
+    for limit in (hi, 100):
+        out = generate_with(vllm_teacher, prompts, seeds, _opts(temperature=1.0, vocab_limit=limit))[0]
+        assert all(s["tokens"].max() < limit for s in out), limit
+    assert any((s["topk_ids"] >= 100).any() for s in out)  # the raw top-k still lists ids past the limit
+
+
 def _mass_before(model, prompt: list[int], tokens: list[int], temperature: float) -> np.ndarray:
     """[T]: at each written position, the probability mass (at `temperature`, recomputed by the hf
     model in-process) of the tokens strictly more likely than the written one. A token is in the
