@@ -21,7 +21,7 @@ from .instruct import example_table, load_examples, pack_examples, tokenize_exam
 from .models import (check_lm_limits, load_tokenizer, same_vocabulary, teacher_fingerprint, tokenizer_files,
                      tokenizer_hash, _check_positions)
 from .store import SCHEMA_VERSION
-from .vocab import check_student_tokenizer, ensemble_vocab
+from .vocab import check_student_tokenizer, check_vocabulary, ensemble_vocab
 
 log = logging.getLogger("distill")
 
@@ -165,41 +165,6 @@ def _text_tables(cfg: DistillConfig) -> tuple[pa.Table, pa.Table | None]:
         xi, at = x[at:at + len(e)], at + len(e)
         tables.append(make_table(ids if ids is not None else content_ids(xi), xi, y))
     return tables[0], tables[1] if len(tables) > 1 else None
-
-
-def check_vocabulary(cfg: DistillConfig) -> str:
-    """One tokenizer per ensemble: every teacher's tokenizer must map ids to the same tokens
-    (files that hash the same, or, if their bytes differ, the same id -> token map).
-
-    Returns the tokenizer directory the pipeline tokenizes with.
-    """
-    hashes = {t.name: tokenizer_hash(t.path) for t in cfg.teachers}
-    missing = [n for n, h in hashes.items() if h is None]
-    if missing and not cfg.lm.tokenizer:
-        raise DistillError(f"teacher '{missing[0]}': no tokenizer files in its dir; set lm.tokenizer")
-    tok_dir = cfg.lm.tokenizer or cfg.teachers[0].path
-    ref = tokenizer_hash(tok_dir)
-    if ref is None:
-        raise DistillError(f"lm.tokenizer: no tokenizer files in {tok_dir}")
-    paths = {t.name: t.path for t in cfg.teachers}
-
-    def same(a_path, a_hash, b_path, b_hash) -> bool:
-        if a_hash == b_hash:
-            return True
-        if not same_vocabulary(a_path, b_path, (a_hash, b_hash)):
-            return False
-        log.info("prepare: the tokenizer files of %s and %s differ, but map every id to the same token; the ensemble "
-                 "tokenizes with %s", a_path, b_path, tok_dir)
-        return True
-
-    names = [n for n, h in hashes.items() if h is not None]
-    for a, b in zip(names, names[1:]):
-        if not same(paths[a], hashes[a], paths[b], hashes[b]):
-            raise DistillError(f"teachers '{a}' and '{b}' use different vocabularies (tokenizer files differ); "
-                               "one ensemble needs one tokenizer")
-    if names and not same(tok_dir, ref, paths[names[0]], hashes[names[0]]):
-        raise DistillError(f"lm.tokenizer {tok_dir} differs from teacher '{names[0]}' tokenizer")
-    return tok_dir
 
 
 def _lm_split(cfg: DistillConfig) -> tuple[pa.Table, pa.Table, dict, str, str]:

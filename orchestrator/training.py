@@ -249,8 +249,9 @@ def student_spec(cfg: DistillConfig, rows: pa.Table, width: int) -> tuple[dict, 
     if cfg.task == "lm":
         from .models import load_tokenizer
         from .students import check_student_vocab
+        from .vocab import ensemble_tokenizer
 
-        tokens = len(load_tokenizer(cfg.lm.tokenizer or cfg.teachers[0].path))  # as prepare.check_vocabulary
+        tokens = len(load_tokenizer(ensemble_tokenizer(cfg)))
         spec = check_student_vocab(lm_student_spec(cfg), width, tokens)  # + vocab_size: resized to the ensemble's
         ids, lps = topk_columns(SOFT_TOPK)
         packed = ["position_ids", "loss_mask"] if is_packed(rows) else []

@@ -174,10 +174,47 @@ def test_tokenizer_files_that_differ_only_in_bytes_are_one_vocabulary(lm_setup, 
     with caplog.at_level("INFO", logger="distill"):
         assert check_vocabulary(config_from_dict(raw)) == str(lm_setup["teachers"]["small"])
     assert "differ, but map every id to the same token" in caplog.text
-    tok["added_tokens"][0]["content"] = "<pad2>"  # one id now names another token
-    tok["model"]["vocab"]["<pad2>"] = tok["model"]["vocab"].pop("<pad>")
+    vocab = tok["model"]["vocab"]  # two regular ids now name each other's tokens
+    a, b = (next(t for t, i in vocab.items() if i == n) for n in (280, 281))
+    vocab[a], vocab[b] = 281, 280
     (copy / "tokenizer.json").write_text(json.dumps(tok))
-    with pytest.raises(DistillError, match=r"teachers 'small' and 'large' use different vocabularies"):
+    with pytest.raises(DistillError, match=r"teachers 'small' and 'large' use different vocabularies \(tokenizer "
+                                           r"files differ: id 280 is .* in 'small', .* in 'large', id 281 .*\); "
+                                           r"one ensemble needs one tokenizer"):
+        check_vocabulary(config_from_dict(raw))
+
+
+def test_one_familys_tokenizer_versions_are_one_vocabulary(lm_setup, tmp_path, caplog):
+    """Versions of one family's tokenizer agree on every regular token and differ in renamed
+    special ids (Llama 3 -> 3.1 named reserved ids) or in tokens added past the other's (Qwen3's
+    <think> past Qwen2.5's 151,665 ids): accepted, the ensemble tokenizes with the narrowest
+    whatever the teachers' order, and the log names what differs."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from orchestrator.vocab import check_vocabulary, ensemble_tokenizer
+
+    dirs = {}
+    versions = {"v1": ["<|reserved_0|>", "<|reserved_1|>"], "v2": ["<|tool|>", "<|reserved_1|>", "<think>"]}
+    for name, added in versions.items():
+        dirs[name] = tmp_path / name
+        shutil.copytree(lm_setup["teachers"]["small" if name == "v1" else "large"], dirs[name])
+        tok = AutoTokenizer.from_pretrained(str(dirs[name]))
+        tok.add_special_tokens({"additional_special_tokens": added})
+        tok.save_pretrained(str(dirs[name]))
+    raw = lm_config(tmp_path, lm_setup)
+    raw["teachers"][0]["path"], raw["teachers"][1]["path"] = str(dirs["v2"]), str(dirs["v1"])  # the wider first
+    cfg = config_from_dict(raw)
+    with caplog.at_level("INFO", logger="distill"):
+        assert check_vocabulary(cfg) == ensemble_tokenizer(cfg) == str(dirs["v1"])
+    assert ("teacher 'small' reads the 302 ids of the ensemble's tokenizer" in caplog.text
+            and "but for 1 renamed special ids (id 300 is '<|reserved_0|>' in 'large', '<|tool|>' in 'small')"
+            in caplog.text
+            and "its 1 ids past them are never written" in caplog.text)
+    raw["lm"]["tokenizer"] = str(dirs["v2"])  # the wider one named: 'large' (v1) lacks id 302
+    with pytest.raises(DistillError, match=r"lm\.tokenizer .*v2 differs from teacher 'large' tokenizer \(id 302 is "
+                                           r"'<think>' in lm\.tokenizer, None in 'large'\)"):
         check_vocabulary(config_from_dict(raw))
 
 def test_teachers_and_student_that_differ_in_padding_rows(lm_run, tmp_path):
