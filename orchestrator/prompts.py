@@ -27,14 +27,21 @@ class Prompt:
 
 def eos_ids(name: str, path: Path, tokenizer) -> list[int]:
     """The end-of-sequence token(s) a teacher stops at: its generation_config.json, else its
-    config.json, else the ensemble tokenizer's. None anywhere: refused (it would never stop)."""
+    config.json, else the ensemble tokenizer's; only those inside the ensemble tokenizer, the ids a
+    sampler writes (a family's newer version may end with a token the ensemble's lacks). None
+    anywhere: refused (it would never stop)."""
     for f in ("generation_config.json", "config.json"):
         try:
             v = json.loads((path / f).read_text()).get("eos_token_id")
         except (OSError, ValueError):
             v = None
         if v is not None and v != []:
-            return [int(v)] if isinstance(v, int) else [int(x) for x in v]
+            found = [int(v)] if isinstance(v, int) else [int(x) for x in v]
+            if inside := [e for e in found if e < len(tokenizer)]:
+                return inside
+            raise DistillError(f"teacher '{name}': its end-of-sequence ids {found} ({path / f}) lie past the "
+                               f"ensemble's tokenizer ({len(tokenizer)} ids), which no sampler writes, so its "
+                               "responses could never end; set lm.tokenizer to a tokenizer with those ids")
     if tokenizer.eos_token_id is not None:
         return [int(tokenizer.eos_token_id)]
     raise DistillError(f"teacher '{name}': no end-of-sequence token (eos_token_id in {path}/generation_config.json or "

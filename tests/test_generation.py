@@ -225,6 +225,14 @@ def test_a_teacher_without_an_end_token_is_refused(tmp_path, tok):
     assert eos_ids("t", src, tok) == [tok.eos_token_id]  # the tokenizer's, when the model files name none
     (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
     assert eos_ids("t", src, no_eos) == [2, 7]
+    # a newer version of the family ending with a token the (older, narrower) ensemble tokenizer lacks
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, len(tok) + 1]}))
+    assert eos_ids("t", src, tok) == [2]
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": len(tok) + 1}))
+    with pytest.raises(DistillError, match=rf"teacher 't': its end-of-sequence ids \[{len(tok) + 1}\] \(.*"
+                                           rf"generation_config\.json\) lie past the ensemble's tokenizer "
+                                           rf"\({len(tok)} ids\), which no sampler writes"):
+        eos_ids("t", src, tok)
     shutil.rmtree(src)
 
 

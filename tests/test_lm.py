@@ -219,9 +219,12 @@ def test_one_familys_tokenizer_versions_are_one_vocabulary(lm_setup, tmp_path, c
 
 def test_teachers_and_student_that_differ_in_padding_rows(lm_run, tmp_path):
     """Checkpoints of one family pad their vocabulary differently (Qwen2.5 1.5B 151,936 rows, 7B
-    152,064, same tokenizer): here 'large' saved with 20 padding rows past the 300 tokens, beside
-    'small' (300) and a 300-row student. The run labels with both, the ensemble spans 320 ids, and
-    the student is resized to 320 and exported so; nothing is refused."""
+    152,064, same tokenizer), and a newer version's tokenizer adds tokens past the older's (Qwen3's
+    <think> past Qwen2.5's 151,665): here 'large' saved with 20 padding rows past the 300 tokens
+    and 3 special tokens added to its tokenizer, beside 'small' (300) and a 300-row student. The
+    run tokenizes with small's tokenizer (the narrower), labels with both, the ensemble spans 320
+    ids, and the student is resized to 320 and exported so with the 300-token tokenizer; nothing
+    is refused."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,7 +235,9 @@ def test_teachers_and_student_that_differ_in_padding_rows(lm_run, tmp_path):
     with torch.no_grad():  # zero rows: logit 0 for every padding id, which then takes some mass
         wide.lm_head.weight[300:] = 0
     wide.save_pretrained(str(tmp_path / "wide"))
-    AutoTokenizer.from_pretrained(large).save_pretrained(str(tmp_path / "wide"))
+    tok = AutoTokenizer.from_pretrained(large)
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>", "<tool>"]})  # ids 300-302
+    tok.save_pretrained(str(tmp_path / "wide"))
     raw = cfg.model_dump(mode="json")
     raw["run"]["name"] = "tinylm_padded"
     raw["store"]["path"] = str(tmp_path / "store")
@@ -249,6 +254,8 @@ def test_teachers_and_student_that_differ_in_padding_rows(lm_run, tmp_path):
     assert int(decode_topk(table, "large", 8)[0].max()) < 320
     student = AutoModelForCausalLM.from_pretrained(str(new.run_dir / "students" / "student"), local_files_only=True)
     assert student.config.vocab_size == 320 and student.get_output_embeddings().weight.shape[0] == 320
+    assert pipeline.prepare(new).tokenizer == cfg.teachers[0].path  # small's, though 'large' has more tokens
+    assert len(AutoTokenizer.from_pretrained(str(new.run_dir / "students" / "student"))) == 300
     for name in ("small", "large", "ensemble", "student"):
         assert 1.0 < out["models"][name]["perplexity"] < 600, name
 
