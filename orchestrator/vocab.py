@@ -14,7 +14,6 @@ vLLM student sampler), so every teacher can read every sampled token.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from pathlib import Path
@@ -55,20 +54,21 @@ def resize_vocab(model, vocab_size: int) -> None:
             model.get_output_embeddings().bias[old:] = bias_mean
 
 
+_VOCABS: dict[tuple, tuple] = {}  # (resolved dir, its tokenizer files' hash) -> read_vocab's result
+
+
 def read_vocab(path: str | Path, field: str = "lm.tokenizer") -> tuple[dict[int, str], frozenset[int]]:
     """A from_pretrained dir's tokenizer as (id -> token, the added / special ids); read once per
-    process while its files stay the same."""
-    from .models import tokenizer_hash
+    process while its files stay the same (field: named in a load error)."""
+    from .models import load_tokenizer, tokenizer_hash
 
-    return _read_vocab(str(Path(path).resolve()), tokenizer_hash(path), field)
-
-
-@functools.lru_cache(maxsize=16)
-def _read_vocab(path: str, files: str | None, field: str) -> tuple[dict[int, str], frozenset[int]]:
-    from .models import load_tokenizer
-
-    tok = load_tokenizer(path, field)
-    return {i: t for t, i in tok.get_vocab().items()}, frozenset(tok.added_tokens_decoder)
+    key = (str(Path(path).resolve()), tokenizer_hash(path))
+    if key not in _VOCABS:
+        tok = load_tokenizer(path, field)
+        if len(_VOCABS) >= 8:  # a few maps at most (a 150k-token one is tens of MB)
+            _VOCABS.pop(next(iter(_VOCABS)))
+        _VOCABS[key] = {i: t for t, i in tok.get_vocab().items()}, frozenset(tok.added_tokens_decoder)
+    return _VOCABS[key]
 
 
 def vocab_mismatch(ours: tuple, theirs: tuple) -> tuple[list[int], list[int], list[int]]:
